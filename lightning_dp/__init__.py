@@ -1,0 +1,32 @@
+"""lightning-dp: differentially private training for PyTorch Lightning.
+
+``Trainer(strategy=DPStrategy(noise_multiplier=1.1, max_grad_norm=1.0))`` trains any LightningModule
+with DP-SGD; :class:`PrivacyBudgetCallback` logs ε and stops before the budget. The plain-PyTorch core
+(:func:`make_private`, :class:`DPOptimizer`, accountants, samplers) needs no Lightning.
+"""
+from .__about__ import __version__
+from .accounting import RDPAccountant, compute_epsilon, get_noise_multiplier, make_accountant
+from .engine import make_private
+from .optimizer import DPOptimizer
+from .sampling import PoissonBatchSampler, poisson_dataloader
+from .validation import PrivacyValidationError, ValidationIssue, fix, validate
+from .strategy import DPStrategy  # noqa: E402  (imports pytorch_lightning)
+from .callbacks import PrivacyBudgetCallback  # noqa: E402
+
+__all__ = [
+    "DPOptimizer",
+    "DPStrategy",
+    "PoissonBatchSampler",
+    "PrivacyBudgetCallback",
+    "PrivacyValidationError",
+    "RDPAccountant",
+    "ValidationIssue",
+    "__version__",
+    "compute_epsilon",
+    "fix",
+    "get_noise_multiplier",
+    "make_accountant",
+    "make_private",
+    "poisson_dataloader",
+    "validate",
+]

@@ -1,0 +1,130 @@
+"""One-shot epsilon and noise calibration on top of any registered accountant."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+from lightning_dp.accounting.base import (
+    _check_delta,
+    _check_int,
+    _check_noise_multiplier,
+    _check_positive,
+    _check_sample_rate,
+    make_accountant,
+)
+
+_MIN_SIGMA = 1e-3
+_MAX_SIGMA = 1e6
+_MAX_BISECTIONS = 100
+
+
+def compute_epsilon(
+    noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "rdp"
+) -> float:
+    """Epsilon of ``steps`` Poisson-subsampled Gaussian steps at ``(noise_multiplier,
+    sample_rate)``, for the given ``delta``, computed by ``make_accountant(accountant)``.
+
+    Example:
+        >>> from lightning_dp.accounting import compute_epsilon
+        >>> round(compute_epsilon(1.1, 256 / 60000, 14062, 1e-5), 3)
+        2.597
+
+    Raises:
+        ValueError: an argument is out of range (``noise_multiplier >= 0``, ``0 <= sample_rate <= 1``,
+            ``steps`` an integer ``>= 0``, ``0 < delta < 1``) or ``accountant`` is unknown.
+    """
+    sigma = _check_noise_multiplier(noise_multiplier)
+    q = _check_sample_rate(sample_rate)
+    steps = _check_int(steps, "steps", 0)
+    delta = _check_delta(delta)
+    acc = make_accountant(accountant)
+    if steps > 0:
+        acc.step(noise_multiplier=sigma, sample_rate=q, num_steps=steps)
+    return acc.get_epsilon(delta)
+
+
+def get_noise_multiplier(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: Optional[int] = None,
+    epochs: Optional[float] = None,
+    accountant: str = "rdp",
+    epsilon_tolerance: float = 0.01,
+) -> float:
+    """The noise multiplier ``sigma`` that spends ``target_epsilon`` (at ``delta``) in ``steps``
+    steps at ``sample_rate``.
+
+    Pass exactly one of ``steps`` and ``epochs`` (``steps = ceil(epochs / sample_rate)``). Epsilon
+    decreases with ``sigma``; the search brackets the answer by doubling/halving ``sigma`` from 1,
+    then bisects on ``sigma``, keeping the upper end always feasible. The returned ``sigma``
+    satisfies ``target_epsilon - epsilon_tolerance <= epsilon(sigma) <= target_epsilon``: never
+    above the target. (If the tolerance cannot be met before the bracket shrinks to floating-point
+    resolution, the feasible end is returned.)
+
+    Example:
+        >>> from lightning_dp.accounting import compute_epsilon, get_noise_multiplier
+        >>> sigma = get_noise_multiplier(3.0, 1e-5, 256 / 60000, epochs=60)
+        >>> 2.99 <= compute_epsilon(sigma, 256 / 60000, 14063, 1e-5) <= 3.0
+        True
+
+    Raises:
+        ValueError: an argument is out of range (``target_epsilon > 0``, ``0 < delta < 1``,
+            ``0 < sample_rate <= 1``, ``steps`` an integer ``>= 1`` or ``epochs > 0``,
+            ``epsilon_tolerance > 0``), both or neither of ``steps``/``epochs`` given, or the
+            target is out of reach for ``noise_multiplier <= 1e6``.
+    """
+    target = _check_positive(target_epsilon, "target_epsilon")
+    delta = _check_delta(delta)
+    q = _check_sample_rate(sample_rate, allow_zero=False)
+    tol = _check_positive(epsilon_tolerance, "epsilon_tolerance")
+    if (steps is None) == (epochs is None):
+        raise ValueError(f"pass exactly one of steps and epochs, got steps={steps!r}, epochs={epochs!r}")
+    if steps is not None:
+        n = _check_int(steps, "steps", 1)
+    else:
+        n = math.ceil(_check_positive(epochs, "epochs") / q)
+    make_accountant(accountant)  # fail early on an unknown name
+
+    def eps(sigma: float) -> float:
+        acc = make_accountant(accountant)
+        acc.step(noise_multiplier=sigma, sample_rate=q, num_steps=n)
+        return acc.get_epsilon(delta)
+
+    # Bracket: eps(lo) > target >= eps(hi).
+    hi = 1.0
+    eps_hi = eps(hi)
+    lo = 0.0
+    if eps_hi > target:
+        while eps_hi > target:
+            lo = hi
+            if hi >= _MAX_SIGMA:
+                raise ValueError(
+                    f"target_epsilon={target_epsilon!r} is not reachable: noise_multiplier={hi:g} "
+                    f"still gives epsilon={eps_hi:.6g} at delta={delta!r}; raise target_epsilon or delta"
+                )
+            hi *= 2.0
+            eps_hi = eps(hi)
+    else:
+        while hi > _MIN_SIGMA:
+            candidate = hi / 2.0
+            eps_candidate = eps(candidate)
+            if eps_candidate > target:
+                lo = candidate
+                break
+            hi, eps_hi = candidate, eps_candidate
+        else:
+            return hi  # even a tiny sigma meets the target
+
+    # Bisection on sigma; hi stays feasible.
+    for _ in range(_MAX_BISECTIONS):
+        if eps_hi >= target - tol or hi - lo <= 1e-12 * hi:
+            break
+        mid = 0.5 * (lo + hi)
+        eps_mid = eps(mid)
+        if eps_mid > target:
+            lo = mid
+        else:
+            hi, eps_hi = mid, eps_mid
+    return hi

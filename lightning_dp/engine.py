@@ -1,0 +1,93 @@
+"""``make_private``: DP-SGD for a plain PyTorch module and optimizer, no Lightning needed."""
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+from torch import nn
+from torch.optim import Optimizer
+
+from ._checks import check_choice, check_non_negative, check_positive
+from .accounting import make_accountant
+from .grad_sample import attach_grad_sample_hooks
+from .noise import GaussianNoise
+from .optimizer import DPOptimizer
+from .validation import validate
+
+LOSS_REDUCTIONS = ("mean", "sum")
+
+
+def warn_if_no_noise(noise_multiplier: float) -> None:
+    """The one warning a zero noise multiplier gets: the run has no privacy at all."""
+    if noise_multiplier == 0:
+        warnings.warn(
+            "noise_multiplier=0: no noise is added, so the training is NOT private (ε is infinite). "
+            "Use this only for tests and debugging.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def make_private(
+    module: nn.Module,
+    optimizer: Optimizer,
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    expected_batch_size: int,
+    sample_rate: Optional[float] = None,
+    loss_reduction: str = "mean",
+    accountant: str = "rdp",
+    seed: Optional[int] = None,
+) -> DPOptimizer:
+    """Make ``loss.backward(); optimizer.step()`` a DP-SGD step, in place.
+
+    Attaches per-sample-gradient hooks to ``module`` (no wrapper: the module keeps its class, its
+    ``state_dict`` keys and its parameters) and returns a :class:`~lightning_dp.DPOptimizer` around
+    ``optimizer``. Each step clips every sample's gradient to ``max_grad_norm`` (flat, over all trainable
+    parameters), sums, adds Gaussian noise of std ``noise_multiplier * max_grad_norm``, divides by
+    ``expected_batch_size`` and steps.
+
+    Args:
+        module: the model; validated first (raises :class:`~lightning_dp.PrivacyValidationError` listing
+            every layer that cannot be made private, with its fix).
+        optimizer: an optimizer over ``module``'s parameters.
+        noise_multiplier: σ ≥ 0 (0 = no privacy, warned).
+        max_grad_norm: clipping norm C > 0.
+        expected_batch_size: the average batch size (``q·N`` with Poisson sampling).
+        sample_rate: the sampling rate q; when given, an accountant records every step and
+            ``optimizer.get_epsilon(delta)`` reports the privacy spent.
+        loss_reduction: ``"mean"`` or ``"sum"`` — how the loss combines samples; only used to recover
+            per-sample gradients (the update is the same DP-SGD mean either way).
+        accountant: accountant name (``"rdp"``).
+        seed: seed of the (non-secure) noise generator, for reproducible runs.
+
+    Example::
+
+        >>> import torch
+        >>> model = nn.Linear(4, 2)
+        >>> opt = make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0,
+        ...                    max_grad_norm=1.0, expected_batch_size=8, sample_rate=0.01, seed=0)
+        >>> loss = model(torch.randn(8, 4)).pow(2).mean()
+        >>> loss.backward(); opt.step(); opt.zero_grad()
+        >>> opt.get_epsilon(1e-5) > 0
+        True
+    """
+    noise_multiplier = check_non_negative("noise_multiplier", noise_multiplier)
+    check_positive("max_grad_norm", max_grad_norm)
+    check_positive("expected_batch_size", expected_batch_size)
+    check_choice("loss_reduction", loss_reduction, LOSS_REDUCTIONS)
+    if sample_rate is not None and not 0 < sample_rate <= 1:
+        raise ValueError(f"`sample_rate` must be in (0, 1], got {sample_rate!r}.")
+    validate(module, raise_error=True)
+    warn_if_no_noise(noise_multiplier)
+    attach_grad_sample_hooks(module, loss_reduction=loss_reduction)
+    return DPOptimizer(
+        optimizer,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch_size,
+        noise=GaussianNoise(seed),
+        accountant=make_accountant(accountant) if sample_rate is not None else None,
+        sample_rate=sample_rate,
+    )

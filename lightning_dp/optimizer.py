@@ -1,0 +1,212 @@
+"""DPOptimizer: wraps any ``torch.optim.Optimizer`` so that ``step()`` performs a DP-SGD step."""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from ._checks import check_non_negative, check_positive
+from .accounting import Accountant
+from .clipping import clip_factors, clipped_sum, per_sample_norms
+from .noise import GaussianNoise
+
+
+class DPOptimizer(Optimizer):
+    """An optimizer whose ``step`` is the DP-SGD update (Abadi et al. 2016, "Deep Learning with DP").
+
+    ``step(closure)`` first runs the closure (forward + backward: Lightning calls ``step`` this way),
+    then, for the per-sample gradients ``g_b`` the hooks stored in ``param.grad_sample``:
+
+    1. clip each sample to ``C = max_grad_norm`` over all trainable parameters (flat clipping):
+       ``ḡ_b = g_b · min(1, C / ‖g_b‖)``;
+    2. sum over the batch and add Gaussian noise of std ``σ·C`` (``σ = noise_multiplier``);
+    3. divide by ``expected_batch_size`` (with Poisson sampling the actual batch size is random and
+       must not be used: it depends on the data) and write the result to ``param.grad``;
+    4. run the wrapped optimizer's step and record the step with the accountant.
+
+    The wrapped optimizer keeps its ``param_groups`` and ``state`` (shared, not copied), so learning
+    rate schedulers and checkpoints see an ordinary optimizer.
+
+    Args:
+        optimizer: the optimizer to wrap.
+        noise_multiplier: σ, the ratio of the noise std to the clipping norm (``0`` disables noise:
+            no privacy, for tests and debugging).
+        max_grad_norm: the per-sample clipping norm C.
+        expected_batch_size: the denominator of the averaged update (``q·N`` under Poisson sampling).
+        noise: source of Gaussian noise (default: :class:`~lightning_dp.noise.GaussianNoise` seeded by ``seed``).
+        accountant: records each step as ``(noise_multiplier, sample_rate)`` when ``sample_rate`` is set.
+        sample_rate: the Poisson sampling rate ``q`` (needed for accounting).
+        seed: seed of the default noise source.
+
+    Attributes:
+        step_guard: optional callable run after the closure; when it returns ``False`` the step is
+            skipped (gradients cleared, no noise drawn, nothing accounted).
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        expected_batch_size: Optional[int],
+        noise: Optional[GaussianNoise] = None,
+        accountant: Optional[Accountant] = None,
+        sample_rate: Optional[float] = None,
+        seed: Optional[int] = None,
+    ) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
+        if isinstance(optimizer, DPOptimizer):
+            raise ValueError("`optimizer` is already a DPOptimizer; wrap the original optimizer once.")
+        self.original_optimizer = optimizer
+        self.noise_multiplier = check_non_negative("noise_multiplier", noise_multiplier)
+        self.max_grad_norm = check_positive("max_grad_norm", max_grad_norm)
+        self.expected_batch_size = expected_batch_size
+        if expected_batch_size is not None:
+            check_positive("expected_batch_size", expected_batch_size)
+        self.noise = noise if noise is not None else GaussianNoise(seed)
+        self.accountant = accountant
+        self.sample_rate = sample_rate
+        self.step_guard: Optional[Callable[[], bool]] = None
+        # Optimizer base-class bookkeeping that torch's hooks and profiler expect to exist.
+        self._optimizer_step_pre_hooks: Dict[int, Callable] = {}
+        self._optimizer_step_post_hooks: Dict[int, Callable] = {}
+        self._optimizer_state_dict_pre_hooks: Dict[int, Callable] = {}
+        self._optimizer_state_dict_post_hooks: Dict[int, Callable] = {}
+        self._optimizer_load_state_dict_pre_hooks: Dict[int, Callable] = {}
+        self._optimizer_load_state_dict_post_hooks: Dict[int, Callable] = {}
+
+    # --- the wrapped optimizer's state is ours (shared objects, no copies) -------------------------
+    @property
+    def param_groups(self) -> List[Dict[str, Any]]:  # type: ignore[override]
+        """The wrapped optimizer's parameter groups."""
+        return self.original_optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: List[Dict[str, Any]]) -> None:
+        self.original_optimizer.param_groups = value
+
+    @property
+    def state(self) -> Dict[Any, Any]:  # type: ignore[override]
+        """The wrapped optimizer's state."""
+        return self.original_optimizer.state
+
+    @state.setter
+    def state(self, value: Dict[Any, Any]) -> None:
+        self.original_optimizer.state = value
+
+    @property
+    def defaults(self) -> Dict[str, Any]:  # type: ignore[override]
+        """The wrapped optimizer's defaults."""
+        return self.original_optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: Dict[str, Any]) -> None:
+        self.original_optimizer.defaults = value
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The wrapped optimizer's state dict (checkpoints stay loadable without lightning_dp)."""
+        return self.original_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Load into the wrapped optimizer."""
+        self.original_optimizer.load_state_dict(state_dict)
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """Add a parameter group to the wrapped optimizer (its parameters are clipped and noised too)."""
+        self.original_optimizer.add_param_group(param_group)
+
+    def __repr__(self) -> str:
+        return (
+            f"DPOptimizer(noise_multiplier={self.noise_multiplier}, max_grad_norm={self.max_grad_norm}, "
+            f"expected_batch_size={self.expected_batch_size}, optimizer={self.original_optimizer!r})"
+        )
+
+    # --- DP-SGD ---------------------------------------------------------------------------------------
+    @property
+    def params(self) -> List[nn.Parameter]:
+        """Every trainable parameter the optimizer updates (each gets clipped gradients and noise)."""
+        return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear gradients and per-sample gradients."""
+        self.original_optimizer.zero_grad(set_to_none=set_to_none)
+        for p in self.params:
+            if hasattr(p, "grad_sample"):
+                del p.grad_sample
+
+    def clip_and_accumulate(self) -> torch.Tensor:
+        """Per-sample norms → clip factors → ``param.summed_grad = Σ_b clipped g_b``. Returns the norms.
+
+        Parameters that received no per-sample gradient this step (unused, or an empty Poisson batch)
+        contribute zero; they still get noise in :meth:`add_noise`.
+        """
+        params = self.params
+        with_samples = [p for p in params if getattr(p, "grad_sample", None) is not None]
+        batch_sizes = {p.grad_sample.shape[0] for p in with_samples}
+        if len(batch_sizes) > 1:
+            raise RuntimeError(
+                f"Per-sample gradients disagree on the batch size ({sorted(batch_sizes)}): a layer saw a "
+                "different batch dimension than the others. Make sure every layer's input has the batch first."
+            )
+        if with_samples and next(iter(batch_sizes)) > 0:
+            norms = per_sample_norms([p.grad_sample for p in with_samples])
+            factors = clip_factors(norms, self.max_grad_norm)
+        else:
+            norms = torch.zeros(0)
+            factors = None
+        for p in params:
+            grad_sample = getattr(p, "grad_sample", None)
+            if grad_sample is None or factors is None:
+                p.summed_grad = torch.zeros_like(p)
+            else:
+                p.summed_grad = clipped_sum(grad_sample, factors.to(grad_sample.device))
+        return norms
+
+    def add_noise(self) -> None:
+        """``param.grad = (summed_grad + N(0, (σC)²)) / expected_batch_size`` for every parameter."""
+        if self.expected_batch_size is None:
+            raise RuntimeError(
+                "DPOptimizer.expected_batch_size is not set: pass expected_batch_size (q·N for Poisson sampling)."
+            )
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            noise = self.noise.normal(p.shape, std=std, device=p.device, dtype=p.dtype)
+            p.grad = (p.summed_grad + noise) / self.expected_batch_size
+            del p.summed_grad
+
+    def pre_step(self) -> None:
+        """Turn the per-sample gradients of this step into the noisy DP gradient in ``param.grad``."""
+        self.clip_and_accumulate()
+        self.add_noise()
+        for p in self.params:
+            if hasattr(p, "grad_sample"):
+                del p.grad_sample
+
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
+        """Run ``closure`` (forward + backward) first, then clip, noise, step and account.
+
+        Running the closure *before* clipping matters: a wrapper that noises the gradients and then lets
+        the closure recompute them would train without privacy.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.step_guard is not None and not self.step_guard():
+            self.zero_grad()  # refused (e.g. privacy budget): nothing is released, nothing is spent
+            return loss
+        self.pre_step()
+        self.original_optimizer.step()
+        if self.accountant is not None and self.sample_rate is not None:
+            self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        return loss
+
+    def get_epsilon(self, delta: float) -> float:
+        """Privacy spent so far according to the accountant (``inf`` with zero noise)."""
+        if self.accountant is None:
+            raise RuntimeError("This DPOptimizer has no accountant: pass sample_rate to make_private.")
+        return self.accountant.get_epsilon(delta)

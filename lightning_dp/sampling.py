@@ -1,0 +1,166 @@
+"""Poisson sampling: every example joins every batch independently with probability ``q``.
+
+Privacy amplification by subsampling — the reason DP-SGD's ε is small — is proven for this sampling
+scheme; shuffled fixed-size batches are a different mechanism the accountants do not cover.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import torch
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset, Sampler
+
+from ._checks import check_positive_int
+
+
+class PoissonBatchSampler(Sampler[List[int]]):
+    """Yields ``num_batches`` batches; index ``i`` is in each batch independently with probability ``q``.
+
+    Batch sizes are Binomial(N, q): mean ``q·N``, variance ``q·(1−q)·N``. Batches may be empty; the
+    training loop must still take a (noise-only) step for them, or the accounting is wrong.
+
+    Args:
+        num_samples: dataset size N.
+        sample_rate: q in (0, 1].
+        num_batches: batches per epoch (default ``round(1 / q)``, one pass over the data in expectation).
+        generator: torch generator for the inclusion draws (seeded for reproducibility).
+
+    Example::
+
+        >>> sampler = PoissonBatchSampler(num_samples=10, sample_rate=0.5, num_batches=2,
+        ...                               generator=torch.Generator().manual_seed(0))
+        >>> [len(b) <= 10 for b in sampler]
+        [True, True]
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        sample_rate: float,
+        num_batches: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> None:
+        check_positive_int("num_samples", num_samples)
+        if not isinstance(sample_rate, (int, float)) or not 0 < sample_rate <= 1:
+            raise ValueError(f"`sample_rate` must be in (0, 1], got {sample_rate!r}.")
+        self.num_samples = num_samples
+        self.sample_rate = float(sample_rate)
+        self.num_batches = (
+            check_positive_int("num_batches", num_batches)
+            if num_batches is not None
+            else max(1, round(1 / self.sample_rate))
+        )
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[List[int]]:
+        for _ in range(self.num_batches):
+            mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
+            yield mask.nonzero(as_tuple=False).flatten().tolist()
+
+
+def _empty_like_batch(batch: Any) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch[:0]
+    if isinstance(batch, (list, tuple)):
+        items = [_empty_like_batch(b) for b in batch]
+        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
+    if isinstance(batch, dict):
+        return type(batch)((k, _empty_like_batch(v)) for k, v in batch.items())
+    return batch
+
+
+class _CollateWithEmpty:
+    """Collate function that turns an empty index list into a zero-length batch of the right structure."""
+
+    def __init__(self, collate_fn: Callable[[List[Any]], Any], empty_batch: Any) -> None:
+        self.collate_fn = collate_fn
+        self.empty_batch = empty_batch
+
+    def __call__(self, samples: List[Any]) -> Any:
+        if len(samples) == 0:
+            return self.empty_batch
+        return self.collate_fn(samples)
+
+
+def is_empty_batch(batch: Any) -> bool:
+    """True when every tensor in ``batch`` has zero length along the batch dimension."""
+    tensors: List[torch.Tensor] = []
+
+    def collect(obj: Any) -> None:
+        if isinstance(obj, torch.Tensor):
+            tensors.append(obj)
+        elif isinstance(obj, (list, tuple)):
+            for item in obj:
+                collect(item)
+        elif isinstance(obj, dict):
+            for item in obj.values():
+                collect(item)
+
+    collect(batch)
+    return bool(tensors) and all(t.dim() > 0 and t.shape[0] == 0 for t in tensors)
+
+
+def expected_batch_size_of(loader: DataLoader) -> int:
+    """The batch size a loader was built for (``batch_size``, or dataset size / number of batches)."""
+    if loader.batch_size is not None:
+        return int(loader.batch_size)
+    return max(1, round(len(loader.dataset) / max(1, len(loader))))  # type: ignore[arg-type]
+
+
+def poisson_dataloader(
+    loader: DataLoader,
+    *,
+    sample_rate: Optional[float] = None,
+    generator: Optional[torch.Generator] = None,
+) -> DataLoader:
+    """A copy of ``loader`` over the same dataset whose batches come from :class:`PoissonBatchSampler`.
+
+    The rate defaults to ``q = batch_size / len(dataset)`` and the number of batches per epoch to
+    ``len(loader)``; workers, pinning, collate function and the rest of the loader's settings are kept.
+
+    Raises:
+        ValueError: when the loader cannot be Poisson-sampled (an ``IterableDataset``, a dataset without
+            ``len``, or an empty dataset), with what to change.
+    """
+    dataset = loader.dataset
+    if isinstance(dataset, IterableDataset):
+        raise ValueError(
+            f"Poisson sampling needs a map-style dataset (indexable, with len()); the training loader's "
+            f"dataset is an IterableDataset ({type(dataset).__name__}). Use a map-style Dataset, or pass "
+            "poisson_sampling=False (the accountant's subsampling guarantee then does not hold)."
+        )
+    try:
+        num_samples = len(dataset)  # type: ignore[arg-type]
+    except TypeError as err:
+        raise ValueError(
+            f"Poisson sampling needs len(dataset); {type(dataset).__name__} has no __len__. Implement it, "
+            "or pass poisson_sampling=False."
+        ) from err
+    if num_samples == 0:
+        raise ValueError("The training dataset is empty: there is nothing to sample from.")
+    batch_size = expected_batch_size_of(loader)
+    if sample_rate is None:
+        sample_rate = min(1.0, batch_size / num_samples)
+    num_batches = max(1, len(loader))
+    batch_sampler = PoissonBatchSampler(num_samples, sample_rate, num_batches, generator=generator)
+    collate_fn = loader.collate_fn
+    empty_batch = _empty_like_batch(collate_fn([dataset[0]]))
+    kwargs: Dict[str, Any] = dict(
+        num_workers=loader.num_workers,
+        collate_fn=_CollateWithEmpty(collate_fn, empty_batch),
+        pin_memory=loader.pin_memory,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context,
+        persistent_workers=loader.persistent_workers if loader.num_workers > 0 else False,
+    )
+    if loader.num_workers > 0 and loader.prefetch_factor is not None:
+        kwargs["prefetch_factor"] = loader.prefetch_factor
+    return DataLoader(dataset, batch_sampler=batch_sampler, **kwargs)
+
+
+__all__ = ["PoissonBatchSampler", "is_empty_batch", "poisson_dataloader", "expected_batch_size_of"]

@@ -1,0 +1,42 @@
+"""Shared test helpers: float64 micro-batch references (one backward per sample)."""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Dict, List
+
+import pytest
+import torch
+from torch import nn
+
+
+def microbatch_grads(
+    model: nn.Module, inputs: torch.Tensor, loss_fn: Callable[[torch.Tensor, int], torch.Tensor]
+) -> Dict[str, torch.Tensor]:
+    """Per-sample gradients by brute force in float64: ``{name: (B, *shape)}`` for trainable params.
+
+    ``loss_fn(output, i)`` is sample ``i``'s own loss given the model's output on that sample alone.
+    """
+    ref = copy.deepcopy(model).double()
+    params = {n: p for n, p in ref.named_parameters() if p.requires_grad}
+    per_sample: Dict[str, List[torch.Tensor]] = {n: [] for n in params}
+    x = inputs.double() if inputs.is_floating_point() else inputs
+    for i in range(x.shape[0]):
+        ref.zero_grad()
+        loss = loss_fn(ref(x[i : i + 1]), i)
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        for (name, p), g in zip(params.items(), grads):
+            per_sample[name].append(torch.zeros_like(p) if g is None else g)
+    return {n: torch.stack(gs) for n, gs in per_sample.items()}
+
+
+def clipped_mean_reference(grads: Dict[str, torch.Tensor], max_grad_norm: float, denom: float) -> Dict[str, torch.Tensor]:
+    """Textbook DP-SGD gradient without noise: ``Σ_b g_b·min(1, C/‖g_b‖) / denom``."""
+    flat = torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1)
+    norms = flat.norm(dim=1)
+    factors = torch.clamp(max_grad_norm / norms, max=1.0)
+    return {n: torch.einsum("b,b...->...", factors, g) / denom for n, g in grads.items()}
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
