@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make demo` (private training on digits, ε live) and `make test`.
+# Each creates ./.venv if needed and installs what it needs. torch is pinned and installed *first*:
+# an unpinned torch pulls a multi-GB CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.lightning-dp-installed
+
+.PHONY: demo test docs install clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): setup.cfg setup.py pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[test,examples,docs]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/train_digits.py
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+docs: $(STAMP)
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+
+clean:
+	rm -rf $(VENV) docs/_build lightning_logs .pytest_cache
