@@ -7,7 +7,7 @@ from typing import Optional
 from torch import nn
 from torch.optim import Optimizer
 
-from ._checks import check_choice, check_non_negative, check_positive
+from ._checks import check_choice, check_non_negative, check_positive, check_rate
 from .accounting import make_accountant
 from .grad_sample import attach_grad_sample_hooks
 from .noise import GaussianNoise
@@ -77,8 +77,8 @@ def make_private(
     check_positive("max_grad_norm", max_grad_norm)
     check_positive("expected_batch_size", expected_batch_size)
     check_choice("loss_reduction", loss_reduction, LOSS_REDUCTIONS)
-    if sample_rate is not None and not 0 < sample_rate <= 1:
-        raise ValueError(f"`sample_rate` must be in (0, 1], got {sample_rate!r}.")
+    if sample_rate is not None:
+        check_rate("sample_rate", sample_rate)
     validate(module, raise_error=True)
     warn_if_no_noise(noise_multiplier)
     attach_grad_sample_hooks(module, loss_reduction=loss_reduction)

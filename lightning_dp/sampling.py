@@ -5,13 +5,12 @@ scheme; shuffled fixed-size batches are a different mechanism the accountants do
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, IterableDataset, Sampler
+from torch.utils.data import DataLoader, IterableDataset, Sampler
 
-from ._checks import check_positive_int
+from ._checks import check_positive_int, check_rate
 
 
 class PoissonBatchSampler(Sampler[List[int]]):
@@ -42,8 +41,7 @@ class PoissonBatchSampler(Sampler[List[int]]):
         generator: Optional[torch.Generator] = None,
     ) -> None:
         check_positive_int("num_samples", num_samples)
-        if not isinstance(sample_rate, (int, float)) or not 0 < sample_rate <= 1:
-            raise ValueError(f"`sample_rate` must be in (0, 1], got {sample_rate!r}.")
+        check_rate("sample_rate", sample_rate)
         self.num_samples = num_samples
         self.sample_rate = float(sample_rate)
         self.num_batches = (

@@ -6,7 +6,6 @@ processed, the DP step inside the optimizer, privacy state in every checkpoint.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import pytorch_lightning as pl
@@ -305,11 +304,15 @@ class DPStrategy(SingleDeviceStrategy):
 
     # --- checkpoints ---------------------------------------------------------------------------------
     def privacy_state_dict(self) -> Dict[str, Any]:
-        """Accountant history and noise state: what a checkpoint must carry."""
+        """Accountant history, settings and — only in seeded (reproducible) mode — generator states.
+
+        Generators seeded from the OS are never written: their state would let anyone holding the
+        checkpoints regenerate and subtract the noise.
+        """
         return {
             "accountant": self.accountant.state_dict(),
             "noise": self.noise.state_dict(),
-            "sampler": self._sampling_generator.get_state(),
+            "sampler": self._sampling_generator.get_state() if self.noise.seeded else None,
             "noise_multiplier": self.noise_multiplier,
             "max_grad_norm": self.max_grad_norm,
             "sample_rate": self.sample_rate,
@@ -319,7 +322,8 @@ class DPStrategy(SingleDeviceStrategy):
         """Restore :meth:`privacy_state_dict` (the accountant's history is replaced by the checkpoint's)."""
         self.accountant.load_state_dict(state["accountant"])
         self.noise.load_state_dict(state["noise"])
-        self._sampling_generator.set_state(state["sampler"])
+        if state.get("sampler") is not None and self.noise.seeded:
+            self._sampling_generator.set_state(state["sampler"])
 
     def save_checkpoint(
         self, checkpoint: Dict[str, Any], filepath: Any, storage_options: Optional[Any] = None

@@ -12,9 +12,9 @@ This module is pure Python (no numpy, torch or Lightning import).
 from __future__ import annotations
 
 import abc
-import math
-import numbers
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, TypeVar
+
+from .._checks import check_int, check_non_negative, check_open_unit, check_positive, check_rate
 
 HistoryEntry = Tuple[float, float, int]
 
@@ -23,48 +23,25 @@ _REGISTRY: Dict[str, Type["Accountant"]] = {}
 _A = TypeVar("_A", bound=Type["Accountant"])
 
 
-# --------------------------------------------------------------------------------------------------
-# Argument checks. Each raises ValueError naming the argument, the value given and what is allowed.
-# --------------------------------------------------------------------------------------------------
-def _is_real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
+# Argument checks: thin aliases of the package-wide checks (one implementation, one message style).
 def _check_noise_multiplier(value: Any, name: str = "noise_multiplier") -> float:
-    if not _is_real(value) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
+    return check_non_negative(name, value)
 
 
 def _check_sample_rate(value: Any, name: str = "sample_rate", allow_zero: bool = True) -> float:
-    ok = _is_real(value) and math.isfinite(value) and value <= 1
-    ok = ok and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        allowed = "[0, 1]" if allow_zero else "(0, 1]"
-        raise ValueError(f"{name} must be in {allowed}, got {value!r}")
-    return float(value)
+    return check_rate(name, value, allow_zero=allow_zero)
 
 
 def _check_delta(value: Any, name: str = "delta") -> float:
-    if not _is_real(value) or not 0 < value < 1:
-        raise ValueError(f"{name} must be in (0, 1), got {value!r}")
-    return float(value)
+    return check_open_unit(name, value)
 
 
 def _check_positive(value: Any, name: str) -> float:
-    if not _is_real(value) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
+    return check_positive(name, value)
 
 
 def _check_int(value: Any, name: str, minimum: int) -> int:
-    """Accepts ints (and integral floats such as ``1e6``); returns an ``int``."""
-    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    if not ok and _is_real(value) and math.isfinite(value) and float(value).is_integer():
-        ok = True
-    if not ok or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+    return check_int(name, value, minimum)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -20,8 +20,9 @@ Mechanism", arXiv:1908.10530)
   ``A = sum_k |C(alpha,k)| q^k (1-q)^(alpha-k) e^{(k^2-k)/(2 sigma^2)} Phi((z0 - k)/sigma)
   + sum_k |C(alpha,k)| q^(alpha-k) (1-q)^k e^{(j^2-j)/(2 sigma^2)} Phi((j - z0)/sigma)``, ``j = alpha - k``.
   The magnitudes of the (eventually sign-alternating) coefficients are summed, as in the reference
-  implementations (TF-Privacy, dp-accounting): an upper bound, never optimistic. Both series are
-  summed until their terms decrease and the remaining tail is below ``exp(-30)`` of the total.
+  implementations (TF-Privacy, dp-accounting): an upper bound, never optimistic. The series are
+  summed until a rigorous bound on their remaining tail is below ``exp(-30)`` of the total, and
+  that bound is added (see ``_rdp_frac``).
 * ``q = 1``: ``alpha / (2 sigma^2)`` (Gaussian mechanism, Mironov 2017); ``q = 0``: ``0``;
   ``sigma = 0`` (and ``q > 0``): ``inf``.
 
@@ -55,9 +56,9 @@ DEFAULT_RDP_ORDERS: Tuple[float, ...] = tuple(
 """Default RDP orders: 1.1, 1.2, ..., 10.9, then 11, 12, ..., 63, then 128, 256, 512, 1024 (the same
 grid as dp-accounting's ``DEFAULT_RDP_ORDERS``)."""
 
-_TAIL_LOG_RATIO = -30.0  # stop a fractional-order series when its tail is < e^-30 of the total
+_TAIL_LOG_RATIO = -30.0  # sum a fractional-order series until its tail bound is < e^-30 of the total
 _FRAC_FIRST_TERMS = 64
-_FRAC_MAX_TERMS = 1 << 17
+_FRAC_MAX_TERMS = 1 << 16
 
 
 # --------------------------------------------------------------------------------------------------
@@ -77,6 +78,8 @@ def _log_expm1(x: np.ndarray) -> np.ndarray:
 
 def _rdp_int(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
     """RDP at integer orders ``alphas >= 2`` for ``0 < q < 1``, ``sigma > 0`` (binomial expansion)."""
+    if alphas.size > 1 and alphas.size * alphas.max() > 4_000_000:  # keep the 2-D arrays small
+        return np.concatenate([_rdp_int(q, sigma, alphas[i : i + 1]) for i in range(alphas.size)])
     a = alphas[:, None]
     k = np.arange(2, int(alphas.max()) + 1, dtype=np.float64)[None, :]
     with np.errstate(invalid="ignore"):
@@ -94,30 +97,36 @@ def _rdp_int(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
 def _rdp_frac(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
     """RDP at fractional orders ``alphas > 1`` for ``0 < q < 1``, ``sigma > 0`` (two series).
 
-    An order whose series has not converged within ``_FRAC_MAX_TERMS`` terms gets ``inf`` (it is
-    then never chosen).
+    Each series' ``k``-th term is ``|C(alpha, k)|`` times a constant times the Gaussian Mills ratio
+    ``Phi(-x)/phi(x)`` at ``x = (k - z0)/sigma`` (resp. ``(k + z0 - alpha)/sigma``): the
+    ``exp(k^2)`` growth cancels exactly. Mills ratios decrease, and for ``k > alpha``
+    ``|C(alpha, k+1)/C(alpha, k)| = (k - alpha)/(k + 1) <= (k/(k + 1))^(alpha + 1)``, so the terms
+    after the last computed index ``m > alpha`` are at most ``t_m (m/k)^(alpha+1)`` and sum to at most
+    ``t_m m / alpha``. That bound is added to the partial sum (an upper bound, never optimistic); we
+    sum until it is below ``exp(-30)`` of the total or ``_FRAC_MAX_TERMS`` terms were used.
     """
     log_q, log_1mq = math.log(q), math.log1p(-q)
     z0 = sigma**2 * (log_1mq - log_q) + 0.5
     two_var = 2.0 * sigma**2
-    rdp = np.full(alphas.shape, np.inf)
+    rdp = np.empty(alphas.shape)
     pending = np.arange(alphas.size)
-    num_terms = _FRAC_FIRST_TERMS
-    while pending.size and num_terms <= _FRAC_MAX_TERMS:
+    num_terms = max(_FRAC_FIRST_TERMS, 1 << math.ceil(math.log2(alphas.max() + 2)))
+    while pending.size:
         a = alphas[pending][:, None]
         k = np.arange(num_terms, dtype=np.float64)[None, :]
         j = a - k
         log_coef = _log_abs_comb(a, k)
         # integral over z <= z0, expanded in powers of q/(1-q) * mu1/mu0 (<= 1 there)
-        log_s0 = log_coef + k * log_q + j * log_1mq + (k * k - k) / two_var + special.log_ndtr((z0 - k) / sigma)
+        log_s0 = log_coef + k * log_q + j * log_1mq + (k * k - k) / two_var
+        log_s0 += special.log_ndtr((z0 - k) / sigma)
         # integral over z > z0, expanded in powers of (1-q)/q * mu0/mu1 (< 1 there)
-        log_s1 = log_coef + j * log_q + k * log_1mq + (j * j - j) / two_var + special.log_ndtr((j - z0) / sigma)
-        log_total = np.logaddexp(special.logsumexp(log_s0, axis=1), special.logsumexp(log_s1, axis=1))
-        decreasing = (log_s0[:, -1] < log_s0[:, -2]) & (log_s1[:, -1] < log_s1[:, -2])
-        # past their peak the terms decay at least like k^-(alpha+2): tail <= last term * num_terms
-        tail = np.maximum(log_s0[:, -1], log_s1[:, -1]) + math.log(num_terms)
-        done = decreasing & (tail < log_total + _TAIL_LOG_RATIO)
-        rdp[pending[done]] = log_total[done] / (alphas[pending[done]] - 1)
+        log_s1 = log_coef + j * log_q + k * log_1mq + (j * j - j) / two_var
+        log_s1 += special.log_ndtr((j - z0) / sigma)
+        log_sum = np.logaddexp(special.logsumexp(log_s0, axis=1), special.logsumexp(log_s1, axis=1))
+        m = num_terms - 1
+        log_tail = np.logaddexp(log_s0[:, -1], log_s1[:, -1]) + np.log(m / a[:, 0])
+        done = (log_tail < log_sum + _TAIL_LOG_RATIO) | (num_terms >= _FRAC_MAX_TERMS)
+        rdp[pending[done]] = np.logaddexp(log_sum, log_tail)[done] / (alphas[pending[done]] - 1)
         pending = pending[~done]
         num_terms *= 2
     return rdp

@@ -33,6 +33,7 @@ class GaussianNoise:
     def __init__(self, seed: Optional[int] = None) -> None:
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
             raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+        self.seeded = seed is not None
         self.seed = _random_seed() if seed is None else seed
         self._generators: Dict[str, torch.Generator] = {}
 
@@ -59,11 +60,20 @@ class GaussianNoise:
         return out.normal_(mean=0.0, std=std, generator=self._generator(device))
 
     def state_dict(self) -> Dict[str, Any]:
-        """Seed and generator states (reproducible mode only: this generator is not secret)."""
+        """Seed and generator states when the user seeded the generator (reproducible mode), else ``{}``.
+
+        An OS-drawn seed is never written out: with it and the checkpoints, anyone could regenerate the
+        noise and subtract it. A resumed unseeded run draws a fresh seed instead.
+        """
+        if not self.seeded:
+            return {}
         return {"seed": self.seed, "generators": {k: g.get_state() for k, g in self._generators.items()}}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
+        """Restore what :meth:`state_dict` returned (an empty state keeps the current OS-drawn seed)."""
+        if not state:
+            return
+        self.seeded = True
         self.seed = int(state["seed"])
         self._generators = {}
         for key, generator_state in state.get("generators", {}).items():
