@@ -204,9 +204,9 @@ class RDPAccountant(Accountant):
         try:
             values = tuple(float(a) for a in orders)
         except (TypeError, ValueError):
-            raise ValueError(f"orders must be a sequence of numbers > 1, got {orders!r}") from None
+            raise ValueError(f"`orders` must be a sequence of numbers > 1, got {orders!r}.") from None
         if not values or not all(math.isfinite(a) and a > 1 for a in values):
-            raise ValueError(f"orders must be a non-empty sequence of finite numbers > 1, got {orders!r}")
+            raise ValueError(f"`orders` must be a non-empty sequence of finite numbers > 1, got {orders!r}.")
         self.orders: Tuple[float, ...] = values
         self._orders_array = np.asarray(values, dtype=np.float64)
 
