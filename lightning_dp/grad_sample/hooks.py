@@ -1,9 +1,17 @@
 """Attach per-sample-gradient hooks to a module, in place.
 
-For every submodule that owns trainable parameters and has a registered rule, a forward hook keeps
-the layer's inputs and registers a hook on its output tensor. When autograd delivers the gradient of
-the loss with respect to that output, the rule turns (inputs, output gradient) into per-sample
-gradients, which are accumulated in ``param.grad_sample`` (shape ``(batch, *param.shape)``).
+Every submodule that owns trainable parameters gets one of three treatments:
+
+* a **rule** (``linear.py``, ``conv.py``...): a forward hook keeps the layer's inputs and registers a
+  hook on its output tensor; when autograd delivers the gradient of the loss with respect to that
+  output, the rule turns (inputs, output gradient) into per-sample gradients;
+* a **DP forward** (``attention.py``, ``rnn.py``): fused modules whose internals hooks cannot see run an
+  equivalent forward built from recorded linear maps (:meth:`GradSampleHooks.linear`), with the
+  module's own parameters; the original forward is restored by :meth:`GradSampleHooks.remove`;
+* the **torch.func fallback** (``functional.py``): any other module with its own trainable parameters
+  (a user's custom layer); per-sample gradients by ``vmap`` over samples of a ``vjp`` of its forward.
+
+Per-sample gradients are accumulated in ``param.grad_sample`` (shape ``(batch, *param.shape)``).
 
 Design notes:
 
@@ -13,21 +21,32 @@ Design notes:
 * Tensor hooks on the output see the gradient of the value the module produced, even if a later
   in-place op (``ReLU(inplace=True)``) modifies it — ``register_full_backward_hook`` fails there.
 * Nothing is recorded when gradients are disabled (``torch.no_grad``, Lightning's validation and
-  predict loops), so evaluation is unaffected.
+  predict loops): evaluation runs the modules' original code.
 * Contributions to the same parameter (tied weights, a module used twice) are summed per sample.
+* Batch dimension: layers that fix it (convolutions, channel norms, RNN/attention through their
+  ``batch_first``) use it; layers that take any leading dims (Linear, Embedding, LayerNorm...) use the
+  dimension, 0 or 1, whose size is the batch size seen by the last batch-aware layer of this forward,
+  and ``batch_first`` when that is ambiguous or unknown.
 """
 from __future__ import annotations
 
+import functools
+import logging
 import weakref
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .registry import get_grad_sampler, trainable_parameters
+from .functional import check_fallback, fallback_grad_sample
+from .linear import linear_param_grads
+from .registry import get_dp_forward, get_grad_sampler, get_rule_batch_dim, trainable_parameters
+from .utils import place_rows
 
 _LOSS_REDUCTIONS = ("mean", "sum")
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, GradSampleHooks]" = weakref.WeakKeyDictionary()
+log = logging.getLogger("lightning_dp")
 
 
 class GradSampleHooks:
@@ -37,66 +56,250 @@ class GradSampleHooks:
         module: the model (changed in place: hooks only, no wrapper, no new parameters).
         loss_reduction: ``"mean"`` if the loss averages over the batch (per-sample gradients are then
             rescaled by the batch size), ``"sum"`` if it sums.
+        batch_first: where the batch is for layers that accept any leading dims when it cannot be told
+            from the shapes. ``None`` (default): ``False`` if every module of the model with a
+            ``batch_first`` attribute (RNNs, attention, transformer layers) has it ``False``, else ``True``.
+
+    Attributes:
+        loss_scale: factor multiplying every recovered per-sample gradient (default ``1.0``), e.g. the
+            inverse of the factor a trainer applied to the loss (gradient accumulation, AMP scaling).
+        fallback_modules: paths of the modules handled by the ``torch.func`` fallback.
     """
 
-    def __init__(self, module: nn.Module, loss_reduction: str = "mean") -> None:
+    def __init__(self, module: nn.Module, loss_reduction: str = "mean", batch_first: Optional[bool] = None) -> None:
         if loss_reduction not in _LOSS_REDUCTIONS:
             raise ValueError(f"loss_reduction must be one of {_LOSS_REDUCTIONS}, got {loss_reduction!r}")
+        if batch_first is not None and not isinstance(batch_first, bool):
+            raise ValueError(f"batch_first must be True, False or None, got {batch_first!r}")
         self.module = module
         self.loss_reduction = loss_reduction
+        self.batch_first = _infer_batch_first(module) if batch_first is None else batch_first
+        self.loss_scale: float = 1.0
         self.enabled = True
+        self.fallback_modules: List[str] = []
+        self._suspended = 0  # > 0 while the fallback re-runs a forward under torch.func
+        self._batch_size: Optional[int] = None  # batch size seen by the last batch-aware layer
+        self._paths: Dict[int, str] = {}
+        self._checked: set = set()
         self._handles: List[torch.utils.hooks.RemovableHandle] = []
-        for submodule in module.modules():
-            if trainable_parameters(submodule) and get_grad_sampler(submodule) is not None:
+        self._patched: List[Tuple[nn.Module, Any]] = []
+        covered: List[str] = []
+        for path, submodule in module.named_modules():
+            if any(path.startswith(prefix + ".") for prefix in covered):
+                continue  # parameters handled by an enclosing DP forward
+            self._paths[id(submodule)] = path
+            dp_forward = get_dp_forward(submodule)
+            if dp_forward is not None:
+                if any(p.requires_grad for p in submodule.parameters()):
+                    self._patch_forward(submodule, dp_forward)
+                covered.append(path)
+            elif not trainable_parameters(submodule):
+                continue
+            elif get_grad_sampler(submodule) is not None:
                 self._handles.append(submodule.register_forward_hook(self._forward_hook))
+            else:
+                self.fallback_modules.append(path or "<root module>")
+                log.info(
+                    "lightning_dp: %s (%s) has no per-sample gradient rule; using the torch.func fallback.",
+                    path or "<root module>",
+                    type(submodule).__name__,
+                )
+                self._handles.append(submodule.register_forward_hook(self._fallback_hook, with_kwargs=True))
 
     @property
     def parameters(self) -> List[nn.Parameter]:
         """Trainable parameters of the model (each once, even when tied)."""
         return [p for p in self.module.parameters() if p.requires_grad]
 
-    def _forward_hook(self, module: nn.Module, inputs: Tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        if not (self.enabled and torch.is_grad_enabled()):
-            return
-        if not isinstance(output, torch.Tensor) or not output.requires_grad:
+    @property
+    def recording(self) -> bool:
+        """Whether a forward run now records what the backward pass needs."""
+        return self.enabled and not self._suspended and torch.is_grad_enabled()
+
+    # --- batch dimension and scaling ------------------------------------------------------------------
+    def note_batch_size(self, batch_size: int) -> None:
+        """Called by batch-aware layers (RNN, attention): the batch size of the current forward."""
+        self._batch_size = batch_size
+
+    def find_batch_dim(self, shape: Sequence[int]) -> int:
+        """Batch dimension (0 or 1) of a tensor of ``shape`` from a layer that takes any leading dims."""
+        if len(shape) < 2:
+            return 0
+        if self._batch_size is not None:
+            hits = [d for d in (0, 1) if shape[d] == self._batch_size]
+            if len(hits) == 1:
+                return hits[0]
+        return 0 if self.batch_first else 1
+
+    def scale(self, grad: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """Output gradient of the batch loss → of the per-sample losses, times ``loss_scale``."""
+        factor = float(batch_size) if self.loss_reduction == "mean" else 1.0
+        factor *= self.loss_scale
+        return grad if factor == 1.0 else grad * factor
+
+    # --- rules ----------------------------------------------------------------------------------------
+    def _forward_hook(self, module: nn.Module, inputs: Tuple[Any, ...], output: Any) -> None:
+        if not self.recording or not isinstance(output, torch.Tensor) or not output.requires_grad:
             return
         activations = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in inputs)
 
         def on_output_grad(grad: torch.Tensor) -> None:
-            self._accumulate(module, activations, grad)
+            self._apply_rule(module, activations, grad)
 
         output.register_hook(on_output_grad)
 
-    def _accumulate(self, module: nn.Module, activations: Tuple[torch.Tensor, ...], grad: torch.Tensor) -> None:
-        if self.loss_reduction == "mean":
-            grad = grad * grad.shape[0]
+    def _apply_rule(self, module: nn.Module, activations: Tuple[Any, ...], grad: torch.Tensor) -> None:
+        batch_dim = get_rule_batch_dim(module)
+        if batch_dim is None:  # any leading dims: find the batch and hand the rule batch-first tensors
+            found = self.find_batch_dim(grad.shape)
+            if found != 0:
+                grad = grad.movedim(found, 0)
+                activations = tuple(
+                    a.movedim(found, 0) if isinstance(a, torch.Tensor) and a.dim() > found else a
+                    for a in activations
+                )
+            batch_dim = 0
+        grad = self.scale(grad, grad.shape[batch_dim])
         rule = get_grad_sampler(module)
         assert rule is not None
-        per_sample: Dict[str, torch.Tensor] = rule(module, activations, grad)
-        for name, grad_sample in per_sample.items():
-            param = getattr(module, name)
-            grad_sample = grad_sample.to(param.dtype)
-            existing = getattr(param, "grad_sample", None)
-            if existing is None:
-                param.grad_sample = grad_sample
-            elif existing.shape == grad_sample.shape:
-                param.grad_sample = existing + grad_sample
-            else:
-                raise RuntimeError(
-                    f"Per-sample gradients of batch size {grad_sample.shape[0]} arrived for a parameter "
-                    f"that already holds per-sample gradients of batch size {existing.shape[0]} "
-                    f"(module {type(module).__name__}). Call optimizer.zero_grad() between batches; "
-                    "gradient accumulation over several backward passes is not supported yet."
-                )
+        for name, grad_sample in rule(module, activations, grad).items():
+            self.add_grad_sample(module.get_parameter(name), grad_sample, module)
+
+    def add_grad_sample(self, param: nn.Parameter, grad_sample: torch.Tensor, module: Optional[nn.Module] = None) -> None:
+        """Add ``grad_sample`` (``(B, *param.shape)``) to ``param.grad_sample``."""
+        grad_sample = grad_sample.to(param.dtype)
+        existing = getattr(param, "grad_sample", None)
+        if existing is None:
+            param.grad_sample = grad_sample
+        elif existing.shape == grad_sample.shape:
+            param.grad_sample = existing + grad_sample
+        else:
+            where = f" (module {self._path(module)})" if module is not None else ""
+            raise RuntimeError(
+                f"Per-sample gradients of batch size {grad_sample.shape[0]} arrived for a parameter{where} "
+                f"that already holds per-sample gradients of batch size {existing.shape[0]}. Either a layer "
+                "saw a different batch dimension (pass batch_first to attach_grad_sample_hooks), or "
+                "optimizer.zero_grad() was not called between batches."
+            )
+
+    # --- DP forwards ----------------------------------------------------------------------------------
+    def _patch_forward(self, module: nn.Module, dp_forward: Any) -> None:
+        self._patched.append((module, module.__dict__.get("forward")))
+        module.forward = functools.partial(_dp_forward_call, dp_forward, module, weakref.ref(self))
+
+    def linear(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor] = None,
+        weight_rows: Optional[slice] = None,
+        bias_rows: Optional[slice] = None,
+    ) -> torch.Tensor:
+        """``F.linear(x, weight[weight_rows], bias[bias_rows])`` for batch-first ``x``, recording
+        per-sample gradients of ``weight`` and ``bias``.
+
+        The ``*_rows`` select a block of a packed parameter (attention's ``in_proj_weight``); the
+        per-sample gradient is placed in that block of a zero ``(B, *param.shape)`` tensor.
+        """
+        w = weight if weight_rows is None else weight[weight_rows]
+        b = None if bias is None else (bias if bias_rows is None else bias[bias_rows])
+        out = F.linear(x, w, b)
+        need_w = weight.requires_grad
+        need_b = bias is not None and bias.requires_grad
+        if not (need_w or need_b) or not out.requires_grad:
+            return out
+        x_saved = x.detach()
+
+        def on_output_grad(grad: torch.Tensor) -> None:
+            grad = self.scale(grad, grad.shape[0])
+            gw, gb = linear_param_grads(x_saved, grad, need_w, need_b)
+            if gw is not None:
+                self.add_grad_sample(weight, place_rows(gw, weight.shape, weight_rows))
+            if gb is not None:
+                self.add_grad_sample(bias, place_rows(gb, bias.shape, bias_rows))
+
+        out.register_hook(on_output_grad)
+        return out
+
+    def expand(self, param: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """``param`` broadcast to ``(B, *param.shape)``, recording each sample's gradient of its copy."""
+        out = param.unsqueeze(0).expand(batch_size, *param.shape)
+        if param.requires_grad and out.requires_grad:
+            out.register_hook(lambda grad: self.add_grad_sample(param, self.scale(grad, batch_size)))
+        return out
+
+    # --- torch.func fallback --------------------------------------------------------------------------
+    def _fallback_hook(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> None:
+        if not self.recording:
+            return
+        outputs = [o for o in torch.utils._pytree.tree_leaves(output) if isinstance(o, torch.Tensor)]
+        live = [i for i, o in enumerate(outputs) if o.requires_grad]
+        if not live:
+            return
+        args = torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.detach(), args)
+        kwargs = torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.detach(), kwargs)
+        batch_size = outputs[live[0]].shape[0]
+        if id(module) not in self._checked:
+            with self._suspend():
+                check_fallback(module, self._path(module), args, kwargs, outputs, live)
+            self._checked.add(id(module))
+        shapes = [outputs[i] for i in live]
+
+        def on_output_grads(grads: Sequence[Optional[torch.Tensor]]) -> None:
+            grads = [torch.zeros_like(o) if g is None else self.scale(g, batch_size) for g, o in zip(grads, shapes)]
+            with self._suspend():
+                per_sample = fallback_grad_sample(module, args, kwargs, live, grads)
+            for name, grad_sample in per_sample.items():
+                self.add_grad_sample(module.get_parameter(name), grad_sample, module)
+
+        # the handle lives on the output tensors and is freed with the graph
+        torch.autograd.graph.register_multi_grad_hook([outputs[i] for i in live], on_output_grads)
+
+    def _suspend(self) -> "_Suspend":
+        return _Suspend(self)
+
+    def _path(self, module: Optional[nn.Module]) -> str:
+        if module is None:
+            return "?"
+        return self._paths.get(id(module), type(module).__name__) or "<root module>"
 
     def remove(self) -> None:
-        """Remove all hooks and per-sample gradients; the module is exactly as before."""
+        """Remove all hooks, restore patched forwards, drop per-sample gradients: the module is as before."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for module, previous in self._patched:
+            if previous is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = previous
+        self._patched.clear()
         clear_grad_samples(self.module)
         if _ATTACHED.get(self.module) is self:
             del _ATTACHED[self.module]
+
+
+class _Suspend:
+    def __init__(self, hooks: GradSampleHooks) -> None:
+        self.hooks = hooks
+
+    def __enter__(self) -> None:
+        self.hooks._suspended += 1
+
+    def __exit__(self, *exc: Any) -> None:
+        self.hooks._suspended -= 1
+
+
+def _dp_forward_call(dp_forward: Any, module: nn.Module, hooks_ref: Any, *args: Any, **kwargs: Any) -> Any:
+    hooks = hooks_ref()
+    if hooks is None or not hooks.recording:
+        return type(module).forward(module, *args, **kwargs)
+    return dp_forward(module, hooks, *args, **kwargs)
+
+
+def _infer_batch_first(module: nn.Module) -> bool:
+    flags = [m.batch_first for m in module.modules() if isinstance(getattr(m, "batch_first", None), bool)]
+    return not flags or any(flags)
 
 
 def clear_grad_samples(module: nn.Module) -> None:
@@ -106,12 +309,17 @@ def clear_grad_samples(module: nn.Module) -> None:
             del param.grad_sample
 
 
-def attach_grad_sample_hooks(module: nn.Module, loss_reduction: str = "mean") -> GradSampleHooks:
-    """Attach per-sample-gradient hooks to ``module`` in place (replacing earlier ones) and return them."""
+def attach_grad_sample_hooks(
+    module: nn.Module, loss_reduction: str = "mean", batch_first: Optional[bool] = None
+) -> GradSampleHooks:
+    """Attach per-sample-gradient hooks to ``module`` in place (replacing earlier ones) and return them.
+
+    See :class:`GradSampleHooks` for the arguments.
+    """
     previous = _ATTACHED.get(module)
     if previous is not None:
         previous.remove()
-    hooks = GradSampleHooks(module, loss_reduction=loss_reduction)
+    hooks = GradSampleHooks(module, loss_reduction=loss_reduction, batch_first=batch_first)
     _ATTACHED[module] = hooks
     return hooks
 
