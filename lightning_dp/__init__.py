@@ -11,9 +11,11 @@ from .optimizer import DPOptimizer
 from .sampling import PoissonBatchSampler, poisson_dataloader
 from .validation import PrivacyValidationError, ValidationIssue, fix, validate
 from .strategy import DPStrategy  # noqa: E402  (imports pytorch_lightning)
+from .strategy_ddp import DPDDPStrategy  # noqa: E402
 from .callbacks import PrivacyBudgetCallback  # noqa: E402
 
 __all__ = [
+    "DPDDPStrategy",
     "DPOptimizer",
     "DPStrategy",
     "PoissonBatchSampler",

@@ -1,6 +1,7 @@
 """DPOptimizer: wraps any ``torch.optim.Optimizer`` so that ``step()`` performs a DP-SGD step."""
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
@@ -43,6 +44,11 @@ class DPOptimizer(Optimizer):
     Attributes:
         step_guard: optional callable run after the closure; when it returns ``False`` the step is
             skipped (gradients cleared, no noise drawn, nothing accounted).
+        per_sample_grad_scale: factor applied to per-sample gradients before clipping, to undo loss
+            scaling done outside the model (Lightning divides the loss by ``accumulate_grad_batches``;
+            AMP's GradScaler multiplies it by its scale).
+        world_size: number of data-parallel processes; above 1, :meth:`add_noise` all-reduces.
+        steps_taken: optimizer steps taken (accounted) so far.
     """
 
     def __init__(
@@ -71,6 +77,10 @@ class DPOptimizer(Optimizer):
         self.accountant = accountant
         self.sample_rate = sample_rate
         self.step_guard: Optional[Callable[[], bool]] = None
+        self.per_sample_grad_scale = 1.0
+        self.world_size = 1
+        self.samples_in_step = 0
+        self.steps_taken = 0
         # Optimizer base-class bookkeeping that torch's hooks and profiler expect to exist.
         self._optimizer_step_pre_hooks: Dict[int, Callable] = {}
         self._optimizer_step_post_hooks: Dict[int, Callable] = {}
@@ -132,59 +142,94 @@ class DPOptimizer(Optimizer):
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear gradients and per-sample gradients."""
+        """Clear gradients and per-sample gradients.
+
+        Clipped sums already accumulated for the coming step (earlier micro-batches, see
+        :meth:`accumulate_micro_batch`) are kept: they are consumed by :meth:`step`.
+        """
         self.original_optimizer.zero_grad(set_to_none=set_to_none)
         for p in self.params:
             if hasattr(p, "grad_sample"):
                 del p.grad_sample
 
-    def clip_and_accumulate(self) -> torch.Tensor:
-        """Per-sample norms → clip factors → ``param.summed_grad = Σ_b clipped g_b``. Returns the norms.
+    def reset_accumulation(self) -> None:
+        """Drop everything gathered for the coming step (per-sample gradients and clipped sums)."""
+        for p in self.params:
+            for attr in ("grad_sample", "summed_grad"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
+        self.samples_in_step = 0
 
-        Parameters that received no per-sample gradient this step (unused, or an empty Poisson batch)
-        contribute zero; they still get noise in :meth:`add_noise`.
+    def accumulate_micro_batch(self) -> torch.Tensor:
+        """Clip the per-sample gradients of the last backward pass and add them to ``param.summed_grad``.
+
+        Each sample is clipped as soon as its gradient is complete, so a logical batch can be processed
+        in several backward passes (gradient accumulation, physical micro-batches) with exactly the
+        result of one pass. Per-sample gradients are multiplied by :attr:`per_sample_grad_scale` first
+        (to undo loss scaling done outside the model). Returns the per-sample norms (before clipping).
         """
         params = self.params
         with_samples = [p for p in params if getattr(p, "grad_sample", None) is not None]
+        if not with_samples:
+            return torch.zeros(0)
         batch_sizes = {p.grad_sample.shape[0] for p in with_samples}
         if len(batch_sizes) > 1:
             raise RuntimeError(
                 f"Per-sample gradients disagree on the batch size ({sorted(batch_sizes)}): a layer saw a "
                 "different batch dimension than the others. Make sure every layer's input has the batch first."
             )
-        if with_samples and next(iter(batch_sizes)) > 0:
-            norms = per_sample_norms([p.grad_sample for p in with_samples])
-            factors = clip_factors(norms, self.max_grad_norm)
-        else:
-            norms = torch.zeros(0)
-            factors = None
-        for p in params:
-            grad_sample = getattr(p, "grad_sample", None)
-            if grad_sample is None or factors is None:
-                p.summed_grad = torch.zeros_like(p)
-            else:
-                p.summed_grad = clipped_sum(grad_sample, factors.to(grad_sample.device))
+        scale = self.per_sample_grad_scale
+        grad_samples = [p.grad_sample if scale == 1.0 else p.grad_sample * scale for p in with_samples]
+        norms = per_sample_norms(grad_samples)
+        factors = clip_factors(norms, self.max_grad_norm)
+        for p, grad_sample in zip(with_samples, grad_samples):
+            clipped = clipped_sum(grad_sample, factors.to(grad_sample.device))
+            previous = getattr(p, "summed_grad", None)
+            p.summed_grad = clipped if previous is None else previous + clipped
+            del p.grad_sample
+        self.samples_in_step += next(iter(batch_sizes))
         return norms
 
+    def clip_and_accumulate(self) -> torch.Tensor:
+        """Alias of :meth:`accumulate_micro_batch` (kept for symmetry with Opacus's naming)."""
+        return self.accumulate_micro_batch()
+
     def add_noise(self) -> None:
-        """``param.grad = (summed_grad + N(0, (σC)²)) / expected_batch_size`` for every parameter."""
+        """``param.grad = (summed_grad + N(0, (σC)²)) / expected_batch_size`` for every parameter.
+
+        In distributed training each of the ``world_size`` processes adds noise of std ``σC/√world_size``
+        to its own clipped sum and the results are summed across processes (``all_reduce``), so the
+        update carries noise of total std ``σC`` exactly once; ``expected_batch_size`` is then global.
+        """
         if self.expected_batch_size is None:
             raise RuntimeError(
                 "DPOptimizer.expected_batch_size is not set: pass expected_batch_size (q·N for Poisson sampling)."
             )
-        std = self.noise_multiplier * self.max_grad_norm
+        if self.noise_multiplier is None:
+            raise RuntimeError("DPOptimizer.noise_multiplier is not set (it is calibrated when training starts).")
+        std = self.noise_multiplier * self.max_grad_norm / math.sqrt(self.world_size)
         for p in self.params:
-            noise = self.noise.normal(p.shape, std=std, device=p.device, dtype=p.dtype)
-            p.grad = (p.summed_grad + noise) / self.expected_batch_size
-            del p.summed_grad
+            summed = getattr(p, "summed_grad", None)
+            noisy = self.noise.normal(p.shape, std=std, device=p.device, dtype=p.dtype)
+            if summed is not None:
+                noisy = noisy + summed
+            if self.world_size > 1:
+                torch.distributed.all_reduce(noisy, op=torch.distributed.ReduceOp.SUM)
+            p.grad = noisy / self.expected_batch_size
+            if summed is not None:
+                del p.summed_grad
 
     def pre_step(self) -> None:
-        """Turn the per-sample gradients of this step into the noisy DP gradient in ``param.grad``."""
-        self.clip_and_accumulate()
+        """Turn this step's per-sample gradients into the noisy DP gradient in ``param.grad``."""
+        self.accumulate_micro_batch()
         self.add_noise()
-        for p in self.params:
-            if hasattr(p, "grad_sample"):
-                del p.grad_sample
+        self.samples_in_step = 0
+
+    def record_step(self) -> None:
+        """Count one step and record it with the accountant (also for a step that moved no weight)."""
+        self.steps_taken += 1
+        if self.accountant is not None and self.sample_rate is not None:
+            self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
 
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
         """Run ``closure`` (forward + backward) first, then clip, noise, step and account.
@@ -198,11 +243,11 @@ class DPOptimizer(Optimizer):
                 loss = closure()
         if self.step_guard is not None and not self.step_guard():
             self.zero_grad()  # refused (e.g. privacy budget): nothing is released, nothing is spent
+            self.reset_accumulation()
             return loss
         self.pre_step()
         self.original_optimizer.step()
-        if self.accountant is not None and self.sample_rate is not None:
-            self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        self.record_step()
         return loss
 
     def get_epsilon(self, delta: float) -> float:

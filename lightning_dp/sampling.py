@@ -19,11 +19,23 @@ class PoissonBatchSampler(Sampler[List[int]]):
     Batch sizes are Binomial(N, q): mean ``q·N``, variance ``q·(1−q)·N``. Batches may be empty; the
     training loop must still take a (noise-only) step for them, or the accounting is wrong.
 
+    Two extensions keep that law while splitting the work:
+
+    * ``micro_batches=k``: each Poisson draw (one *logical* batch, one optimizer step) is yielded as
+      ``k`` consecutive chunks, for gradient accumulation; ``len()`` is then ``num_batches · k``.
+    * ``rank``/``world_size``: distributed Poisson sampling. Rank ``r`` decides inclusion only for
+      indices ``r, r + W, r + 2W, …``; the union over ranks is a Poisson sample of the whole dataset at
+      rate ``q`` and every example is in at most one rank's batch. Each rank needs its own generator.
+
     Args:
         num_samples: dataset size N.
         sample_rate: q in (0, 1].
-        num_batches: batches per epoch (default ``round(1 / q)``, one pass over the data in expectation).
-        generator: torch generator for the inclusion draws (seeded for reproducibility).
+        num_batches: logical batches per epoch (default ``round(1 / q)``, one pass in expectation).
+        generator: a ``torch.Generator`` for the inclusion draws, or any object with a
+            ``bernoulli(n, p) -> BoolTensor`` method (e.g. :class:`lightning_dp.noise.SecureRNG`).
+        micro_batches: chunks per logical batch.
+        rank: this process's rank.
+        world_size: number of processes.
 
     Example::
 
@@ -38,10 +50,18 @@ class PoissonBatchSampler(Sampler[List[int]]):
         num_samples: int,
         sample_rate: float,
         num_batches: Optional[int] = None,
-        generator: Optional[torch.Generator] = None,
+        generator: Optional[Any] = None,
+        *,
+        micro_batches: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         check_positive_int("num_samples", num_samples)
         check_rate("sample_rate", sample_rate)
+        check_positive_int("micro_batches", micro_batches)
+        check_positive_int("world_size", world_size)
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"`rank` must be an integer in [0, world_size={world_size}), got {rank!r}.")
         self.num_samples = num_samples
         self.sample_rate = float(sample_rate)
         self.num_batches = (
@@ -50,14 +70,30 @@ class PoissonBatchSampler(Sampler[List[int]]):
             else max(1, round(1 / self.sample_rate))
         )
         self.generator = generator
+        self.micro_batches = micro_batches
+        self.rank = rank
+        self.world_size = world_size
+        self._candidates = torch.arange(rank, num_samples, world_size)
 
     def __len__(self) -> int:
-        return self.num_batches
+        return self.num_batches * self.micro_batches
+
+    def _draw(self) -> torch.Tensor:
+        n = len(self._candidates)
+        if hasattr(self.generator, "bernoulli"):
+            mask = self.generator.bernoulli(n, self.sample_rate).to("cpu")
+        else:
+            mask = torch.rand(n, generator=self.generator) < self.sample_rate
+        return self._candidates[mask]
 
     def __iter__(self) -> Iterator[List[int]]:
         for _ in range(self.num_batches):
-            mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
-            yield mask.nonzero(as_tuple=False).flatten().tolist()
+            indices = self._draw()
+            if self.micro_batches == 1:
+                yield indices.tolist()
+            else:
+                for chunk in torch.tensor_split(indices, self.micro_batches):
+                    yield chunk.tolist()
 
 
 def _empty_like_batch(batch: Any) -> Any:
@@ -102,6 +138,36 @@ def is_empty_batch(batch: Any) -> bool:
     return bool(tensors) and all(t.dim() > 0 and t.shape[0] == 0 for t in tensors)
 
 
+def split_batch(batch: Any, chunk_size: int) -> List[Any]:
+    """Split a batch (tensors, possibly nested in tuples/lists/dicts) into chunks of ``chunk_size`` rows."""
+    size = batch_size_of(batch)
+    starts = range(0, size, chunk_size)
+
+    def take(obj: Any, start: int) -> Any:
+        if isinstance(obj, torch.Tensor) and obj.dim() > 0:
+            return obj[start : start + chunk_size]
+        if isinstance(obj, (list, tuple)):
+            items = [take(o, start) for o in obj]
+            return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+        if isinstance(obj, dict):
+            return type(obj)((k, take(v, start)) for k, v in obj.items())
+        return obj
+
+    return [take(batch, start) for start in starts]
+
+
+def batch_size_of(batch: Any) -> int:
+    """Length of the first tensor found in ``batch`` along dimension 0 (0 when there is none)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.dim() > 0 else 0
+    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
+    for item in items:
+        size = batch_size_of(item)
+        if size:
+            return size
+    return 0
+
+
 def expected_batch_size_of(loader: DataLoader) -> int:
     """The batch size a loader was built for (``batch_size``, or dataset size / number of batches)."""
     if loader.batch_size is not None:
@@ -113,12 +179,18 @@ def poisson_dataloader(
     loader: DataLoader,
     *,
     sample_rate: Optional[float] = None,
-    generator: Optional[torch.Generator] = None,
+    generator: Optional[Any] = None,
+    micro_batches: int = 1,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoader:
     """A copy of ``loader`` over the same dataset whose batches come from :class:`PoissonBatchSampler`.
 
-    The rate defaults to ``q = batch_size / len(dataset)`` and the number of batches per epoch to
-    ``len(loader)``; workers, pinning, collate function and the rest of the loader's settings are kept.
+    The rate defaults to ``q = micro_batches · world_size · batch_size / len(dataset)`` (the loader's
+    ``batch_size`` is per process and per micro-batch, as in Lightning) and the number of logical
+    batches per epoch to ``len(loader) // micro_batches``; workers, pinning, collate function and the
+    rest of the loader's settings are kept. ``micro_batches``, ``rank`` and ``world_size`` are passed
+    to :class:`PoissonBatchSampler`.
 
     Raises:
         ValueError: when the loader cannot be Poisson-sampled (an ``IterableDataset``, a dataset without
@@ -142,9 +214,17 @@ def poisson_dataloader(
         raise ValueError("The training dataset is empty: there is nothing to sample from.")
     batch_size = expected_batch_size_of(loader)
     if sample_rate is None:
-        sample_rate = min(1.0, batch_size / num_samples)
-    num_batches = max(1, len(loader))
-    batch_sampler = PoissonBatchSampler(num_samples, sample_rate, num_batches, generator=generator)
+        sample_rate = min(1.0, micro_batches * world_size * batch_size / num_samples)
+    num_batches = max(1, len(loader) // micro_batches)
+    batch_sampler = PoissonBatchSampler(
+        num_samples,
+        sample_rate,
+        num_batches,
+        generator=generator,
+        micro_batches=micro_batches,
+        rank=rank,
+        world_size=world_size,
+    )
     collate_fn = loader.collate_fn
     empty_batch = _empty_like_batch(collate_fn([dataset[0]]))
     kwargs: Dict[str, Any] = dict(
@@ -161,4 +241,11 @@ def poisson_dataloader(
     return DataLoader(dataset, batch_sampler=batch_sampler, **kwargs)
 
 
-__all__ = ["PoissonBatchSampler", "is_empty_batch", "poisson_dataloader", "expected_batch_size_of"]
+__all__ = [
+    "PoissonBatchSampler",
+    "batch_size_of",
+    "expected_batch_size_of",
+    "is_empty_batch",
+    "poisson_dataloader",
+    "split_batch",
+]

@@ -1,0 +1,64 @@
+"""Run by tests/test_ddp.py: a 2-process CPU DDP fit with DPDDPStrategy (Lightning re-launches this
+script for rank 1). Each rank saves what it trained on and its final weights to OUT_DIR."""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from lightning_dp import DPDDPStrategy  # noqa: E402
+from tests.lightning_helpers import TinyClassifier, make_loader  # noqa: E402
+
+
+class WideZeroLoss(TinyClassifier):
+    """Many parameters and a loss with zero gradient: one step's update is pure noise."""
+
+    def __init__(self) -> None:
+        super().__init__(lr=1.0)
+        self.net = nn.Sequential(nn.Linear(6, 1200), nn.Linear(1200, 3))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.seen_batches.append((x.clone(), y.clone()))
+        return F.cross_entropy(self(x), y) * 0.0
+
+
+def main(mode: str, out_dir: str) -> None:
+    torch.manual_seed(0)
+    model = TinyClassifier(lr=0.5) if mode == "exact" else WideZeroLoss()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    sigma = 0.0 if mode == "exact" else 1.5
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=DPDDPStrategy(noise_multiplier=sigma, max_grad_norm=0.05, seed=11),
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, train_dataloaders=make_loader(n=64, batch_size=8))
+    strategy = trainer.strategy
+    torch.save(
+        {
+            "initial": initial,
+            "final": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "batches": model.seen_batches,
+            "sample_rate": strategy.sample_rate,
+            "expected_batch_size": strategy.expected_batch_size,
+            "steps": strategy.accountant.total_steps,
+            "epsilon": strategy.get_epsilon(1e-5) if sigma > 0 else None,
+        },
+        os.path.join(out_dir, f"rank{trainer.global_rank}.pt"),
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

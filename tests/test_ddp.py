@@ -1,0 +1,59 @@
+"""DPDDPStrategy with 2 CPU processes (gloo): exact noise-free update and total noise std σC."""
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_dp import compute_epsilon
+from tests.conftest import clipped_mean_reference, microbatch_grads
+from tests.lightning_helpers import TinyClassifier
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+
+
+def _run(mode: str, out_dir: Path) -> list:
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(random.randint(20000, 40000)),
+               PYTHONWARNINGS="ignore")
+    result = subprocess.run([sys.executable, str(WORKER), mode, str(out_dir)], env=env, capture_output=True,
+                            text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+@pytest.mark.slow
+def test_two_processes_without_noise_equal_one_process_with_the_global_batch(tmp_path):
+    ranks = _run("exact", tmp_path)
+    assert ranks[0]["sample_rate"] == pytest.approx(2 * 8 / 64) and ranks[0]["expected_batch_size"] == 16
+    for r in ranks:
+        assert r["steps"] == 1
+    rows = [tuple(x.tolist()) for r in ranks for x in r["batches"][0][0]]
+    assert len(rows) == len(set(rows)), "every example is in at most one rank's batch"
+    x = torch.cat([r["batches"][0][0] for r in ranks])
+    y = torch.cat([r["batches"][0][1] for r in ranks])
+    model = TinyClassifier()
+    model.load_state_dict(ranks[0]["initial"])
+    grads = microbatch_grads(model, x, lambda out, i: F.cross_entropy(out, y[i : i + 1], reduction="sum"))
+    update = clipped_mean_reference(grads, 0.05, 16)
+    for name, value in ranks[0]["initial"].items():
+        expected = value.double() - 0.5 * update[name]
+        for r in ranks:  # both ranks hold the same weights
+            torch.testing.assert_close(r["final"][name].double(), expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_total_noise_std_is_sigma_c_once(tmp_path):
+    ranks = _run("noise", tmp_path)
+    noise = torch.cat([(ranks[0]["initial"][k] - ranks[0]["final"][k]).flatten() for k in ranks[0]["initial"]])
+    noise = noise.double() * ranks[0]["expected_batch_size"]  # lr = 1, gradient = noise / (q·N)
+    assert noise.numel() > 8000
+    assert noise.std().item() == pytest.approx(1.5 * 0.05, rel=0.03)
+    for k in ranks[0]["final"]:
+        torch.testing.assert_close(ranks[0]["final"][k], ranks[1]["final"][k])
+    assert ranks[0]["epsilon"] == pytest.approx(compute_epsilon(1.5, 0.25, 1, 1e-5))
