@@ -10,11 +10,38 @@ from torch.optim import Optimizer
 from ._checks import check_choice, check_non_negative, check_positive, check_rate
 from .accounting import make_accountant
 from .grad_sample import attach_grad_sample_hooks
-from .noise import GaussianNoise
+from .noise import GaussianNoise, SecureRNG
 from .optimizer import DPOptimizer
 from .validation import validate
 
 LOSS_REDUCTIONS = ("mean", "sum")
+_warned_not_secure = False
+
+
+def make_noise(secure_mode: bool, seed: Optional[int]) -> "GaussianNoise | SecureRNG":
+    """The noise source for ``secure_mode``: :class:`SecureRNG` (ChaCha20, keyed from the OS; seeds
+    refused) or the seeded, fast, **not** secure :class:`GaussianNoise` (warned once per process)."""
+    global _warned_not_secure
+    if not isinstance(secure_mode, bool):
+        raise ValueError(f"`secure_mode` must be True or False, got {secure_mode!r}.")
+    if secure_mode:
+        if seed is not None:
+            raise ValueError(
+                f"`seed` must be None with secure_mode=True, got {seed!r}: a seeded generator is predictable, "
+                "so anyone with the seed could subtract the noise. Drop the seed, or use secure_mode=False "
+                "for a reproducible (not secure) run."
+            )
+        return SecureRNG()
+    if not _warned_not_secure:
+        _warned_not_secure = True
+        warnings.warn(
+            "secure_mode=False: noise and sampling come from a fast, reproducible PyTorch generator that is "
+            "not cryptographically secure; the privacy guarantee assumes an unpredictable generator. Use "
+            "secure_mode=True for a run whose guarantee matters.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return GaussianNoise(seed)
 
 
 def warn_if_no_noise(noise_multiplier: float) -> None:
@@ -39,6 +66,7 @@ def make_private(
     loss_reduction: str = "mean",
     accountant: str = "rdp",
     seed: Optional[int] = None,
+    secure_mode: bool = False,
 ) -> DPOptimizer:
     """Make ``loss.backward(); optimizer.step()`` a DP-SGD step, in place.
 
@@ -61,6 +89,8 @@ def make_private(
             per-sample gradients (the update is the same DP-SGD mean either way).
         accountant: accountant name (``"rdp"``).
         seed: seed of the (non-secure) noise generator, for reproducible runs.
+        secure_mode: draw the noise from :class:`~lightning_dp.noise.SecureRNG` (ChaCha20 keyed from the
+            OS); seeds are then refused. ``False`` (default) uses a fast seeded generator and warns once.
 
     Example::
 
@@ -79,6 +109,7 @@ def make_private(
     check_choice("loss_reduction", loss_reduction, LOSS_REDUCTIONS)
     if sample_rate is not None:
         check_rate("sample_rate", sample_rate)
+    noise = make_noise(secure_mode, seed)
     validate(module, raise_error=True)
     warn_if_no_noise(noise_multiplier)
     attach_grad_sample_hooks(module, loss_reduction=loss_reduction)
@@ -87,7 +118,7 @@ def make_private(
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
         expected_batch_size=expected_batch_size,
-        noise=GaussianNoise(seed),
+        noise=noise,
         accountant=make_accountant(accountant) if sample_rate is not None else None,
         sample_rate=sample_rate,
     )

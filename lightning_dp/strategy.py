@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from ._checks import check_choice, check_non_negative, check_open_unit, check_positive, check_positive_int
 from .accounting import Accountant, get_noise_multiplier, make_accountant
-from .engine import LOSS_REDUCTIONS, warn_if_no_noise
+from .engine import LOSS_REDUCTIONS, make_noise, warn_if_no_noise
 from .grad_sample import GradSampleHooks, attach_grad_sample_hooks
 from .noise import GaussianNoise
 from .optimizer import DPOptimizer
@@ -48,6 +48,7 @@ class DPStrategyMixin:
         loss_reduction: str,
         seed: Optional[int],
         max_physical_batch_size: Optional[int],
+        secure_mode: bool = False,
     ) -> None:
         if (noise_multiplier is None) == (target_epsilon is None):
             raise ValueError(
@@ -74,8 +75,10 @@ class DPStrategyMixin:
         self.max_physical_batch_size = max_physical_batch_size
         self.accountant: Accountant = make_accountant(accountant)
         self.seed = seed
-        self.noise = GaussianNoise(seed)
-        self._sampling_generator = torch.Generator()
+        self.secure_mode = secure_mode
+        self.noise = make_noise(secure_mode, seed)
+        # Poisson inclusion decisions: the secure generator itself in secure mode.
+        self._sampling_generator: Any = self.noise if secure_mode else torch.Generator()
         self.sample_rate: Optional[float] = None
         self.dataset_size: Optional[int] = None
         self.expected_batch_size: Optional[int] = None
@@ -88,6 +91,8 @@ class DPStrategyMixin:
     # --- setup ---------------------------------------------------------------------------------------
     def _seed_generators(self) -> None:
         """Per-rank generators: seeded runs reproduce, every rank draws different noise and samples."""
+        if self.secure_mode:
+            return  # keyed from the OS in each process
         rank = getattr(self, "global_rank", 0)
         if self.seed is not None and self.noise.seed != self.seed + 7919 * rank:
             self.noise = GaussianNoise(self.seed + 7919 * rank)
@@ -349,7 +354,7 @@ class DPStrategyMixin:
         return {
             "accountant": self.accountant.state_dict(),
             "noise": self.noise.state_dict(),
-            "sampler": self._sampling_generator.get_state() if self.noise.seeded else None,
+            "sampler": self._sampling_generator.get_state() if self.noise.seeded and not self.secure_mode else None,
             "noise_multiplier": self.noise_multiplier,
             "max_grad_norm": self.max_grad_norm,
             "sample_rate": self.sample_rate,
@@ -361,7 +366,7 @@ class DPStrategyMixin:
         new settings are known."""
         self.accountant.load_state_dict(state["accountant"])
         self.noise.load_state_dict(state["noise"])
-        if state.get("sampler") is not None and self.noise.seeded:
+        if state.get("sampler") is not None and self.noise.seeded and not self.secure_mode:
             self._sampling_generator.set_state(state["sampler"])
         self._settings_of_checkpoint = {k: state.get(k) for k in ("noise_multiplier", "max_grad_norm", "sample_rate")}
 
@@ -443,7 +448,12 @@ class DPStrategy(DPStrategyMixin, SingleDeviceStrategy):
         accountant: name of the privacy accountant (``"rdp"``).
         loss_reduction: ``"mean"`` (Lightning's usual) or ``"sum"`` — how ``training_step``'s loss
             combines samples.
-        seed: seed for the noise and sampling generators (reproducible, not cryptographically secure).
+        seed: seed for the noise and sampling generators (reproducible, not cryptographically secure;
+            refused with ``secure_mode=True``).
+        secure_mode: draw all DP noise and every Poisson sampling decision from
+            :class:`~lightning_dp.noise.SecureRNG` (ChaCha20 from vetted crypto, keyed from the OS; the key
+            is never written to a checkpoint and a resumed run re-keys). ``False`` (default) is fast and
+            reproducible under a seed, and warns once that the guarantee assumes a secure generator.
         max_physical_batch_size: process batches larger than this in chunks inside one optimizer step
             (bounded memory; the update is identical).
         device: the device to train on (default: the Trainer's accelerator's first device).
@@ -470,6 +480,7 @@ class DPStrategy(DPStrategyMixin, SingleDeviceStrategy):
         accountant: str = "rdp",
         loss_reduction: str = "mean",
         seed: Optional[int] = None,
+        secure_mode: bool = False,
         max_physical_batch_size: Optional[int] = None,
         device: Optional[_DEVICE] = None,
         **kwargs: Any,
@@ -486,6 +497,7 @@ class DPStrategy(DPStrategyMixin, SingleDeviceStrategy):
             loss_reduction,
             seed,
             max_physical_batch_size,
+            secure_mode,
         )
 
     @property

@@ -49,6 +49,7 @@ class DPDDPStrategy(DPStrategyMixin, DDPStrategy):
         accountant: str = "rdp",
         loss_reduction: str = "mean",
         seed: Optional[int] = None,
+        secure_mode: bool = False,
         max_physical_batch_size: Optional[int] = None,
         **kwargs: Any,
     ) -> None:
@@ -63,6 +64,7 @@ class DPDDPStrategy(DPStrategyMixin, DDPStrategy):
             loss_reduction,
             seed,
             max_physical_batch_size,
+            secure_mode,
         )
 
     def _register_ddp_hooks(self) -> None:

@@ -214,3 +214,42 @@ def test_checkpoint_weights_load_into_a_plain_module(tmp_path):
         restored = TinyClassifier.load_from_checkpoint(tmp_path / "last.ckpt")
     for a, b in zip(model.parameters(), restored.parameters()):
         torch.testing.assert_close(a, b)
+
+
+def test_secure_mode_end_to_end_and_key_never_in_checkpoint(tmp_path):
+    from lightning_dp.noise import SecureRNG
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    strategy = DPStrategy(noise_multiplier=1.0, secure_mode=True)
+    assert isinstance(strategy.noise, SecureRNG)
+    model = TinyClassifier()
+    before = copy.deepcopy(model.state_dict())
+    trainer = pl.Trainer(max_epochs=2, strategy=strategy,
+                         **trainer_kwargs(tmp_path, enable_checkpointing=True, callbacks=[checkpoint]))
+    trainer.fit(model, train_dataloaders=make_loader())
+    assert trainer.global_step == 8 == strategy.accountant.total_steps
+    assert not torch.equal(before["net.0.weight"], model.net[0].weight)
+    key = strategy.noise._key
+    raw = (tmp_path / "ckpt" / "last.ckpt").read_bytes()
+    assert key not in raw, "the secure generator's key must never be written"
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["lightning_dp"]
+    assert saved["noise"] == {} and saved["sampler"] is None
+
+    resumed_strategy = DPStrategy(noise_multiplier=1.0, secure_mode=True)
+    resumed = pl.Trainer(max_epochs=3, strategy=resumed_strategy, **trainer_kwargs(tmp_path))
+    resumed.fit(TinyClassifier(), train_dataloaders=make_loader(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert resumed_strategy.noise._key != key, "a resumed secure run re-keys from the OS"
+    assert resumed_strategy.accountant.total_steps == 12
+
+
+def test_secure_mode_refuses_seeds_and_insecure_mode_warns_once():
+    with pytest.raises(ValueError, match="`seed` must be None with secure_mode=True"):
+        DPStrategy(noise_multiplier=1.0, secure_mode=True, seed=3)
+    import lightning_dp.engine as engine
+
+    engine._warned_not_secure = False
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        DPStrategy(noise_multiplier=1.0)
+        DPStrategy(noise_multiplier=1.0)
+    assert sum("secure_mode=False" in str(w.message) for w in caught) == 1
