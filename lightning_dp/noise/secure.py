@@ -90,12 +90,13 @@ def bernoulli_from_words(
     sign = -(1 << 63)  # x ^ sign maps unsigned 64-bit order onto signed int64 order
     undecided = torch.arange(words.numel(), device=words.device)
     current = words.reshape(-1)
-    for p_word in _binary_words(p):
+    p_words = _binary_words(p)
+    for index, p_word in enumerate(p_words):
         flipped = current ^ sign
         threshold = p_word - (1 << 63)
         result.view(-1)[undecided[flipped < threshold]] = True
         undecided = undecided[flipped == threshold]
-        if undecided.numel() == 0:
+        if undecided.numel() == 0 or index + 1 == len(p_words):
             break
         current = more_words(int(undecided.numel())).reshape(-1)
     # Ties past p's last non-zero bit mean U >= p: those stay False.
