@@ -28,6 +28,7 @@ class UnsupportedModuleError(RuntimeError):
 
     def __init__(self, path: str, module: nn.Module, reason: str) -> None:
         self.path = path
+        self.reason = reason
         super().__init__(
             f"{path} ({type(module).__name__}) has trainable parameters "
             f"({', '.join(trainable_parameters(module))}) and no per-sample gradient rule, and the torch.func "

@@ -31,6 +31,7 @@ Design notes:
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -96,7 +97,7 @@ class GradSampleHooks:
             elif not trainable_parameters(submodule):
                 continue
             elif get_grad_sampler(submodule) is not None:
-                self._handles.append(submodule.register_forward_hook(self._forward_hook))
+                self._handles.append(submodule.register_forward_hook(self._forward_hook, with_kwargs=True))
             else:
                 self.fallback_modules.append(path or "<root module>")
                 log.info(
@@ -138,9 +139,13 @@ class GradSampleHooks:
         return grad if factor == 1.0 else grad * factor
 
     # --- rules ----------------------------------------------------------------------------------------
-    def _forward_hook(self, module: nn.Module, inputs: Tuple[Any, ...], output: Any) -> None:
+    def _forward_hook(
+        self, module: nn.Module, inputs: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any
+    ) -> None:
         if not self.recording or not isinstance(output, torch.Tensor) or not output.requires_grad:
             return
+        if kwargs:  # rules see the forward's arguments positionally, in signature order
+            inputs = _positional(module, inputs, kwargs)
         activations = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in inputs)
 
         def on_output_grad(grad: torch.Tensor) -> None:
@@ -295,6 +300,13 @@ def _dp_forward_call(dp_forward: Any, module: nn.Module, hooks_ref: Any, *args: 
     if hooks is None or not hooks.recording:
         return type(module).forward(module, *args, **kwargs)
     return dp_forward(module, hooks, *args, **kwargs)
+
+
+def _positional(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Any, ...]:
+    """``forward(*args, **kwargs)`` as one positional tuple (defaults filled in), in signature order."""
+    bound = inspect.signature(type(module).forward).bind(module, *args, **kwargs)
+    bound.apply_defaults()
+    return tuple(bound.arguments.values())[1:]
 
 
 def _infer_batch_first(module: nn.Module) -> bool:
