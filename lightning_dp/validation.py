@@ -23,7 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.nn.parameter import UninitializedParameter
 
-from .grad_sample import UnsupportedModuleError, attach_grad_sample_hooks, trainable_parameters
+from .grad_sample import UnsupportedModuleError, attach_grad_sample_hooks
 
 log = logging.getLogger("lightning_dp")
 
@@ -176,7 +176,9 @@ def _dry_run(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[Any]
     try:
         with torch.enable_grad():
             output = replica(*args)
-            leaves = [o for o in torch.utils._pytree.tree_leaves(output) if isinstance(o, torch.Tensor) and o.requires_grad]
+            leaves = [
+                o for o in torch.utils._pytree.tree_leaves(output) if isinstance(o, torch.Tensor) and o.requires_grad
+            ]
             if leaves:
                 sum(o.float().sum() for o in leaves).backward()
     except UnsupportedModuleError as err:

@@ -197,7 +197,9 @@ class Bags(nn.Module):
         return self.head(self.bag(flat, offsets, per_sample_weights=w))
 
 
-@pytest.mark.parametrize("mode,include_last,weighted", [("sum", False, True), ("mean", True, False), ("max", False, False)])
+@pytest.mark.parametrize(
+    "mode,include_last,weighted", [("sum", False, True), ("mean", True, False), ("max", False, False)]
+)
 def test_embedding_bag_offsets(mode, include_last, weighted):
     idx = torch.randint(0, 9, (4, 5))
     lengths = torch.tensor([3, 5, 1, 4])
@@ -212,7 +214,10 @@ def test_rms_norm():
     check_per_sample(model, torch.randn(4, 2, 3, 4))
 
 
-@pytest.mark.parametrize("cls,shape", [(nn.InstanceNorm1d, (4, 3, 7)), (nn.InstanceNorm2d, (4, 3, 5, 5)), (nn.InstanceNorm3d, (3, 3, 3, 4, 2))])
+@pytest.mark.parametrize(
+    "cls,shape",
+    [(nn.InstanceNorm1d, (4, 3, 7)), (nn.InstanceNorm2d, (4, 3, 5, 5)), (nn.InstanceNorm3d, (3, 3, 3, 4, 2))],
+)
 def test_instance_norm(cls, shape):
     model = cls(3, affine=True)
     with torch.no_grad():

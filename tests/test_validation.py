@@ -36,7 +36,8 @@ def test_all_problem_kinds_are_listed_together():
         validate(model, raise_error=True)
     message = str(err.value)
     assert "5 problems" in message
-    for path in ("bn (BatchNorm1d)", "inorm (InstanceNorm1d)", "emb (Embedding)", "bag (EmbeddingBag)", "lazy (LazyLinear)"):
+    paths = ("bn (BatchNorm1d)", "inorm (InstanceNorm1d)", "emb (Embedding)", "bag (EmbeddingBag)", "lazy (LazyLinear)")
+    for path in paths:
         assert path in message
     assert len(err.value.issues) == 5
     assert "4 of these can be fixed automatically" in message and "lightning_dp.fix(model)" in message

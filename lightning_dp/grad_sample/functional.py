@@ -56,7 +56,9 @@ def fallback_grad_sample(
     params = {name: p.detach() for name, p in trainable_parameters(module).items()}
     batch_size = grads[0].shape[0]
     leaves, spec = pytree.tree_flatten((args, kwargs))
-    batched = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == batch_size]
+    batched = [
+        i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == batch_size
+    ]
 
     def one_sample(samples: List[torch.Tensor], sample_grads: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
         local = list(leaves)

@@ -86,7 +86,7 @@ class GradSampleHooks:
         self._patched: List[Tuple[nn.Module, Any]] = []
         covered: List[str] = []
         for path, submodule in module.named_modules():
-            if any(path.startswith(prefix + ".") for prefix in covered):
+            if any(not prefix or path.startswith(prefix + ".") for prefix in covered):
                 continue  # parameters handled by an enclosing DP forward
             self._paths[id(submodule)] = path
             dp_forward = get_dp_forward(submodule)
@@ -170,7 +170,9 @@ class GradSampleHooks:
         for name, grad_sample in rule(module, activations, grad).items():
             self.add_grad_sample(module.get_parameter(name), grad_sample, module)
 
-    def add_grad_sample(self, param: nn.Parameter, grad_sample: torch.Tensor, module: Optional[nn.Module] = None) -> None:
+    def add_grad_sample(
+        self, param: nn.Parameter, grad_sample: torch.Tensor, module: Optional[nn.Module] = None
+    ) -> None:
         """Add ``grad_sample`` (``(B, *param.shape)``) to ``param.grad_sample``."""
         grad_sample = grad_sample.to(param.dtype)
         existing = getattr(param, "grad_sample", None)
