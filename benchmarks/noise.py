@@ -71,8 +71,8 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {samples:.0e} {args.dtype} samples, "
           f"median of {args.repeats}, SecureRNG num_normals=2")
-    print(f"| device | torch.normal (ms) | SecureRNG.normal (ms) | ratio | keystream (GB/s) |")
-    print(f"|--------|------------------:|----------------------:|------:|-----------------:|")
+    print("| device | torch.normal (ms) | SecureRNG.normal (ms) | ratio | keystream (GB/s) |")
+    print("|--------|------------------:|----------------------:|------:|-----------------:|")
     for name in devices:
         device = torch.device(name)
         result = bench(samples, args.repeats, device, dtype)

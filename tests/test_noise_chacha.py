@@ -146,7 +146,7 @@ def test_backends_agree(counter, num_bytes):
 
 
 def test_backends_agree_across_torch_batches(monkeypatch):
-    import lightning_dp.noise.chacha as chacha
+    from lightning_dp.noise import chacha
 
     monkeypatch.setattr(chacha, "_TORCH_BATCH_BLOCKS", 3)  # force several tensor passes
     key, nonce = os.urandom(32), os.urandom(12)

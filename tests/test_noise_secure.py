@@ -14,7 +14,12 @@ import torch
 from scipy import stats
 
 from lightning_dp.noise import GaussianNoise, SecureRNG, chacha20_keystream
-from lightning_dp.noise.secure import _KEY_DOMAIN, _PAIRS_PER_CHUNK, _binary_words, bernoulli_from_words
+from lightning_dp.noise.secure import (
+    _KEY_DOMAIN,
+    _PAIRS_PER_CHUNK,
+    _binary_words,
+    bernoulli_from_words,
+)
 
 SEED = b"lightning_dp tests"
 
@@ -131,7 +136,7 @@ def test_bernoulli_ties_draw_more_words():
 @pytest.mark.parametrize("n", [1, 2, 7, 16, 37, 1000])
 @pytest.mark.parametrize("num_normals", [2, 3])
 def test_openssl_and_torch_backends_give_the_same_draws(n, num_normals, monkeypatch):
-    import lightning_dp.noise.secure as secure
+    from lightning_dp.noise import secure
 
     monkeypatch.setattr(secure, "_PAIRS_PER_CHUNK", 8)  # several chunks (and a partial one) at small n
     a = _rng(num_normals=num_normals, backend="openssl")

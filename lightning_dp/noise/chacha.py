@@ -14,7 +14,7 @@ refused (OpenSSL would silently carry into the nonce, which is a different strea
 """
 from __future__ import annotations
 
-from typing import List, Optional, Union
+from typing import List, Union
 
 import torch
 
@@ -99,7 +99,9 @@ def _quarter_rounds(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.
     return a, b, c, d
 
 
-def _blocks_torch(key_words: List[int], nonce_words: List[int], counter: int, blocks: int, device: torch.device) -> torch.Tensor:
+def _blocks_torch(
+    key_words: List[int], nonce_words: List[int], counter: int, blocks: int, device: torch.device
+) -> torch.Tensor:
     """RFC 8439 §2.3: ``blocks`` consecutive 64-byte blocks from ``counter``, as ``uint8`` of ``64 * blocks``."""
     fixed = torch.tensor(list(_CONSTANTS) + key_words + [0] + nonce_words, dtype=torch.int64, device=device)
     state = fixed.unsqueeze(1).repeat(1, blocks)  # (16, blocks): one column per block

@@ -16,7 +16,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from .._checks import check_choice, check_int, check_non_negative, check_rate
-from .chacha import BACKENDS, BLOCK_BYTES, MAX_BLOCKS, chacha20_keystream, openssl_encryptor, resolve_backend
+from .chacha import (
+    BACKENDS,
+    BLOCK_BYTES,
+    MAX_BLOCKS,
+    chacha20_keystream,
+    openssl_encryptor,
+    resolve_backend,
+)
 
 DeviceLike = Union[torch.device, str]
 ShapeLike = Union[torch.Size, Sequence[int], int]
@@ -226,7 +233,9 @@ class SecureRNG:
         if self._backend_for(device) == "openssl" and device.type == "cpu":
             self._normal_cpu(key, nonce, pairs, std, flat)
         else:
-            stream = chacha20_keystream(key, nonce, 0, 8 * words_per_pair * pairs, device=device, backend="torch")
+            stream = chacha20_keystream(
+                key, nonce, 0, 8 * words_per_pair * pairs, device=device, backend=self._backend_for(device)
+            )
             words = stream.view(torch.int64)
             split = full * _PAIRS_PER_CHUNK
             if full:
@@ -236,7 +245,8 @@ class SecureRNG:
                     flat[: 2 * split].view(full, 2, _PAIRS_PER_CHUNK),
                 )
             if rest:
-                _box_muller_sum_(words[words_per_pair * split :].view(1, 2, k, rest), std, flat[2 * split :].view(1, 2, rest))
+                tail = words[words_per_pair * split :].view(1, 2, k, rest)
+                _box_muller_sum_(tail, std, flat[2 * split :].view(1, 2, rest))
         return flat[:n].view(shape)
 
     def _normal_cpu(self, key: bytes, nonce: bytes, pairs: int, std: float, flat: torch.Tensor) -> None:
