@@ -165,6 +165,7 @@ class GradSampleHooks:
                 )
             batch_dim = 0
         grad = self.scale(grad, grad.shape[batch_dim])
+        grad, activations = _common_dtype(module, grad, activations)
         rule = get_grad_sampler(module)
         assert rule is not None
         for name, grad_sample in rule(module, activations, grad).items():
@@ -314,6 +315,21 @@ def _positional(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]
 def _infer_batch_first(module: nn.Module) -> bool:
     flags = [m.batch_first for m in module.modules() if isinstance(getattr(m, "batch_first", None), bool)]
     return not flags or any(flags)
+
+
+def _common_dtype(
+    module: nn.Module, grad: torch.Tensor, activations: Tuple[Any, ...]
+) -> Tuple[torch.Tensor, Tuple[Any, ...]]:
+    """Under autocast a layer's input, output gradient and weights can have different float dtypes;
+    rules compute in the parameters' dtype (float32 for bf16/fp16 mixed precision)."""
+    dtype = next((p.dtype for p in module.parameters(recurse=False)), grad.dtype)
+    if grad.dtype != dtype:
+        grad = grad.to(dtype)
+    activations = tuple(
+        a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != dtype else a
+        for a in activations
+    )
+    return grad, activations
 
 
 def clear_grad_samples(module: nn.Module) -> None:
