@@ -9,12 +9,14 @@ from .accounting import RDPAccountant, compute_epsilon, get_noise_multiplier, ma
 from .engine import make_private
 from .optimizer import DPOptimizer
 from .sampling import PoissonBatchSampler, poisson_dataloader
-from .validation import PrivacyValidationError, ValidationIssue, fix, validate
+from .grad_sample import UnsupportedModuleError
+from .validation import AppliedFix, PrivacyValidationError, ValidationIssue, fix, validate
 from .strategy import DPStrategy  # noqa: E402  (imports pytorch_lightning)
 from .strategy_ddp import DPDDPStrategy  # noqa: E402
 from .callbacks import PrivacyBudgetCallback  # noqa: E402
 
 __all__ = [
+    "AppliedFix",
     "DPDDPStrategy",
     "DPOptimizer",
     "DPStrategy",
@@ -22,6 +24,7 @@ __all__ = [
     "PrivacyBudgetCallback",
     "PrivacyValidationError",
     "RDPAccountant",
+    "UnsupportedModuleError",
     "ValidationIssue",
     "__version__",
     "compute_epsilon",

@@ -176,7 +176,8 @@ class DPOptimizer(Optimizer):
         if len(batch_sizes) > 1:
             raise RuntimeError(
                 f"Per-sample gradients disagree on the batch size ({sorted(batch_sizes)}): a layer saw a "
-                "different batch dimension than the others. Make sure every layer's input has the batch first."
+                "different batch dimension than the others. Put the batch first in every layer's input, or pass "
+                "the right batch_first to attach_grad_sample_hooks (time-major models)."
             )
         scale = self.per_sample_grad_scale
         grad_samples = [p.grad_sample if scale == 1.0 else p.grad_sample * scale for p in with_samples]
