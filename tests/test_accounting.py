@@ -1,5 +1,5 @@
 """Tests of lightning_dp.accounting: RDP against dp-accounting, history semantics, checkpoints,
-calibration and argument checks."""
+calibration and argument checks (PRV-specific tests: test_accounting_prv.py)."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def test_epsilon_matches_dp_accounting(sigma, q, steps, delta):
     ref_eps, ref_order = ref.get_epsilon_and_optimal_order(delta)
     assert _rel(eps, ref_eps) < REL_TOL, (eps, ref_eps)
     assert acc.get_epsilon(delta) == eps
-    assert compute_epsilon(sigma, q, steps, delta) == eps
+    assert compute_epsilon(sigma, q, steps, delta, accountant="rdp") == eps
     assert order == ref_order
 
 
@@ -204,7 +204,7 @@ def test_additional_steps_on_empty_history():
     with pytest.raises(ValueError, match="noise_multiplier"):
         acc.get_epsilon(1e-5, additional_steps=10)
     eps = acc.get_epsilon(1e-5, additional_steps=10, noise_multiplier=1.0, sample_rate=0.1)
-    assert eps == compute_epsilon(1.0, 0.1, 10, 1e-5)
+    assert eps == compute_epsilon(1.0, 0.1, 10, 1e-5, accountant="rdp")
     assert acc.history == []
 
 
@@ -273,10 +273,11 @@ def test_load_state_dict_refuses_malformed():
 
 
 def test_make_accountant():
-    acc = make_accountant()
+    acc = make_accountant("rdp")
     assert isinstance(acc, RDPAccountant) and isinstance(acc, Accountant)
     assert acc.mechanism == "rdp"
-    with pytest.raises(ValueError, match=r"kind must be one of \['rdp'\], got 'nope'"):
+    assert make_accountant().mechanism == "prv"
+    with pytest.raises(ValueError, match=r"kind must be one of \['prv', 'rdp'\], got 'nope'"):
         make_accountant("nope")
 
 
@@ -388,9 +389,9 @@ def test_accounting_imports_neither_torch_nor_lightning():
 
 def test_docstring_examples():
     import lightning_dp.accounting as package
-    from lightning_dp.accounting import base, calibration, rdp
+    from lightning_dp.accounting import base, calibration, prv, rdp
 
-    for module in (package, base, rdp, calibration):
+    for module in (package, base, rdp, prv, calibration):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert result.failed == 0, module.__name__
         assert result.attempted > 0, module.__name__

@@ -20,6 +20,10 @@ HistoryEntry = Tuple[float, float, int]
 
 _REGISTRY: Dict[str, Type["Accountant"]] = {}
 
+DEFAULT_ACCOUNTANT = "prv"
+"""Name of the default accountant (:class:`~lightning_dp.accounting.PRVAccountant`): the tightest
+upper bound we compute."""
+
 _A = TypeVar("_A", bound=Type["Accountant"])
 
 
@@ -221,11 +225,14 @@ def register_accountant(name: str) -> Callable[[_A], _A]:
     return decorator
 
 
-def make_accountant(kind: str = "rdp", **kwargs: Any) -> Accountant:
-    """Creates an accountant by name; ``kwargs`` go to its constructor.
+def make_accountant(kind: str = DEFAULT_ACCOUNTANT, **kwargs: Any) -> Accountant:
+    """Creates an accountant by name (``"prv"``, the default, or ``"rdp"``); ``kwargs`` go to its
+    constructor.
 
     Example:
         >>> from lightning_dp.accounting import make_accountant
+        >>> make_accountant()
+        PRVAccountant(mechanism='prv', total_steps=0, history_entries=0)
         >>> make_accountant("rdp")
         RDPAccountant(mechanism='rdp', total_steps=0, history_entries=0)
 

@@ -6,6 +6,7 @@ import math
 from typing import Optional
 
 from lightning_dp.accounting.base import (
+    DEFAULT_ACCOUNTANT,
     _check_delta,
     _check_int,
     _check_noise_multiplier,
@@ -20,7 +21,7 @@ _MAX_BISECTIONS = 100
 
 
 def compute_epsilon(
-    noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "rdp"
+    noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = DEFAULT_ACCOUNTANT
 ) -> float:
     """Epsilon of ``steps`` Poisson-subsampled Gaussian steps at ``(noise_multiplier,
     sample_rate)``, for the given ``delta``, computed by ``make_accountant(accountant)``.
@@ -28,6 +29,8 @@ def compute_epsilon(
     Example:
         >>> from lightning_dp.accounting import compute_epsilon
         >>> round(compute_epsilon(1.1, 256 / 60000, 14062, 1e-5), 3)
+        2.384
+        >>> round(compute_epsilon(1.1, 256 / 60000, 14062, 1e-5, accountant="rdp"), 3)
         2.597
 
     Raises:
@@ -50,7 +53,7 @@ def get_noise_multiplier(
     sample_rate: float,
     steps: Optional[int] = None,
     epochs: Optional[float] = None,
-    accountant: str = "rdp",
+    accountant: str = DEFAULT_ACCOUNTANT,
     epsilon_tolerance: float = 0.01,
 ) -> float:
     """The noise multiplier ``sigma`` that spends ``target_epsilon`` (at ``delta``) in ``steps``
@@ -58,8 +61,10 @@ def get_noise_multiplier(
 
     Pass exactly one of ``steps`` and ``epochs`` (``steps = ceil(epochs / sample_rate)``). Epsilon
     decreases with ``sigma``; the search brackets the answer by doubling/halving ``sigma`` from 1,
-    then bisects on ``sigma``, keeping the upper end always feasible. The returned ``sigma``
-    satisfies ``target_epsilon - epsilon_tolerance <= epsilon(sigma) <= target_epsilon``: never
+    then narrows the bracket by regula falsi on ``(log sigma, log epsilon)`` (Illinois variant, with a
+    bisection fallback), keeping the upper end always feasible. The returned ``sigma`` satisfies
+    ``target_epsilon - tol <= epsilon(sigma) <= target_epsilon`` with
+    ``tol = min(epsilon_tolerance, 1e-3 * target_epsilon)``: never
     above the target. (If the tolerance cannot be met before the bracket shrinks to floating-point
     resolution, the feasible end is returned.)
 
@@ -92,13 +97,17 @@ def get_noise_multiplier(
         acc.step(noise_multiplier=sigma, sample_rate=q, num_steps=n)
         return acc.get_epsilon(delta)
 
-    # Bracket: eps(lo) > target >= eps(hi).
+    # Stop once target - tol <= eps(hi) <= target: tol is the caller's tolerance, tightened to 0.1%
+    # of the target so that sigma is within about 0.1% of the smallest feasible one.
+    tol = min(tol, 1e-3 * target)
+
+    # Bracket: eps(lo) > target >= eps(hi) (lo = 0: eps is infinite without noise).
     hi = 1.0
     eps_hi = eps(hi)
-    lo = 0.0
+    lo, eps_lo = 0.0, math.inf
     if eps_hi > target:
         while eps_hi > target:
-            lo = hi
+            lo, eps_lo = hi, eps_hi
             if hi >= _MAX_SIGMA:
                 raise ValueError(
                     f"target_epsilon={target_epsilon!r} is not reachable: noise_multiplier={hi:g} "
@@ -111,20 +120,33 @@ def get_noise_multiplier(
             candidate = hi / 2.0
             eps_candidate = eps(candidate)
             if eps_candidate > target:
-                lo = candidate
+                lo, eps_lo = candidate, eps_candidate
                 break
             hi, eps_hi = candidate, eps_candidate
         else:
             return hi  # even a tiny sigma meets the target
 
-    # Bisection on sigma; hi stays feasible.
+    # Regula falsi on (log sigma, log eps) aimed at eps = target - tol/2, inside the accepted band,
+    # with the Illinois modification (halve the weight of an end kept twice running) and a bisection
+    # fallback; hi stays feasible. eps is close to a power law in sigma: a few steps suffice.
+    aim = target - 0.5 * tol
+    kept_lo = kept_hi = 0
     for _ in range(_MAX_BISECTIONS):
         if eps_hi >= target - tol or hi - lo <= 1e-12 * hi:
             break
         mid = 0.5 * (lo + hi)
+        if lo > 0 and math.isfinite(eps_lo) and eps_hi > 0:
+            g_lo = math.log(eps_lo / aim) * 0.5 ** max(kept_lo - 1, 0)
+            g_hi = math.log(eps_hi / aim) * 0.5 ** max(kept_hi - 1, 0)
+            u_lo, u_hi = math.log(lo), math.log(hi)
+            guess = math.exp(u_hi - g_hi * (u_hi - u_lo) / (g_hi - g_lo))
+            if lo + 1e-3 * (hi - lo) < guess < hi - 1e-3 * (hi - lo):
+                mid = guess
         eps_mid = eps(mid)
         if eps_mid > target:
-            lo = mid
+            lo, eps_lo = mid, eps_mid
+            kept_hi, kept_lo = kept_hi + 1, 0
         else:
             hi, eps_hi = mid, eps_mid
+            kept_lo, kept_hi = kept_lo + 1, 0
     return hi
