@@ -191,3 +191,21 @@ def test_argument_errors(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         chacha20_keystream(**args)
+
+
+def test_noise_package_does_not_import_lightning():
+    import ast
+    import pathlib
+
+    import lightning_dp.noise as noise
+
+    for path in pathlib.Path(noise.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+            for name in names:
+                assert "lightning" not in name.split(".")[0], (path.name, name)
+                assert not name.startswith("..") or name == ".._checks", (path.name, name)
