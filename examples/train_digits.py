@@ -72,6 +72,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--accountant", default="prv", choices=["prv", "rdp"])
+    parser.add_argument("--secure", action="store_true", help="cryptographically secure noise (no seed)")
     parser.add_argument("--momentum", type=float, default=0.9)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--log-dir", default="lightning_logs")
@@ -84,7 +86,12 @@ def main(argv=None) -> dict:
     trainer = pl.Trainer(
         max_epochs=args.epochs,
         strategy=DPStrategy(
-            target_epsilon=args.epsilon, delta=args.delta, max_grad_norm=args.max_grad_norm, seed=args.seed
+            target_epsilon=args.epsilon,
+            delta=args.delta,
+            max_grad_norm=args.max_grad_norm,
+            accountant=args.accountant,
+            secure_mode=args.secure,
+            seed=None if args.secure else args.seed,
         ),
         callbacks=[PrivacyBudgetCallback(epsilon_budget=args.epsilon, delta=args.delta)],
         logger=TensorBoardLogger(args.log_dir, name="digits_dp"),
@@ -98,11 +105,13 @@ def main(argv=None) -> dict:
     epsilon = trainer.strategy.get_epsilon(args.delta)
     accuracy = trainer.test(model, dataloaders=test, verbose=False)[0]["test_accuracy"]
     sigma = trainer.strategy.noise_multiplier
+    report = trainer.strategy.privacy_report()
+    print(f"\n{report.to_table()}")
     print(
         f"\nFinal: ε = {epsilon:.3f} (δ = {args.delta}, budget {args.epsilon}), noise multiplier σ = {sigma:.3f}, "
         f"steps = {trainer.global_step}, test accuracy = {accuracy:.4f}"
     )
-    print(f"TensorBoard logs: {trainer.logger.log_dir}")
+    print(f"TensorBoard logs and privacy_report.json: {trainer.logger.log_dir}")
     assert math.isfinite(epsilon) and epsilon <= args.epsilon
     return {"epsilon": epsilon, "accuracy": accuracy, "noise_multiplier": sigma}
 

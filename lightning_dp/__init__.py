@@ -5,9 +5,10 @@ with DP-SGD; :class:`PrivacyBudgetCallback` logs ε and stops before the budget.
 (:func:`make_private`, :class:`DPOptimizer`, accountants, samplers) needs no Lightning.
 """
 from .__about__ import __version__
-from .accounting import RDPAccountant, compute_epsilon, get_noise_multiplier, make_accountant
+from .accounting import PRVAccountant, RDPAccountant, compute_epsilon, get_noise_multiplier, make_accountant
 from .engine import make_private
 from .optimizer import DPOptimizer
+from .report import PrivacyReport
 from .sampling import PoissonBatchSampler, poisson_dataloader
 from .grad_sample import UnsupportedModuleError
 from .validation import AppliedFix, PrivacyValidationError, ValidationIssue, fix, validate
@@ -20,8 +21,10 @@ __all__ = [
     "DPDDPStrategy",
     "DPOptimizer",
     "DPStrategy",
+    "PRVAccountant",
     "PoissonBatchSampler",
     "PrivacyBudgetCallback",
+    "PrivacyReport",
     "PrivacyValidationError",
     "RDPAccountant",
     "UnsupportedModuleError",

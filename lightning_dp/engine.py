@@ -64,7 +64,7 @@ def make_private(
     expected_batch_size: int,
     sample_rate: Optional[float] = None,
     loss_reduction: str = "mean",
-    accountant: str = "rdp",
+    accountant: str = "prv",
     seed: Optional[int] = None,
     secure_mode: bool = False,
 ) -> DPOptimizer:
@@ -87,7 +87,7 @@ def make_private(
             ``optimizer.get_epsilon(delta)`` reports the privacy spent.
         loss_reduction: ``"mean"`` or ``"sum"`` — how the loss combines samples; only used to recover
             per-sample gradients (the update is the same DP-SGD mean either way).
-        accountant: accountant name (``"rdp"``).
+        accountant: accountant name: ``"prv"`` (default) or ``"rdp"``.
         seed: seed of the (non-secure) noise generator, for reproducible runs.
         secure_mode: draw the noise from :class:`~lightning_dp.noise.SecureRNG` (ChaCha20 keyed from the
             OS); seeds are then refused. ``False`` (default) uses a fast seeded generator and warns once.

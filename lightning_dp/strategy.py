@@ -8,6 +8,7 @@ single-device :class:`DPStrategy` and the multi-process :class:`~lightning_dp.DP
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import pytorch_lightning as pl
@@ -18,12 +19,14 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
+from .__about__ import __version__
 from ._checks import check_choice, check_non_negative, check_open_unit, check_positive, check_positive_int
 from .accounting import Accountant, get_noise_multiplier, make_accountant
 from .engine import LOSS_REDUCTIONS, make_noise, warn_if_no_noise
 from .grad_sample import GradSampleHooks, attach_grad_sample_hooks
 from .noise import GaussianNoise
 from .optimizer import DPOptimizer
+from .report import PrivacyReport
 from .sampling import batch_size_of, expected_batch_size_of, is_empty_batch, poisson_dataloader, split_batch
 from .validation import validate
 
@@ -344,6 +347,63 @@ class DPStrategyMixin:
             sample_rate=self.sample_rate,
         )
 
+    # --- the privacy report ---------------------------------------------------------------------------
+    def privacy_report(self, delta: Optional[float] = None) -> PrivacyReport:
+        """The record of how this model was trained privately (see :class:`~lightning_dp.PrivacyReport`)."""
+        delta = self.delta if delta is None else check_open_unit("delta", delta)
+        module = self.lightning_module
+        trainer = module.trainer if module is not None and module._trainer is not None else None
+        optimizer = self.optimizers[0] if getattr(self, "optimizers", None) else None
+        clipping = getattr(optimizer, "clipping_mode", None) or "flat (all parameters)"
+        return PrivacyReport(
+            epsilon=self.accountant.get_epsilon(delta),
+            delta=delta,
+            accountant=self.accountant.mechanism,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.max_grad_norm,
+            clipping_mode=str(clipping),
+            sampling="poisson" if self.poisson_sampling else "user sampler (not covered by the subsampling analysis)",
+            sample_rate=self.sample_rate,
+            expected_batch_size=self.expected_batch_size,
+            steps=self.accountant.total_steps,
+            epochs=trainer.current_epoch if trainer is not None else 0,
+            dataset_size=self.dataset_size,
+            secure_mode=self.secure_mode,
+            world_size=getattr(self, "world_size", 1),
+            target_epsilon=self.target_epsilon,
+            versions={
+                "lightning_dp": __version__,
+                "torch": str(torch.__version__),
+                "pytorch_lightning": str(pl.__version__),
+            },
+        )
+
+    def on_train_start(self) -> None:
+        """Log the DP settings as hyperparameters, so runs compare side by side in TensorBoard."""
+        super().on_train_start()  # type: ignore[misc]
+        trainer = self.lightning_module.trainer
+        hparams = self.privacy_report().hparams()
+        for logger in trainer.loggers:
+            logger.log_hyperparams(hparams)
+
+    def on_train_end(self) -> None:
+        """Write ``privacy_report.json`` beside the logs, log the report, print it (rank zero)."""
+        super().on_train_end()  # type: ignore[misc]
+        trainer = self.lightning_module.trainer
+        report = self.privacy_report()
+        if not trainer.is_global_zero:
+            return
+        log_dir = trainer.log_dir or trainer.default_root_dir
+        path = Path(log_dir) / "privacy_report.json"
+        report.to_json(path)
+        for logger in trainer.loggers:
+            logger.log_hyperparams(report.hparams())
+            logger.save()
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_text"):
+                experiment.add_text("privacy_report", report.to_markdown(), global_step=trainer.global_step)
+        rank_zero_info(f"\n{report.to_table()}\nWritten to {path}")
+
     # --- checkpoints ---------------------------------------------------------------------------------
     def privacy_state_dict(self) -> Dict[str, Any]:
         """Accountant history, settings and — only in seeded (reproducible) mode — generator states.
@@ -358,6 +418,7 @@ class DPStrategyMixin:
             "noise_multiplier": self.noise_multiplier,
             "max_grad_norm": self.max_grad_norm,
             "sample_rate": self.sample_rate,
+            "report": self.privacy_report().to_dict(),
         }
 
     def load_privacy_state_dict(self, state: Dict[str, Any]) -> None:
@@ -445,7 +506,7 @@ class DPStrategy(DPStrategyMixin, SingleDeviceStrategy):
             :meth:`get_epsilon`. Choose δ well below ``1 / len(dataset)``.
         poisson_sampling: replace the training sampler with Poisson sampling (default). ``False`` keeps
             the user's loader; the accountant's subsampling analysis then does not strictly apply (warned).
-        accountant: name of the privacy accountant (``"rdp"``).
+        accountant: name of the privacy accountant: ``"prv"`` (default, tight PLD/PRV bound) or ``"rdp"``.
         loss_reduction: ``"mean"`` (Lightning's usual) or ``"sum"`` — how ``training_step``'s loss
             combines samples.
         seed: seed for the noise and sampling generators (reproducible, not cryptographically secure;
@@ -477,7 +538,7 @@ class DPStrategy(DPStrategyMixin, SingleDeviceStrategy):
         target_epsilon: Optional[float] = None,
         delta: float = 1e-5,
         poisson_sampling: bool = True,
-        accountant: str = "rdp",
+        accountant: str = "prv",
         loss_reduction: str = "mean",
         seed: Optional[int] = None,
         secure_mode: bool = False,

@@ -46,7 +46,7 @@ class DPDDPStrategy(DPStrategyMixin, DDPStrategy):
         target_epsilon: Optional[float] = None,
         delta: float = 1e-5,
         poisson_sampling: bool = True,
-        accountant: str = "rdp",
+        accountant: str = "prv",
         loss_reduction: str = "mean",
         seed: Optional[int] = None,
         secure_mode: bool = False,

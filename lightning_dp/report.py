@@ -1,0 +1,130 @@
+"""The privacy report: one record of how a model was trained privately.
+
+A :class:`PrivacyReport` is built from the DP strategy's accountant and settings
+(``trainer.strategy.privacy_report()``); the strategy stores it in every checkpoint, writes it as
+``privacy_report.json`` beside the logs at the end of ``fit``, logs it to the loggers and prints it.
+``report.to_markdown()`` is a ready model-card section.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+__all__ = ["PrivacyReport"]
+
+
+@dataclass
+class PrivacyReport:
+    """How a model was trained with differential privacy.
+
+    Attributes:
+        epsilon: ε spent at ``delta`` (from the accountant's history; ``inf`` without noise).
+        delta: δ of the guarantee.
+        accountant: the accountant that computed ε.
+        noise_multiplier: σ (noise std / clipping norm) of the last step.
+        max_grad_norm: per-sample clipping norm C.
+        clipping_mode: how per-sample gradients were clipped.
+        sampling: ``"poisson"`` or a description of the user's sampler (not covered by the analysis).
+        sample_rate: sampling rate q of one optimizer step.
+        expected_batch_size: ``q · N``.
+        steps: optimizer steps accounted.
+        epochs: Lightning epochs run.
+        dataset_size: N.
+        secure_mode: noise and sampling from a cryptographically secure generator.
+        world_size: number of data-parallel processes.
+        target_epsilon: the ε the noise was calibrated for, if any.
+        versions: lightning_dp, torch and pytorch_lightning versions.
+    """
+
+    epsilon: float
+    delta: float
+    accountant: str
+    noise_multiplier: Optional[float]
+    max_grad_norm: float
+    clipping_mode: str
+    sampling: str
+    sample_rate: Optional[float]
+    expected_batch_size: Optional[int]
+    steps: int
+    epochs: int
+    dataset_size: Optional[int]
+    secure_mode: bool
+    world_size: int = 1
+    target_epsilon: Optional[float] = None
+    versions: Dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain types only (ε = ``inf`` becomes the string ``"inf"`` so JSON stays standard)."""
+        data = asdict(self)
+        if data["epsilon"] is not None and math.isinf(data["epsilon"]):
+            data["epsilon"] = "inf"
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "PrivacyReport":
+        """Inverse of :meth:`to_dict`."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if values.get("epsilon") == "inf":
+            values["epsilon"] = math.inf
+        return cls(**values)
+
+    def to_json(self, path: Optional[Union[str, Path]] = None) -> str:
+        """JSON text; also written to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=False)
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(text + "\n")
+        return text
+
+    def hparams(self) -> Dict[str, Any]:
+        """Flat ``dp/...`` hyperparameters for loggers (TensorBoard compares runs by these)."""
+        flat = {k: v for k, v in self.to_dict().items() if k != "versions"}
+        flat.update({f"version_{k}": v for k, v in self.versions.items()})
+        return {f"dp/{k}": ("None" if v is None else v) for k, v in flat.items()}
+
+    def _rows(self) -> list:
+        eps = "∞ (no noise: not private)" if math.isinf(self.epsilon) else f"{self.epsilon:.4g}"
+        sampling = self.sampling + (f", q = {self.sample_rate:.4g}" if self.sample_rate is not None else "")
+        rows = [
+            ("Privacy guarantee", f"(ε = {eps}, δ = {self.delta:g})-DP, {self.accountant} accountant"),
+            ("Noise multiplier σ", "—" if self.noise_multiplier is None else f"{self.noise_multiplier:.4g}"),
+            ("Clipping", f"{self.clipping_mode}, C = {self.max_grad_norm:g}"),
+            ("Sampling", sampling),
+            ("Expected batch size", str(self.expected_batch_size)),
+            ("Steps / epochs", f"{self.steps} / {self.epochs}"),
+            ("Dataset size", str(self.dataset_size)),
+            ("Secure noise generator", "yes" if self.secure_mode else "no (reproducible, not cryptographically secure)"),
+            ("Processes", str(self.world_size)),
+        ]
+        if self.target_epsilon is not None:
+            rows.append(("Target ε (calibration)", f"{self.target_epsilon:g}"))
+        rows.append(("Versions", ", ".join(f"{k} {v}" for k, v in self.versions.items())))
+        return rows
+
+    def to_table(self) -> str:
+        """A plain-text table (what the strategy prints at the end of ``fit``)."""
+        rows = self._rows()
+        width = max(len(name) for name, _ in rows)
+        line = "-" * (width + 3 + max(len(value) for _, value in rows))
+        body = "\n".join(f"{name.ljust(width)} | {value}" for name, value in rows)
+        return f"Privacy report\n{line}\n{body}\n{line}"
+
+    def to_markdown(self) -> str:
+        """A model-card section in Markdown."""
+        eps = "∞" if math.isinf(self.epsilon) else f"{self.epsilon:.4g}"
+        table = "\n".join(f"| {name} | {value} |" for name, value in self._rows())
+        return (
+            "## Privacy\n\n"
+            f"This model was trained with differentially private SGD (lightning-dp): it satisfies "
+            f"(ε = {eps}, δ = {self.delta:g})-differential privacy with respect to the addition or removal "
+            "of one training example, as computed by the accountant below. The guarantee covers the "
+            "released weights; it assumes the training data were sampled and noised as recorded here.\n\n"
+            "| | |\n|---|---|\n" + table + "\n"
+        )
+
+    def __str__(self) -> str:
+        return self.to_table()
