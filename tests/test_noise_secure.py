@@ -16,8 +16,8 @@ from scipy import stats
 from lightning_dp.noise import GaussianNoise, SecureRNG, chacha20_keystream
 from lightning_dp.noise.secure import (
     _KEY_DOMAIN,
-    _PAIRS_PER_CHUNK,
     _binary_words,
+    _pairs_per_chunk,
     bernoulli_from_words,
 )
 
@@ -47,10 +47,12 @@ def test_normal_law_ks_moments_tails(num_normals):
 
 
 def test_normal_pairs_are_uncorrelated():
-    z = _rng().normal((2 * _PAIRS_PER_CHUNK,), std=1.0, dtype=torch.float64)
-    cos_part, sin_part = z[:_PAIRS_PER_CHUNK], z[_PAIRS_PER_CHUNK:]  # outputs sharing their uniforms
-    assert abs(torch.corrcoef(torch.stack([cos_part, sin_part]))[0, 1].item()) < 5 / math.sqrt(_PAIRS_PER_CHUNK)
-    assert abs(torch.corrcoef(torch.stack([cos_part**2, sin_part**2]))[0, 1].item()) < 5 / math.sqrt(_PAIRS_PER_CHUNK)
+    chunk = _pairs_per_chunk(2)
+    z = _rng().normal((20 * chunk,), std=1.0, dtype=torch.float64).view(10, 2, chunk)
+    cos_part, sin_part = z[:, 0].flatten(), z[:, 1].flatten()  # outputs sharing their uniforms
+    bound = 5 / math.sqrt(10 * chunk)
+    assert abs(torch.corrcoef(torch.stack([cos_part, sin_part]))[0, 1].item()) < bound
+    assert abs(torch.corrcoef(torch.stack([cos_part**2, sin_part**2]))[0, 1].item()) < bound
 
 
 def test_normal_matches_documented_construction():
@@ -138,7 +140,7 @@ def test_bernoulli_ties_draw_more_words():
 def test_openssl_and_torch_backends_give_the_same_draws(n, num_normals, monkeypatch):
     from lightning_dp.noise import secure
 
-    monkeypatch.setattr(secure, "_PAIRS_PER_CHUNK", 8)  # several chunks (and a partial one) at small n
+    monkeypatch.setattr(secure, "_CHUNK_WORDS", 64)  # several chunks, threads and a partial chunk at small n
     a = _rng(num_normals=num_normals, backend="openssl")
     b = _rng(num_normals=num_normals, backend="torch")
     assert torch.equal(a.normal((n,), std=1.7), b.normal((n,), std=1.7))
@@ -172,7 +174,7 @@ def test_no_key_nonce_pair_is_used_twice(monkeypatch):
     original = rng._reserve
     monkeypatch.setattr(rng, "_reserve", lambda nbytes: seen.append(original(nbytes)) or seen[-1])
     rng.normal((10,), 1.0)
-    rng.normal((3 * _PAIRS_PER_CHUNK,), 1.0)
+    rng.normal((3 * _pairs_per_chunk(2) + 1,), 1.0)
     rng.uniform((5,))
     rng.bernoulli(100, 0.5)
     rng.normal((10,), 1.0)

@@ -33,7 +33,15 @@ ShapeLike = Union[torch.Size, Sequence[int], int]
 _MANTISSA = (1 << 52) - 1
 _ONE_BITS = 0x3FF0000000000000  # bit pattern of the double 1.0
 _TO_MIDPOINT = 1.0 - 2.0**-53
-_PAIRS_PER_CHUNK = 1 << 16  # Box–Muller pairs per chunk: the stream's layout unit, and a cache-sized CPU step
+# Box–Muller pairs per chunk (the stream's layout unit): the largest multiple of 4 with 2·k·pairs words
+# below ATen's grain size, so that on CPU each tensor op of a chunk runs on one thread and our own threads
+# work on different chunks. (Many short OpenMP regions stall badly when the cores are shared, e.g. with
+# DataLoader workers.) A multiple of 4 keeps every chunk at a 64-byte block boundary.
+_CHUNK_WORDS = 1 << 15
+
+
+def _pairs_per_chunk(k: int) -> int:
+    return max(4, 4 * ((_CHUNK_WORDS // (2 * k) - 1) // 4))
 _MAX_BYTES_PER_CALL = MAX_BLOCKS * BLOCK_BYTES
 _KEY_DOMAIN = b"lightning_dp.SecureRNG/v1\x00"
 
@@ -229,41 +237,67 @@ class SecureRNG:
         words_per_pair = 2 * k
         key, nonce = self._reserve(8 * words_per_pair * pairs)
         flat = torch.empty(2 * pairs, dtype=dtype, device=device)
-        full, rest = divmod(pairs, _PAIRS_PER_CHUNK)
+        chunk = _pairs_per_chunk(k)
         if self._backend_for(device) == "openssl" and device.type == "cpu":
-            self._normal_cpu(key, nonce, pairs, std, flat)
+            self._normal_cpu(key, nonce, pairs, chunk, std, flat)
         else:
             stream = chacha20_keystream(
                 key, nonce, 0, 8 * words_per_pair * pairs, device=device, backend=self._backend_for(device)
             )
             words = stream.view(torch.int64)
-            split = full * _PAIRS_PER_CHUNK
+            full, rest = divmod(pairs, chunk)
+            split = full * chunk
             if full:
                 _box_muller_sum_(
-                    words[: words_per_pair * split].view(full, 2, k, _PAIRS_PER_CHUNK),
-                    std,
-                    flat[: 2 * split].view(full, 2, _PAIRS_PER_CHUNK),
+                    words[: words_per_pair * split].view(full, 2, k, chunk), std, flat[: 2 * split].view(full, 2, chunk)
                 )
             if rest:
                 tail = words[words_per_pair * split :].view(1, 2, k, rest)
                 _box_muller_sum_(tail, std, flat[2 * split :].view(1, 2, rest))
         return flat[:n].view(shape)
 
-    def _normal_cpu(self, key: bytes, nonce: bytes, pairs: int, std: float, flat: torch.Tensor) -> None:
-        """OpenSSL keystream chunk by chunk into one cache-sized buffer, converted in place."""
+    def _normal_cpu(self, key: bytes, nonce: bytes, pairs: int, chunk: int, std: float, flat: torch.Tensor) -> None:
+        """OpenSSL keystream chunk by chunk into cache-sized buffers, converted in place; the chunks are
+        split into contiguous runs, one per thread (``torch.get_num_threads()``), each with its own
+        OpenSSL context positioned at its first block."""
         k = self.num_normals
-        chunk = min(pairs, _PAIRS_PER_CHUNK)
-        words = torch.empty(2 * k * chunk, dtype=torch.int64)
-        buffer = words.view(torch.uint8).numpy()
-        zeros = memoryview(bytes(buffer.nbytes))
-        encryptor = openssl_encryptor(key, nonce, 0)
-        for start in range(0, pairs, chunk):
-            size = min(chunk, pairs - start)
-            nbytes = 16 * k * size
-            encryptor.update_into(zeros[:nbytes], buffer[:nbytes])
-            _box_muller_sum_(
-                words[: 2 * k * size].view(1, 2, k, size), std, flat[2 * start : 2 * (start + size)].view(1, 2, size)
-            )
+        starts = list(range(0, pairs, chunk))
+        workers = max(1, min(torch.get_num_threads(), len(starts)))
+        per_worker = -(-len(starts) // workers)
+        runs = [starts[i : i + per_worker] for i in range(0, len(starts), per_worker)]
+
+        def work(run: List[int]) -> None:
+            size = min(chunk, pairs - run[0])
+            words = torch.empty(2 * k * size, dtype=torch.int64)
+            buffer = words.view(torch.uint8).numpy()
+            zeros = memoryview(bytes(buffer.nbytes))
+            encryptor = openssl_encryptor(key, nonce, run[0] * 16 * k // BLOCK_BYTES)
+            for start in run:
+                size = min(chunk, pairs - start)
+                nbytes = 16 * k * size
+                encryptor.update_into(zeros[:nbytes], buffer[:nbytes])
+                target = flat[2 * start : 2 * (start + size)].view(1, 2, size)
+                _box_muller_sum_(words[: 2 * k * size].view(1, 2, k, size), std, target)
+
+        if len(runs) == 1:
+            work(runs[0])
+            return
+        errors: List[BaseException] = []
+
+        def guarded(run: List[int]) -> None:
+            try:
+                work(run)
+            except BaseException as err:  # re-raised in the calling thread
+                errors.append(err)
+
+        threads = [threading.Thread(target=guarded, args=(run,), daemon=True) for run in runs[1:]]
+        for thread in threads:
+            thread.start()
+        guarded(runs[0])
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
 
     def uniform(self, shape: ShapeLike, device: DeviceLike = "cpu", dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """I.i.d. uniforms ``(2j + 1)·2⁻⁵³`` (``j`` uniform on ``[0, 2⁵²)``), in (0, 1) in float64.
