@@ -1,9 +1,24 @@
-"""Per-sample clipping: norms, clip factors and the clipped sum (flat clipping over all parameters)."""
+"""Per-sample clipping: norms, clip factors and the clipped sum, flat or per layer.
+
+Each parameter's per-sample gradient comes either materialised (``param.grad_sample``, ``(B, *shape)``)
+or factored (``param.grad_parts``, see :mod:`lightning_dp.grad_sample.bookkeeping`); both are read
+through the same two questions: every sample's squared norm, and the sum weighted by clip factors.
+
+* **flat**: one norm per sample over all parameters, ``c_b = C / max(‖g_b‖, C)``.
+* **per_layer**: parameter tensor ``k`` (of ``K``) is clipped on its own to ``C_k = C/√K``, so a
+  sample's whole clipped gradient still has norm at most ``√(Σ C_k²) = C``: the same sensitivity,
+  hence the same noise ``σC`` and the same privacy guarantee as flat clipping.
+"""
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import List, Optional, Sequence, Tuple
 
 import torch
+
+from .grad_sample.bookkeeping import MaterializedPart, Part, merge
+
+CLIPPINGS = ("flat", "per_layer")
 
 
 def per_sample_norms(grad_samples: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -21,3 +36,49 @@ def clipped_sum(grad_sample: torch.Tensor, factors: torch.Tensor) -> torch.Tenso
     """``Σ_b factors[b] · grad_sample[b]`` without materialising the scaled copy."""
     flat = grad_sample.reshape(grad_sample.shape[0], -1)
     return (factors.to(flat.dtype) @ flat).view(grad_sample.shape[1:])
+
+
+def parts_of(param: torch.Tensor) -> Optional[List[Part]]:
+    """The per-sample gradient of ``param`` from the last backward pass(es) as parts whose squared
+    norms add up, or ``None`` when it has none."""
+    parts: List[Part] = list(getattr(param, "grad_parts", None) or [])
+    grad_sample = getattr(param, "grad_sample", None)
+    if grad_sample is not None:
+        parts.insert(0, MaterializedPart(grad_sample))
+    return merge(parts) if parts else None
+
+
+def clip_and_sum(
+    params: Sequence[torch.Tensor],
+    parts: Sequence[List[Part]],
+    max_grad_norm: float,
+    clipping: str = "flat",
+    scale: float = 1.0,
+    norm_method: str = "auto",
+    num_layers: Optional[int] = None,
+) -> Tuple[List[torch.Tensor], torch.Tensor]:
+    """Clip every sample and sum over the batch: ``([Σ_b c_b·s·g_b per param], per-sample norms)``.
+
+    Args:
+        params: the parameters (``parts[k]`` is the per-sample gradient of ``params[k]``).
+        max_grad_norm: ``C`` (flat), or the total ``C`` split as ``C/√K`` over the ``K`` parameters.
+        clipping: ``"flat"`` or ``"per_layer"``.
+        scale: ``s > 0``, multiplies every per-sample gradient before clipping.
+        norm_method: ``"auto"``, ``"ghost"`` or ``"materialize"`` (how factored parts compute norms).
+        num_layers: ``K`` for per-layer clipping (default ``len(params)``): the number of trainable
+            parameters of the optimizer, including those without gradient in this pass.
+
+    Returns the clipped sums and each sample's norm over all parameters (before clipping, after ``s``).
+    """
+    squared = [sum(part.norm_sq(norm_method) for part in ps) * (scale * scale) for ps in parts]
+    total = torch.stack(squared).sum(0).sqrt()
+    if clipping == "flat":
+        factors = [clip_factors(total, max_grad_norm)] * len(params)
+    else:
+        bound = max_grad_norm / math.sqrt(num_layers or len(params))
+        factors = [clip_factors(sq.sqrt(), bound) for sq in squared]
+    sums = []
+    for ps, f in zip(parts, factors):
+        contributions = [part.clipped_sum(f * scale) for part in ps]
+        sums.append(contributions[0] if len(contributions) == 1 else torch.stack(contributions).sum(0))
+    return sums, total

@@ -67,6 +67,8 @@ def make_private(
     accountant: str = "prv",
     seed: Optional[int] = None,
     secure_mode: bool = False,
+    clipping_mode: str = "auto",
+    clipping: str = "flat",
 ) -> DPOptimizer:
     """Make ``loss.backward(); optimizer.step()`` a DP-SGD step, in place.
 
@@ -91,6 +93,10 @@ def make_private(
         seed: seed of the (non-secure) noise generator, for reproducible runs.
         secure_mode: draw the noise from :class:`~lightning_dp.noise.SecureRNG` (ChaCha20 keyed from the
             OS); seeds are then refused. ``False`` (default) uses a fast seeded generator and warns once.
+        clipping_mode: ``"auto"`` (default: one backward pass, ghost norms or per-sample gradients per
+            layer, no weight-gradient GEMM from autograd), ``"ghost"`` or ``"materialize"`` (the plain
+            path); the update is the same. See :class:`~lightning_dp.DPOptimizer`.
+        clipping: ``"flat"`` (default) or ``"per_layer"`` (each parameter tensor to ``C/√K``).
 
     Example::
 
@@ -121,4 +127,6 @@ def make_private(
         noise=noise,
         accountant=make_accountant(accountant) if sample_rate is not None else None,
         sample_rate=sample_rate,
+        clipping_mode=clipping_mode,
+        clipping=clipping,
     )

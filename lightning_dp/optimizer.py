@@ -8,9 +8,10 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from ._checks import check_non_negative, check_positive
 from .accounting import Accountant
-from .clipping import clip_factors, clipped_sum, per_sample_norms
+from ._checks import check_choice, check_non_negative, check_positive
+from .clipping import CLIPPINGS, clip_and_sum, parts_of
+from .grad_sample.fast import CLIPPING_MODES, set_clipping_mode
 from .noise import GaussianNoise
 
 
@@ -21,7 +22,7 @@ class DPOptimizer(Optimizer):
     then, for the per-sample gradients ``g_b`` the hooks stored in ``param.grad_sample``:
 
     1. clip each sample to ``C = max_grad_norm`` over all trainable parameters (flat clipping):
-       ``ḡ_b = g_b · min(1, C / ‖g_b‖)``;
+       ``ḡ_b = g_b · min(1, C / ‖g_b‖)``, or each parameter tensor to ``C/√K`` (per-layer clipping);
     2. sum over the batch and add Gaussian noise of std ``σ·C`` (``σ = noise_multiplier``);
     3. divide by ``expected_batch_size`` (with Poisson sampling the actual batch size is random and
        must not be used: it depends on the data) and write the result to ``param.grad``;
@@ -40,6 +41,17 @@ class DPOptimizer(Optimizer):
         accountant: records each step as ``(noise_multiplier, sample_rate)`` when ``sample_rate`` is set.
         sample_rate: the Poisson sampling rate ``q`` (needed for accounting).
         seed: seed of the default noise source.
+        clipping_mode: how per-sample gradients are obtained (the update is the same in every mode):
+            ``"auto"`` (default): one backward pass, no per-sample gradient materialised where a layer
+            has a factored form (Linear, Conv, Embedding, attention and RNN projections): each sample's
+            norm by ghost norm or per-sample gradient, whichever is cheaper for that layer, the clipped
+            sum as one GEMM ``(c ⊙ G)ᵀA``, autograd's own weight gradient skipped;
+            ``"ghost"``: the same with the ghost norm in every factored layer;
+            ``"materialize"``: per-sample gradients ``(B, *shape)`` for every parameter (the plain path).
+            See ``docs/clipping.rst``.
+        clipping: ``"flat"`` (default): one norm per sample over all parameters, clipped to ``C``;
+            ``"per_layer"``: each of the ``K`` trainable parameter tensors clipped to ``C/√K`` on its
+            own (total sensitivity still ``C``, noise std still ``σC``).
 
     Attributes:
         step_guard: optional callable run after the closure; when it returns ``False`` the step is
@@ -62,6 +74,8 @@ class DPOptimizer(Optimizer):
         accountant: Optional[Accountant] = None,
         sample_rate: Optional[float] = None,
         seed: Optional[int] = None,
+        clipping_mode: str = "auto",
+        clipping: str = "flat",
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
@@ -70,6 +84,8 @@ class DPOptimizer(Optimizer):
         self.original_optimizer = optimizer
         self.noise_multiplier = check_non_negative("noise_multiplier", noise_multiplier)
         self.max_grad_norm = check_positive("max_grad_norm", max_grad_norm)
+        self._clipping_mode = check_choice("clipping_mode", clipping_mode, CLIPPING_MODES)
+        self.clipping = check_choice("clipping", clipping, CLIPPINGS)
         self.expected_batch_size = expected_batch_size
         if expected_batch_size is not None:
             check_positive("expected_batch_size", expected_batch_size)
@@ -88,6 +104,17 @@ class DPOptimizer(Optimizer):
         self._optimizer_state_dict_post_hooks: Dict[int, Callable] = {}
         self._optimizer_load_state_dict_pre_hooks: Dict[int, Callable] = {}
         self._optimizer_load_state_dict_post_hooks: Dict[int, Callable] = {}
+        set_clipping_mode(self.params, clipping_mode)
+
+    @property
+    def clipping_mode(self) -> str:
+        """``"auto"``, ``"ghost"`` or ``"materialize"``; may be changed between steps (same update)."""
+        return self._clipping_mode
+
+    @clipping_mode.setter
+    def clipping_mode(self, mode: str) -> None:
+        self._clipping_mode = check_choice("clipping_mode", mode, CLIPPING_MODES)
+        set_clipping_mode(self.params, mode)
 
     # --- the wrapped optimizer's state is ours (shared objects, no copies) -------------------------
     @property
@@ -128,11 +155,13 @@ class DPOptimizer(Optimizer):
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """Add a parameter group to the wrapped optimizer (its parameters are clipped and noised too)."""
         self.original_optimizer.add_param_group(param_group)
+        set_clipping_mode(self.params, self.clipping_mode)
 
     def __repr__(self) -> str:
         return (
             f"DPOptimizer(noise_multiplier={self.noise_multiplier}, max_grad_norm={self.max_grad_norm}, "
-            f"expected_batch_size={self.expected_batch_size}, optimizer={self.original_optimizer!r})"
+            f"expected_batch_size={self.expected_batch_size}, clipping_mode={self.clipping_mode!r}, "
+            f"clipping={self.clipping!r}, optimizer={self.original_optimizer!r})"
         )
 
     # --- DP-SGD ---------------------------------------------------------------------------------------
@@ -149,13 +178,14 @@ class DPOptimizer(Optimizer):
         """
         self.original_optimizer.zero_grad(set_to_none=set_to_none)
         for p in self.params:
-            if hasattr(p, "grad_sample"):
-                del p.grad_sample
+            for attr in ("grad_sample", "grad_parts"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
 
     def reset_accumulation(self) -> None:
         """Drop everything gathered for the coming step (per-sample gradients and clipped sums)."""
         for p in self.params:
-            for attr in ("grad_sample", "summed_grad"):
+            for attr in ("grad_sample", "grad_parts", "summed_grad"):
                 if hasattr(p, attr):
                     delattr(p, attr)
         self.samples_in_step = 0
@@ -169,25 +199,37 @@ class DPOptimizer(Optimizer):
         (to undo loss scaling done outside the model). Returns the per-sample norms (before clipping).
         """
         params = self.params
-        with_samples = [p for p in params if getattr(p, "grad_sample", None) is not None]
+        with_samples, parts = [], []
+        for p in params:
+            p_parts = parts_of(p)
+            if p_parts is not None:
+                with_samples.append(p)
+                parts.append(p_parts)
         if not with_samples:
             return torch.zeros(0)
-        batch_sizes = {p.grad_sample.shape[0] for p in with_samples}
+        batch_sizes = {part.batch_size for ps in parts for part in ps}
         if len(batch_sizes) > 1:
             raise RuntimeError(
                 f"Per-sample gradients disagree on the batch size ({sorted(batch_sizes)}): a layer saw a "
                 "different batch dimension than the others. Put the batch first in every layer's input, or pass "
                 "the right batch_first to attach_grad_sample_hooks (time-major models)."
             )
-        scale = self.per_sample_grad_scale
-        grad_samples = [p.grad_sample if scale == 1.0 else p.grad_sample * scale for p in with_samples]
-        norms = per_sample_norms(grad_samples)
-        factors = clip_factors(norms, self.max_grad_norm)
-        for p, grad_sample in zip(with_samples, grad_samples):
-            clipped = clipped_sum(grad_sample, factors.to(grad_sample.device))
+        sums, norms = clip_and_sum(
+            with_samples,
+            parts,
+            self.max_grad_norm,
+            clipping=self.clipping,
+            scale=float(self.per_sample_grad_scale),
+            norm_method="materialize" if self.clipping_mode == "materialize" else self.clipping_mode,
+            num_layers=len(params),
+        )
+        for p, clipped in zip(with_samples, sums):
+            clipped = clipped.to(p.dtype)
             previous = getattr(p, "summed_grad", None)
             p.summed_grad = clipped if previous is None else previous + clipped
-            del p.grad_sample
+            for attr in ("grad_sample", "grad_parts"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
         self.samples_in_step += next(iter(batch_sizes))
         return norms
 

@@ -11,7 +11,11 @@ Every submodule that owns trainable parameters gets one of three treatments:
 * the **torch.func fallback** (``functional.py``): any other module with its own trainable parameters
   (a user's custom layer); per-sample gradients by ``vmap`` over samples of a ``vjp`` of its forward.
 
-Per-sample gradients are accumulated in ``param.grad_sample`` (shape ``(batch, *param.shape)``).
+Per-sample gradients are accumulated in ``param.grad_sample`` (shape ``(batch, *param.shape)``). In the
+fast clipping modes (``clipping_mode`` ``"auto"``/``"ghost"``, see ``fast.py``) Linear, Conv1/2/3d and
+Embedding layers, and the projections of DP forwards, store the factors of their weight gradients in
+``param.grad_parts`` instead (``bookkeeping.py``) and run forwards whose backward skips autograd's weight
+gradient.
 
 Design notes:
 
@@ -40,12 +44,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fast
+from .bookkeeping import ConvPart, LinearPart, Part, RowsPart
 from .functional import check_fallback, fallback_grad_sample
 from .linear import linear_param_grads
 from .registry import get_dp_forward, get_grad_sampler, get_rule_batch_dim, trainable_parameters
-from .utils import place_rows
+from .utils import flatten_middle, pad_input, place_rows, sum_over_middle, sum_per_channel
 
 _LOSS_REDUCTIONS = ("mean", "sum")
+_FACTORED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, GradSampleHooks]" = weakref.WeakKeyDictionary()
 log = logging.getLogger("lightning_dp")
 
@@ -60,6 +67,10 @@ class GradSampleHooks:
         batch_first: where the batch is for layers that accept any leading dims when it cannot be told
             from the shapes. ``None`` (default): ``False`` if every module of the model with a
             ``batch_first`` attribute (RNNs, attention, transformer layers) has it ``False``, else ``True``.
+        clipping_mode: ``"auto"``/``"ghost"`` (factored gradients in ``param.grad_parts``, see
+            ``bookkeeping.py``) or ``"materialize"`` (``param.grad_sample``) for every layer. ``None``
+            (default): per layer, the mode of the :class:`~lightning_dp.DPOptimizer` that updates its
+            parameters, and ``"materialize"`` for parameters no DP optimizer has claimed.
 
     Attributes:
         loss_scale: factor multiplying every recovered per-sample gradient (default ``1.0``), e.g. the
@@ -67,13 +78,22 @@ class GradSampleHooks:
         fallback_modules: paths of the modules handled by the ``torch.func`` fallback.
     """
 
-    def __init__(self, module: nn.Module, loss_reduction: str = "mean", batch_first: Optional[bool] = None) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        loss_reduction: str = "mean",
+        batch_first: Optional[bool] = None,
+        clipping_mode: Optional[str] = None,
+    ) -> None:
+        if clipping_mode is not None and clipping_mode not in fast.CLIPPING_MODES:
+            raise ValueError(f"clipping_mode must be one of {fast.CLIPPING_MODES} or None, got {clipping_mode!r}")
         if loss_reduction not in _LOSS_REDUCTIONS:
             raise ValueError(f"loss_reduction must be one of {_LOSS_REDUCTIONS}, got {loss_reduction!r}")
         if batch_first is not None and not isinstance(batch_first, bool):
             raise ValueError(f"batch_first must be True, False or None, got {batch_first!r}")
         self.module = module
         self.loss_reduction = loss_reduction
+        self.clipping_mode = clipping_mode
         self.batch_first = _infer_batch_first(module) if batch_first is None else batch_first
         self.loss_scale: float = 1.0
         self.enabled = True
@@ -98,6 +118,8 @@ class GradSampleHooks:
                 continue
             elif get_grad_sampler(submodule) is not None:
                 self._handles.append(submodule.register_forward_hook(self._forward_hook, with_kwargs=True))
+                if type(submodule) in _FACTORED_TYPES:
+                    self._patch_forward(submodule, _factored_forward)
             else:
                 self.fallback_modules.append(path or "<root module>")
                 log.info(
@@ -116,6 +138,11 @@ class GradSampleHooks:
     def recording(self) -> bool:
         """Whether a forward run now records what the backward pass needs."""
         return self.enabled and not self._suspended and torch.is_grad_enabled()
+
+    def fast_mode(self, param: Optional[torch.Tensor]) -> bool:
+        """Whether ``param``'s gradient is recorded in factored form (fast clipping modes)."""
+        mode = self.clipping_mode or fast.clipping_mode_of(param) or "materialize"
+        return mode in fast.FAST_MODES
 
     # --- batch dimension and scaling ------------------------------------------------------------------
     def note_batch_size(self, batch_size: int) -> None:
@@ -144,6 +171,8 @@ class GradSampleHooks:
     ) -> None:
         if not self.recording or not isinstance(output, torch.Tensor) or not output.requires_grad:
             return
+        if type(module) in _FACTORED_TYPES and self.factored(module, inputs, kwargs):
+            return  # recorded by the factored forward
         if kwargs:  # rules see the forward's arguments positionally, in signature order
             inputs = _positional(module, inputs, kwargs)
         activations = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in inputs)
@@ -190,6 +219,71 @@ class GradSampleHooks:
                 "optimizer.zero_grad() was not called between batches."
             )
 
+    def add_part(self, param: nn.Parameter, part: Part) -> None:
+        """Record a factored per-sample gradient of ``param`` (summed with its other parts when clipping)."""
+        parts = getattr(param, "grad_parts", None)
+        if parts is None:
+            param.grad_parts = [part]
+        else:
+            parts.append(part)
+
+    # --- factored layers: Linear, Conv, Embedding -------------------------------------------------
+    def factored(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> bool:
+        """Whether this call of a Linear/Conv/Embedding layer records factors (else its rule runs)."""
+        if len(args) + len(kwargs) != 1 or not isinstance(args[0] if args else next(iter(kwargs.values())), torch.Tensor):
+            return False
+        if isinstance(module, nn.Embedding) and not fast.embedding_fast_ok(module):
+            return False
+        return self.fast_mode(module.weight if module.weight.requires_grad else getattr(module, "bias", None))
+
+    def factored_forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Forward of a Linear/Conv/Embedding layer that records its weight gradient's factors."""
+        if isinstance(module, nn.Linear):
+            out = fast.linear_forward(x, module.weight, module.bias)
+        elif isinstance(module, nn.Embedding):
+            out = fast.embedding_forward(module, x)
+        else:
+            if fast.conv_padding(module) is None:
+                x = pad_input(x, module._reversed_padding_repeated_twice, module.padding_mode)
+            out = fast.conv_forward(module, x)
+        if out.requires_grad:
+            saved = x.detach()
+            out.register_hook(lambda grad: self._record_factors(module, saved, grad))
+        return out
+
+    def _record_factors(self, module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
+        if isinstance(module, nn.modules.conv._ConvNd):
+            batch_size = grad.shape[0]
+        else:
+            found = self.find_batch_dim(grad.shape)
+            if found != 0:
+                grad = grad.movedim(found, 0)
+                x = x.movedim(found, 0) if x.dim() > found else x
+            batch_size = grad.shape[0]
+        grad = self.scale(grad, batch_size)
+        grad, (x,) = _common_dtype(module, grad, (x,))
+        weight, bias = module.weight, getattr(module, "bias", None)
+        if isinstance(module, nn.Embedding):
+            if weight.requires_grad:
+                rows = x.reshape(-1)
+                values = grad.reshape(-1, weight.shape[1])
+                if module.padding_idx is not None:
+                    values = values * (rows != module.padding_idx).unsqueeze(1).to(values.dtype)
+                samples = torch.arange(batch_size, device=rows.device).repeat_interleave(rows.numel() // batch_size)
+                self.add_part(weight, RowsPart(samples, rows, values, batch_size, weight.shape))
+            return
+        if isinstance(module, nn.Linear):
+            if weight.requires_grad:
+                self.add_part(weight, LinearPart(flatten_middle(x), flatten_middle(grad), weight.shape))
+            if bias is not None and bias.requires_grad:
+                self.add_grad_sample(bias, sum_over_middle(grad), module)
+            return
+        if weight.requires_grad:
+            padding = fast.conv_padding(module) or [0] * len(module.kernel_size)
+            self.add_part(weight, ConvPart(module, x, grad, padding))
+        if bias is not None and bias.requires_grad:
+            self.add_grad_sample(bias, sum_per_channel(grad), module)
+
     # --- DP forwards ----------------------------------------------------------------------------------
     def _patch_forward(self, module: nn.Module, dp_forward: Any) -> None:
         self._patched.append((module, module.__dict__.get("forward")))
@@ -211,7 +305,8 @@ class GradSampleHooks:
         """
         w = weight if weight_rows is None else weight[weight_rows]
         b = None if bias is None else (bias if bias_rows is None else bias[bias_rows])
-        out = F.linear(x, w, b)
+        factored = self.fast_mode(weight)
+        out = fast.linear_forward(x, w, b) if factored else F.linear(x, w, b)
         need_w = weight.requires_grad
         need_b = bias is not None and bias.requires_grad
         if not (need_w or need_b) or not out.requires_grad:
@@ -220,7 +315,13 @@ class GradSampleHooks:
 
         def on_output_grad(grad: torch.Tensor) -> None:
             grad = self.scale(grad, grad.shape[0])
-            gw, gb = linear_param_grads(x_saved, grad, need_w, need_b)
+            if factored and need_w:
+                a, g = x_saved.to(weight.dtype), grad.to(weight.dtype)
+                self.add_part(weight, LinearPart(flatten_middle(a), flatten_middle(g), weight.shape, weight_rows))
+                need_w_now = False
+            else:
+                need_w_now = need_w
+            gw, gb = linear_param_grads(x_saved, grad, need_w_now, need_b)
             if gw is not None:
                 self.add_grad_sample(weight, place_rows(gw, weight.shape, weight_rows))
             if gb is not None:
@@ -298,6 +399,14 @@ class _Suspend:
         self.hooks._suspended -= 1
 
 
+def _factored_forward(module: nn.Module, hooks: "GradSampleHooks", *args: Any, **kwargs: Any) -> Any:
+    """Patched forward of Linear/Conv/Embedding: factored in the fast modes, else the usual forward
+    (whose forward hook then runs the layer's rule)."""
+    if hooks.factored(module, args, kwargs):
+        return hooks.factored_forward(module, args[0] if args else next(iter(kwargs.values())))
+    return type(module).forward(module, *args, **kwargs)
+
+
 def _dp_forward_call(dp_forward: Any, module: nn.Module, hooks_ref: Any, *args: Any, **kwargs: Any) -> Any:
     hooks = hooks_ref()
     if hooks is None or not hooks.recording:
@@ -333,14 +442,18 @@ def _common_dtype(
 
 
 def clear_grad_samples(module: nn.Module) -> None:
-    """Drop ``grad_sample`` from every parameter of ``module``."""
+    """Drop ``grad_sample`` and ``grad_parts`` from every parameter of ``module``."""
     for param in module.parameters():
-        if hasattr(param, "grad_sample"):
-            del param.grad_sample
+        for attr in ("grad_sample", "grad_parts"):
+            if hasattr(param, attr):
+                delattr(param, attr)
 
 
 def attach_grad_sample_hooks(
-    module: nn.Module, loss_reduction: str = "mean", batch_first: Optional[bool] = None
+    module: nn.Module,
+    loss_reduction: str = "mean",
+    batch_first: Optional[bool] = None,
+    clipping_mode: Optional[str] = None,
 ) -> GradSampleHooks:
     """Attach per-sample-gradient hooks to ``module`` in place (replacing earlier ones) and return them.
 
@@ -349,7 +462,7 @@ def attach_grad_sample_hooks(
     previous = _ATTACHED.get(module)
     if previous is not None:
         previous.remove()
-    hooks = GradSampleHooks(module, loss_reduction=loss_reduction, batch_first=batch_first)
+    hooks = GradSampleHooks(module, loss_reduction=loss_reduction, batch_first=batch_first, clipping_mode=clipping_mode)
     _ATTACHED[module] = hooks
     return hooks
 

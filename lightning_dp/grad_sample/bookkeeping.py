@@ -1,0 +1,236 @@
+"""Book-keeping: per-sample gradients kept as the factors they are made of, never as ``(B, *shape)``.
+
+A weight gradient of a Linear, Conv or Embedding layer is a sum of outer products of the layer's
+input activations ``A`` and output gradients ``G``. In the fast clipping modes the hooks store these
+factors (a :class:`Part`) on the parameter (``param.grad_parts``) instead of the per-sample gradient,
+and the optimizer asks each part for
+
+* ``norm_sq(method)``: every sample's squared gradient norm ``(B,)``, by the **ghost norm**
+  ``Σ_{t,s} (a_t·a_s)(g_t·g_s)`` (cost ``B·T²·(I+O)``, Li et al. 2022, Bu et al. 2023) or by the
+  materialised per-sample gradient (cost ``B·T·I·O``), whichever is cheaper (``method="auto"``);
+* ``clipped_sum(factors)``: ``Σ_b c_b ∇W_b = (c ⊙ G)ᵀ A``, one GEMM (a convolution backward for Conv,
+  an ``index_add`` for Embedding): the cost of the usual weight gradient, which autograd then skips.
+
+Several parts of one parameter (a reused module, an RNN's recurrent weight at every step) are merged
+by concatenating their positions (``Σ_i G_iᵀA_i = [G_1;G_2]ᵀ[A_1;A_2]``); mixes that cannot be merged
+(a tied embedding and head, a parameter also seen by the ``torch.func`` fallback) are materialised,
+with the same result as the plain path.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from .utils import conv_patches, conv_weight_grad, pad_input, per_sample_rows
+
+NORM_METHODS = ("auto", "ghost", "materialize")
+
+
+class Part:
+    """The factored per-sample gradient of one use of a parameter (abstract)."""
+
+    shape: Tuple[int, ...]
+    batch_size: int
+
+    def norm_sq(self, method: str = "auto") -> torch.Tensor:
+        """Squared per-sample norms ``(B,)``."""
+        return self.materialize().flatten(1).pow(2).sum(1)
+
+    def clipped_sum(self, factors: torch.Tensor) -> torch.Tensor:
+        """``Σ_b factors[b] · ∇_b`` with the parameter's shape."""
+        flat = self.materialize().flatten(1)
+        return (factors.to(flat.dtype) @ flat).view(self.shape)
+
+    def materialize(self) -> torch.Tensor:
+        """The per-sample gradients ``(B, *shape)`` (the plain path; used for mixes and tests)."""
+        raise NotImplementedError
+
+    def as_linear(self) -> Optional["LinearPart"]:
+        """This part as a ``(A, G)`` pair over positions, if it has one (for merging)."""
+        return None
+
+
+def use_ghost(positions: int, in_features: int, out_features: int, method: str) -> bool:
+    """Ghost norm when asked, or (``auto``) when ``T²·(I+O) ≤ T·I·O``, i.e. its cost is the lower one."""
+    if method == "ghost":
+        return True
+    if method == "materialize":
+        return False
+    return positions * (in_features + out_features) <= in_features * out_features
+
+
+class LinearPart(Part):
+    """``∇W_b = Σ_t g_{b,t} a_{b,t}ᵀ`` for ``A: (B, T, I)``, ``G: (B, T, O)``, reshaped to ``shape``;
+    ``rows`` places it in a block of rows of a packed parameter (attention's ``in_proj_weight``)."""
+
+    def __init__(
+        self, activations: torch.Tensor, backprops: torch.Tensor, shape: Sequence[int], rows: Optional[slice] = None
+    ) -> None:
+        self.a = activations
+        self.g = backprops
+        self.shape = tuple(shape)
+        self.rows = rows
+        self.batch_size = activations.shape[0]
+
+    def as_linear(self) -> "LinearPart":
+        return self
+
+    def norm_sq(self, method: str = "auto") -> torch.Tensor:
+        a, g = self.a, self.g
+        positions, in_features, out_features = a.shape[1], a.shape[2], g.shape[2]
+        if positions == 1:
+            return a.pow(2).sum((1, 2)) * g.pow(2).sum((1, 2))
+        if use_ghost(positions, in_features, out_features, method):
+            return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+        return torch.bmm(g.transpose(1, 2), a).pow(2).sum((1, 2))
+
+    def _block(self) -> Tuple[int, ...]:
+        return self.shape if self.rows is None else (self.g.shape[2], *self.shape[1:])
+
+    def clipped_sum(self, factors: torch.Tensor) -> torch.Tensor:
+        g = self.g * factors.to(self.g.dtype).view(-1, 1, 1)
+        block = (g.reshape(-1, g.shape[2]).t() @ self.a.reshape(-1, self.a.shape[2])).view(self._block())
+        return _place(block, self.shape, self.rows)
+
+    def materialize(self) -> torch.Tensor:
+        block = torch.bmm(self.g.transpose(1, 2), self.a).view(self.batch_size, *self._block())
+        return _place(block, self.shape, self.rows, batched=True)
+
+
+class ConvPart(Part):
+    """A convolution's weight gradient from its input ``x: (B, C, *S)`` (zero-padded by ``padding`` on
+    both sides of each spatial dim; other padding modes are applied before) and output gradient
+    ``g: (B, O, *L)``; norms through unfold (im2col), the clipped sum by one convolution
+    backward (``aten.convolution_backward``, the kernel autograd would have run)."""
+
+    def __init__(self, module: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, padding: Sequence[int]) -> None:
+        self.x, self.g = x, g
+        self.padding = tuple(padding)
+        self.kernel_size = tuple(module.kernel_size)
+        self.stride = tuple(module.stride)
+        self.dilation = tuple(module.dilation)
+        self.groups = module.groups
+        self.weight = module.weight.detach()
+        self.shape = tuple(module.weight.shape)
+        self.batch_size = x.shape[0]
+
+    def as_linear(self) -> Optional[LinearPart]:
+        if self.groups != 1:
+            return None
+        patches = conv_patches(self._padded(), self.kernel_size, self.stride, self.dilation)  # (B, C, *L, *K)
+        spatial = len(self.kernel_size)
+        positions = patches.shape[2 : 2 + spatial]
+        g = self.g[(slice(None), slice(None), *(slice(0, n) for n in positions))]
+        b, c = patches.shape[:2]
+        a = patches.reshape(b, c, -1, *self.kernel_size).movedim(1, 2).reshape(b, g[0, 0].numel(), -1)
+        return LinearPart(a, g.reshape(b, g.shape[1], -1).transpose(1, 2), self.shape)
+
+    def norm_sq(self, method: str = "auto") -> torch.Tensor:
+        linear = self.as_linear()
+        if linear is not None:
+            return linear.norm_sq(method)
+        return self.materialize().flatten(1).pow(2).sum(1)
+
+    def clipped_sum(self, factors: torch.Tensor) -> torch.Tensor:
+        spatial = len(self.kernel_size)
+        g = self.g * factors.to(self.g.dtype).view(-1, *([1] * (spatial + 1)))
+        return torch.ops.aten.convolution_backward(
+            g, self.x, self.weight.to(g.dtype), None, list(self.stride), list(self.padding), list(self.dilation),
+            False, [0] * spatial, self.groups, [False, True, False],
+        )[1]
+
+    def _padded(self) -> torch.Tensor:
+        return pad_input(self.x, [p for p in reversed(self.padding) for _ in range(2)], "zeros")
+
+    def materialize(self) -> torch.Tensor:
+        return conv_weight_grad(self._padded(), self.g, self.kernel_size, self.stride, self.dilation, self.groups)
+
+
+class RowsPart(Part):
+    """Embedding-style gradients: value ``v_n`` added to row ``rows[n]`` of sample ``samples[n]``.
+
+    Norms without the vocabulary dimension, in ``O(N·D)``: values of the same (sample, row) are summed
+    (``unique`` over ``sample·V + row``), then squared and summed per sample."""
+
+    def __init__(
+        self, samples: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, batch_size: int, shape: Sequence[int]
+    ) -> None:
+        self.samples, self.rows, self.values = samples, rows, values
+        self.batch_size = batch_size
+        self.shape = tuple(shape)
+
+    def norm_sq(self, method: str = "auto") -> torch.Tensor:
+        keys = self.samples * self.shape[0] + self.rows
+        unique, inverse = torch.unique(keys, return_inverse=True)
+        summed = self.values.new_zeros(unique.numel(), self.values.shape[1]).index_add_(0, inverse, self.values)
+        out = self.values.new_zeros(self.batch_size)
+        return out.index_add_(0, torch.div(unique, self.shape[0], rounding_mode="floor"), summed.pow(2).sum(1))
+
+    def clipped_sum(self, factors: torch.Tensor) -> torch.Tensor:
+        values = self.values * factors.to(self.values.dtype)[self.samples].unsqueeze(1)
+        return self.values.new_zeros(self.shape).index_add_(0, self.rows, values)
+
+    def materialize(self) -> torch.Tensor:
+        return per_sample_rows(self.samples, self.rows, self.values, self.batch_size, self.shape[0])
+
+
+class MaterializedPart(Part):
+    """Per-sample gradients already materialised ``(B, *shape)`` (rules without a factored form)."""
+
+    def __init__(self, grad_sample: torch.Tensor) -> None:
+        self.grad_sample = grad_sample
+        self.shape = tuple(grad_sample.shape[1:])
+        self.batch_size = grad_sample.shape[0]
+
+    def materialize(self) -> torch.Tensor:
+        return self.grad_sample
+
+
+def _place(block: torch.Tensor, shape: Sequence[int], rows: Optional[slice], batched: bool = False) -> torch.Tensor:
+    if rows is None:
+        return block
+    lead = (block.shape[0],) if batched else ()
+    out = block.new_zeros(*lead, *shape)
+    out[(slice(None), rows) if batched else rows] = block
+    return out
+
+
+def _rows_key(rows: Optional[slice]) -> Optional[Tuple[int, int]]:
+    return None if rows is None else (rows.start, rows.stop)
+
+
+def merge(parts: List[Part]) -> List[Part]:
+    """Parts of one parameter as parts whose squared norms add up: parts on the same rows are merged
+    into one by concatenating positions, disjoint row blocks stay apart; any other mix is materialised
+    into one :class:`MaterializedPart` (the plain path, same result)."""
+    if len(parts) == 1:
+        return parts
+    linears = [p.as_linear() for p in parts]
+    blocks: dict = {}
+    for part in linears:
+        if part is None:
+            return [_materialized_sum(parts)]
+        blocks.setdefault(_rows_key(part.rows), []).append(part)
+    keys = list(blocks)
+    if len(keys) > 1:
+        spans = sorted(keys) if None not in keys else []
+        if not spans or any(spans[i][1] > spans[i + 1][0] for i in range(len(spans) - 1)):
+            return [_materialized_sum(parts)]  # overlapping blocks would need cross terms
+    merged: List[Part] = []
+    for group in blocks.values():
+        if len(group) == 1:
+            merged.append(group[0])
+            continue
+        dtype = group[0].a.dtype
+        a = torch.cat([p.a.to(dtype) for p in group], dim=1)
+        g = torch.cat([p.g.to(dtype) for p in group], dim=1)
+        merged.append(LinearPart(a, g, group[0].shape, group[0].rows))
+    return merged
+
+
+def _materialized_sum(parts: Sequence[Part]) -> MaterializedPart:
+    total = parts[0].materialize()
+    for part in parts[1:]:
+        total = total + part.materialize().to(total.dtype)
+    return MaterializedPart(total)

@@ -1,0 +1,154 @@
+"""Fast clipping modes: which layers record factored gradients, and forwards without weight gradients.
+
+``clipping_mode`` (see :func:`set_clipping_mode`) is a property of a parameter, set by the
+:class:`~lightning_dp.DPOptimizer` that updates it, so hooks attached before or after the optimizer is
+built agree with it; hooks attached without a DP optimizer materialise ``param.grad_sample`` as before.
+
+In the fast modes (``"auto"``, ``"ghost"``) Linear, Conv1/2/3d and Embedding layers run a forward whose
+backward computes only the gradient of the layer's *input*: the weight gradient is assembled later,
+already clipped, from the factors the hooks keep (``bookkeeping.py``), so autograd's own weight GEMM
+would be thrown away. ``param.grad`` is then left untouched by the backward pass (the optimizer writes
+the noisy gradient). Exceptions, where the backward is the usual one: under autocast (a GradScaler reads
+the raw gradients to find overflows), and in distributed runs parameters receive zero gradients so
+that DDP's reducer sees every parameter.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CLIPPING_MODES = ("auto", "ghost", "materialize")
+FAST_MODES = ("auto", "ghost")
+_MODE_ATTR = "_dp_clipping_mode"
+
+
+def set_clipping_mode(params: Iterable[torch.Tensor], mode: str) -> None:
+    """Record ``mode`` (one of :data:`CLIPPING_MODES`) for ``params``; hooks read it at each forward."""
+    if mode not in CLIPPING_MODES:
+        raise ValueError(f"clipping_mode must be one of {CLIPPING_MODES}, got {mode!r}")
+    for p in params:
+        setattr(p, _MODE_ATTR, mode)
+
+
+def clipping_mode_of(param: Optional[torch.Tensor]) -> Optional[str]:
+    """The clipping mode recorded for ``param`` (``None``: no DP optimizer has claimed it)."""
+    return None if param is None else getattr(param, _MODE_ATTR, None)
+
+
+def _skip_weight_grads(x: torch.Tensor) -> bool:
+    return not torch.is_autocast_enabled(x.device.type)
+
+
+def _unused_grad(param: Optional[torch.Tensor], needed: bool) -> Optional[torch.Tensor]:
+    """``None`` (no gradient), or zeros in distributed runs: DDP waits for every parameter's gradient."""
+    if param is None or not needed:
+        return None
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.zeros_like(param)
+    return None
+
+
+class _LinearInputGrad(torch.autograd.Function):
+    """``F.linear`` whose backward returns the input gradient only."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        ctx.bias = bias
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        (weight,) = ctx.saved_tensors
+        grad_x = grad @ weight.to(grad.dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, _unused_grad(weight, ctx.needs_input_grad[1]), _unused_grad(ctx.bias, ctx.needs_input_grad[2])
+
+
+class _ConvInputGrad(torch.autograd.Function):
+    """A zero-padded convolution whose backward returns the input gradient only."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        stride: Sequence[int],
+        padding: Sequence[int],
+        dilation: Sequence[int],
+        groups: int,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.bias, ctx.conf = bias, (list(stride), list(padding), list(dilation), groups)
+        return torch.convolution(x, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conf
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.convolution_backward(
+                grad, x, weight, None, stride, padding, dilation, False, [0] * len(stride), groups,
+                [True, False, False],
+            )[0]
+        return (
+            grad_x, _unused_grad(weight, ctx.needs_input_grad[1]), _unused_grad(ctx.bias, ctx.needs_input_grad[2]),
+            None, None, None, None,
+        )
+
+
+class _EmbeddingNoGrad(torch.autograd.Function):
+    """``F.embedding`` whose backward computes nothing (its input is integer indices)."""
+
+    @staticmethod
+    def forward(ctx: Any, indices: torch.Tensor, weight: torch.Tensor, padding_idx: Optional[int]) -> torch.Tensor:
+        ctx.weight = weight
+        return F.embedding(indices, weight, padding_idx)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        return None, _unused_grad(ctx.weight, ctx.needs_input_grad[1]), None
+
+
+def linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``F.linear`` without autograd's weight and bias gradients (when allowed, see module docstring)."""
+    if _skip_weight_grads(x):
+        return _LinearInputGrad.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def conv_padding(module: nn.modules.conv._ConvNd) -> Optional[List[int]]:
+    """Symmetric zero padding the convolution applies itself, or ``None`` when its input is padded first
+    (``padding="same"`` and the ``reflect``/``replicate``/``circular`` modes)."""
+    if module.padding_mode == "zeros" and not isinstance(module.padding, str):
+        return list(module.padding)
+    return None
+
+
+def conv_forward(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
+    """The module's convolution of the (already padded, when ``conv_padding`` is ``None``) ``x``."""
+    padding = conv_padding(module) or [0] * len(module.kernel_size)
+    if _skip_weight_grads(x):
+        return _ConvInputGrad.apply(
+            x, module.weight, module.bias, module.stride, padding, module.dilation, module.groups
+        )
+    return torch.convolution(
+        x, module.weight, module.bias, module.stride, padding, module.dilation, False,
+        [0] * len(module.kernel_size), module.groups,
+    )
+
+
+def embedding_fast_ok(module: nn.Embedding) -> bool:
+    """Whether the factored path covers this embedding (not ``max_norm``, ``scale_grad_by_freq``, sparse)."""
+    return module.max_norm is None and not module.scale_grad_by_freq and not module.sparse
+
+
+def embedding_forward(module: nn.Embedding, indices: torch.Tensor) -> torch.Tensor:
+    """``module(indices)`` without autograd's weight gradient (when allowed)."""
+    if _skip_weight_grads(module.weight):
+        return _EmbeddingNoGrad.apply(indices, module.weight, module.padding_idx)
+    return F.embedding(indices, module.weight, module.padding_idx)
