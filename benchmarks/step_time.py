@@ -1,0 +1,216 @@
+"""Step time and peak memory of DP-SGD: non-private, lightning_dp (auto, materialize), Opacus 1.6.
+
+    python benchmarks/step_time.py [--repeats 15] [--models cnn,mlp,tf64,tf256] [--no-memory]
+
+Times: every method's training step (zero_grad, forward, loss, backward, optimizer step incl. noise)
+on the same model weights and the same batch, interleaved round by round in one process; the table
+shows medians and ratios to the non-private step. Memory: each method runs a few steps in a fresh
+subprocess; "peak MB" is the highest resident set size (``/proc/self/statm``, sampled every 0.5 ms by a
+thread) during 3 steps minus the size just before them (after one warm-up step: model, optimizer state
+and batch already built), so it counts activations, gradients, per-sample state and allocator slack
+of the step itself. (tracemalloc does not see PyTorch's CPU allocations.)
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from typing import Callable, Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+warnings.filterwarnings("ignore")
+SIGMA, C = 1.0, 1.0
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self, vocab: int = 5000, d: int = 256, heads: int = 4) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.block = nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(self.emb(idx)))
+
+
+def models() -> Dict[str, Tuple[str, Callable[[], nn.Module], Callable[[], tuple]]]:
+    def cnn() -> nn.Module:  # the Opacus MNIST tutorial CNN
+        return nn.Sequential(
+            nn.Conv2d(1, 16, 8, 2, padding=3), nn.ReLU(), nn.MaxPool2d(2, 1),
+            nn.Conv2d(16, 32, 4, 2), nn.ReLU(), nn.MaxPool2d(2, 1),
+            nn.Flatten(), nn.Linear(32 * 4 * 4, 32), nn.ReLU(), nn.Linear(32, 10),
+        )
+
+    def mlp() -> nn.Module:
+        return nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+
+    def lm_batch(b: int) -> Callable[[], tuple]:
+        return lambda: (torch.randint(0, 5000, (b, 64)), torch.randint(0, 5000, (b, 64)))
+
+    return {
+        "cnn": ("tutorial CNN, MNIST, B=256", cnn, lambda: (torch.randn(256, 1, 28, 28), torch.randint(0, 10, (256,)))),
+        "mlp": ("MLP 784-512-512-10, B=256", mlp, lambda: (torch.randn(256, 784), torch.randint(0, 10, (256,)))),
+        "tf64": ("1-block transformer, T=64, B=64", TinyTransformer, lm_batch(64)),
+        "tf256": ("1-block transformer, T=64, B=256", TinyTransformer, lm_batch(256)),
+    }
+
+
+def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+def make_step(method: str, model: nn.Module, batch: tuple) -> Callable[[], None]:
+    """One training step of ``method`` on ``model`` (changed in place) and ``batch``."""
+    x, y = batch
+    base = torch.optim.SGD(model.parameters(), lr=0.01)
+    n = x.shape[0]
+    if method == "non-private":
+        def step() -> None:
+            base.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+            base.step()
+        return step
+    if method.startswith("ours"):
+        from lightning_dp import make_private
+
+        opt = make_private(model, base, noise_multiplier=SIGMA, max_grad_norm=C, expected_batch_size=n,
+                           seed=0, clipping_mode=method.split("-", 1)[1])
+
+        def step() -> None:
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+        return step
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    mode = method.split("-", 1)[1]
+    loader = DataLoader(TensorDataset(x, y), batch_size=n)
+    engine = PrivacyEngine()
+    kwargs = dict(module=model, optimizer=base, data_loader=loader, noise_multiplier=SIGMA, max_grad_norm=C,
+                  poisson_sampling=False, grad_sample_mode=mode)
+    if mode == "ghost":
+        criterion = nn.CrossEntropyLoss()
+        wrapped, opt, criterion, _ = engine.make_private(criterion=criterion, **kwargs)
+        crit = lambda out, t: criterion(out.reshape(-1, out.shape[-1]), t.reshape(-1))  # noqa: E731
+    else:
+        wrapped, opt, _ = engine.make_private(**kwargs)
+        crit = loss_fn
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        crit(wrapped(x), y).backward()
+        opt.step()
+    return step
+
+
+def available_methods() -> List[str]:
+    methods = ["non-private", "ours-auto", "ours-materialize"]
+    try:
+        import opacus  # noqa: F401
+
+        methods += ["opacus-hooks", "opacus-functorch", "opacus-ghost"]
+    except ImportError:
+        pass
+    return methods
+
+
+def time_model(key: str, methods: List[str], repeats: int) -> Dict[str, float]:
+    _, make_model, make_batch = models()[key]
+    torch.manual_seed(0)
+    model, batch = make_model(), make_batch()
+    steps = {}
+    for m in methods:
+        try:
+            steps[m] = make_step(m, copy.deepcopy(model), batch)
+            steps[m]()  # warm-up
+            steps[m]()
+        except Exception as err:  # noqa: BLE001  (a baseline that cannot run this model is reported, not fatal)
+            print(f"  {m} on {key}: {type(err).__name__}: {str(err)[:120]}", file=sys.stderr)
+            steps.pop(m, None)
+    times: Dict[str, List[float]] = {m: [] for m in steps}
+    for _ in range(repeats):
+        for m, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[m].append(time.perf_counter() - start)
+    return {m: statistics.median(t) for m, t in times.items()}
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def memory_child(key: str, method: str) -> None:
+    _, make_model, make_batch = models()[key]
+    torch.manual_seed(0)
+    step = make_step(method, make_model(), make_batch())
+    step()  # first step allocates optimizer state and lazy buffers; measure the steady state
+    before, peak, running = _rss_mb(), [0.0], [True]
+
+    def sample() -> None:
+        while running[0]:
+            peak[0] = max(peak[0], _rss_mb())
+            time.sleep(0.0005)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    for _ in range(3):
+        step()
+    running[0] = False
+    thread.join()
+    print(json.dumps(max(peak[0], _rss_mb()) - before))
+
+
+def peak_memory(key: str, method: str) -> float:
+    out = subprocess.run([sys.executable, __file__, "--memory-child", key, method], capture_output=True, text=True)
+    try:
+        return float(out.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--models", default="cnn,mlp,tf64,tf256")
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--memory-child", nargs=2)
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(*args.memory_child)
+        return
+    methods = available_methods()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.repeats} steps; "
+          "peak MB = RSS rise during 3 steps (sampled), fresh process per method")
+    header = f"| model | {' | '.join(methods)} |"
+    print(header)
+    print("|" + "---|" * (len(methods) + 1))
+    for key in args.models.split(","):
+        title = models()[key][0]
+        med = time_model(key, methods, args.repeats)
+        base = med["non-private"]
+        mem = {m: (float("nan") if args.no_memory else peak_memory(key, m)) for m in methods}
+        cells = []
+        for m in methods:
+            if m not in med:
+                cells.append("n/a")
+                continue
+            ratio = mem[m] / mem["non-private"] if mem["non-private"] > 0 else float("nan")
+            cells.append(f"{med[m] * 1e3:.1f} ms ({med[m] / base:.2f}×), {mem[m]:.0f} MB ({ratio:.2f}×)")
+        print(f"| {title} | {' | '.join(cells)} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
