@@ -6,7 +6,8 @@ Usage::
     python benchmarks/noise.py --samples 1e6 --repeats 9 --device cpu
 
 Each line is the median wall time of ``--repeats`` runs (after one warm-up), the two contenders run
-interleaved so that machine load affects both alike; ``ratio`` = secure / ``torch.normal``.
+interleaved so that machine load affects both alike; ``ratio`` = secure / ``torch.normal``. The CPU
+columns give the median process CPU time per call (all threads), which shared machines disturb less.
 """
 from __future__ import annotations
 
@@ -26,11 +27,16 @@ def _sync(device: torch.device) -> None:
 
 
 def _time(fn: Callable[[], object], device: torch.device) -> float:
+    return _times(fn, device)[0]
+
+
+def _times(fn: Callable[[], object], device: torch.device) -> tuple:
+    """(wall seconds, process CPU seconds) of one call."""
     _sync(device)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     fn()
     _sync(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - start_cpu
 
 
 def bench(samples: int, repeats: int, device: torch.device, dtype: torch.dtype) -> Dict[str, float]:
@@ -39,13 +45,17 @@ def bench(samples: int, repeats: int, device: torch.device, dtype: torch.dtype) 
         "torch.normal": lambda: torch.normal(0.0, 1.0, size=(samples,), device=device, dtype=dtype),
         "SecureRNG.normal": lambda: rng.normal((samples,), std=1.0, device=device, dtype=dtype),
     }
-    times: Dict[str, List[float]] = {name: [] for name in contenders}
+    times: Dict[str, List[tuple]] = {name: [] for name in contenders}
     for fn in contenders.values():
         fn()  # warm-up
     for _ in range(repeats):
         for name, fn in contenders.items():
-            times[name].append(_time(fn, device))
-    return {name: statistics.median(ts) for name, ts in times.items()}
+            times[name].append(_times(fn, device))
+    result = {}
+    for name, ts in times.items():
+        result[name] = statistics.median(t[0] for t in ts)
+        result[name + " cpu"] = statistics.median(t[1] for t in ts)
+    return result
 
 
 def keystream_rate(num_bytes: int, device: torch.device) -> float:
@@ -71,14 +81,20 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {samples:.0e} {args.dtype} samples, "
           f"median of {args.repeats}, SecureRNG num_normals=2")
-    print("| device | torch.normal (ms) | SecureRNG.normal (ms) | ratio | keystream (GB/s) |")
-    print("|--------|------------------:|----------------------:|------:|-----------------:|")
+    print("| device | torch.normal (ms) | SecureRNG.normal (ms) | ratio | CPU ms torch | CPU ms secure | CPU ratio "
+          "| keystream (GB/s) |")
+    print("|--------|------------------:|----------------------:|------:|-------------:|--------------:|----------:"
+          "|-----------------:|")
     for name in devices:
         device = torch.device(name)
         result = bench(samples, args.repeats, device, dtype)
         baseline, secure = result["torch.normal"], result["SecureRNG.normal"]
+        cpu_base, cpu_secure = result["torch.normal cpu"], result["SecureRNG.normal cpu"]
         rate = keystream_rate(16 * samples, device)
-        print(f"| {name:6} | {1e3 * baseline:17.1f} | {1e3 * secure:21.1f} | {secure / baseline:5.2f} | {rate:16.2f} |")
+        print(
+            f"| {name:6} | {1e3 * baseline:17.1f} | {1e3 * secure:21.1f} | {secure / baseline:5.2f} "
+            f"| {1e3 * cpu_base:12.1f} | {1e3 * cpu_secure:13.1f} | {cpu_secure / cpu_base:9.2f} | {rate:16.2f} |"
+        )
 
 
 if __name__ == "__main__":

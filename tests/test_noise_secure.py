@@ -286,3 +286,21 @@ def test_draw_argument_errors():
         rng.bernoulli(3, 1.5)
     with pytest.raises(ValueError, match="`n` must be an integer >= 0"):
         rng.bernoulli(-1, 0.5)
+
+
+def test_cpu_draw_restores_torch_thread_count(monkeypatch):
+    from lightning_dp.noise import secure
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(secure, "_CHUNK_WORDS", 64)
+        rng = _rng()
+        rng.normal((1000,), 1.0)
+        assert torch.get_num_threads() == 2
+        monkeypatch.setattr(secure, "_box_muller_sum_", lambda *args: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            rng.normal((1000,), 1.0)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

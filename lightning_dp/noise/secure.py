@@ -33,11 +33,10 @@ ShapeLike = Union[torch.Size, Sequence[int], int]
 _MANTISSA = (1 << 52) - 1
 _ONE_BITS = 0x3FF0000000000000  # bit pattern of the double 1.0
 _TO_MIDPOINT = 1.0 - 2.0**-53
-# Box–Muller pairs per chunk (the stream's layout unit): the largest multiple of 4 with 2·k·pairs words
-# below ATen's grain size, so that on CPU each tensor op of a chunk runs on one thread and our own threads
-# work on different chunks. (Many short OpenMP regions stall badly when the cores are shared, e.g. with
-# DataLoader workers.) A multiple of 4 keeps every chunk at a 64-byte block boundary.
-_CHUNK_WORDS = 1 << 15
+# Box–Muller pairs per chunk (the stream's layout unit): a multiple of 4 (so every chunk starts at a
+# 64-byte block boundary) with 2·k·pairs < _CHUNK_WORDS words, about 1 MiB of keystream: cache-sized.
+_CHUNK_WORDS = 1 << 17
+_CPU_WORKERS: Optional[int] = None  # threads for CPU normals (None: torch.get_num_threads())
 
 
 def _pairs_per_chunk(k: int) -> int:
@@ -257,45 +256,50 @@ class SecureRNG:
         return flat[:n].view(shape)
 
     def _normal_cpu(self, key: bytes, nonce: bytes, pairs: int, chunk: int, std: float, flat: torch.Tensor) -> None:
-        """OpenSSL keystream chunk by chunk into cache-sized buffers, converted in place; the chunks are
-        split into contiguous runs, one per thread (``torch.get_num_threads()``), each with its own
-        OpenSSL context positioned at its first block."""
+        """OpenSSL keystream chunk by chunk into cache-sized buffers, converted in place.
+
+        The chunks are split into contiguous runs, one per thread (``torch.get_num_threads()`` of them),
+        each with its own OpenSSL context positioned at its first block. Meanwhile torch's intra-op
+        thread count is set to 1 (and restored): hundreds of short OpenMP regions stall badly when the
+        cores are shared (DataLoader workers, other jobs), while single-threaded ops on our own threads
+        degrade gracefully. The cost: another Python thread's torch ops run single-threaded meanwhile.
+        """
         k = self.num_normals
         starts = list(range(0, pairs, chunk))
-        workers = max(1, min(torch.get_num_threads(), len(starts)))
+        intra_op_threads = torch.get_num_threads()
+        workers = max(1, min(_CPU_WORKERS or intra_op_threads, len(starts)))
         per_worker = -(-len(starts) // workers)
         runs = [starts[i : i + per_worker] for i in range(0, len(starts), per_worker)]
-
-        def work(run: List[int]) -> None:
-            size = min(chunk, pairs - run[0])
-            words = torch.empty(2 * k * size, dtype=torch.int64)
-            buffer = words.view(torch.uint8).numpy()
-            zeros = memoryview(bytes(buffer.nbytes))
-            encryptor = openssl_encryptor(key, nonce, run[0] * 16 * k // BLOCK_BYTES)
-            for start in run:
-                size = min(chunk, pairs - start)
-                nbytes = 16 * k * size
-                encryptor.update_into(zeros[:nbytes], buffer[:nbytes])
-                target = flat[2 * start : 2 * (start + size)].view(1, 2, size)
-                _box_muller_sum_(words[: 2 * k * size].view(1, 2, k, size), std, target)
-
-        if len(runs) == 1:
-            work(runs[0])
-            return
         errors: List[BaseException] = []
 
-        def guarded(run: List[int]) -> None:
+        def work(run: List[int]) -> None:
             try:
-                work(run)
+                size = min(chunk, pairs - run[0])
+                words = torch.empty(2 * k * size, dtype=torch.int64)
+                buffer = words.view(torch.uint8).numpy()
+                zeros = memoryview(bytes(buffer.nbytes))
+                encryptor = openssl_encryptor(key, nonce, run[0] * 16 * k // BLOCK_BYTES)
+                for start in run:
+                    size = min(chunk, pairs - start)
+                    nbytes = 16 * k * size
+                    encryptor.update_into(zeros[:nbytes], buffer[:nbytes])
+                    target = flat[2 * start : 2 * (start + size)].view(1, 2, size)
+                    _box_muller_sum_(words[: 2 * k * size].view(1, 2, k, size), std, target)
             except BaseException as err:  # re-raised in the calling thread
                 errors.append(err)
 
-        threads = [threading.Thread(target=guarded, args=(run,), daemon=True) for run in runs[1:]]
-        for thread in threads:
-            thread.start()
-        guarded(runs[0])
-        for thread in threads:
-            thread.join()
+        if intra_op_threads > 1:
+            torch.set_num_threads(1)
+        try:
+            threads = [threading.Thread(target=work, args=(run,), daemon=True) for run in runs[1:]]
+            for thread in threads:
+                thread.start()
+            work(runs[0])
+            for thread in threads:
+                thread.join()
+        finally:
+            if intra_op_threads > 1:
+                torch.set_num_threads(intra_op_threads)
         if errors:
             raise errors[0]
 
