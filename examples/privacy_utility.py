@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import pytorch_lightning as pl
-import torch
 
 from lightning_dp import DPStrategy
 from lightning_dp.audit import run_audit
@@ -72,10 +71,17 @@ def plot(results: List[Dict[str, float]], out: Path) -> None:
     baseline = [r for r in results if not math.isfinite(r["target_epsilon"])]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     eps = [r["claimed_epsilon"] for r in private]
+    ticks = [r["target_epsilon"] for r in private]
+
+    def log_axis(axis) -> None:
+        axis.set_xscale("log")
+        axis.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        axis.minorticks_off()
+
     left.plot(eps, [r["test_accuracy"] for r in private], "o-", label="DP-SGD (lightning-dp)")
     if baseline:
         left.axhline(baseline[0]["test_accuracy"], color="gray", ls="--", label="non-private")
-    left.set_xscale("log")
+    log_axis(left)
     left.set_xlabel("claimed ε (δ = 1e-5)")
     left.set_ylabel("test accuracy")
     left.set_title("Digits MLP: accuracy vs privacy budget")
@@ -84,7 +90,7 @@ def plot(results: List[Dict[str, float]], out: Path) -> None:
     right.plot(eps, [r["audit_lower_bound"] for r in private], "s-", color="C3", label="audit lower bound (95%)")
     if baseline:
         right.axhline(baseline[0]["audit_lower_bound"], color="gray", ls="--", label="audit, non-private run")
-    right.set_xscale("log")
+    log_axis(right)
     right.set_xlabel("claimed ε")
     right.set_ylabel("ε")
     right.set_title("Empirical lower bound vs claim")
@@ -105,10 +111,6 @@ def main(argv=None) -> List[Dict[str, float]]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
-    warnings.filterwarnings("ignore")
-    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
-    logging.getLogger("lightning_dp").setLevel(logging.WARNING)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
     results = []
     for epsilon in [*args.epsilons, None]:
@@ -125,4 +127,7 @@ def main(argv=None) -> List[Dict[str, float]]:
 
 
 if __name__ == "__main__":
+    warnings.filterwarnings("ignore")
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    logging.getLogger("lightning_dp").setLevel(logging.WARNING)
     main()

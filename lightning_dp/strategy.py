@@ -24,6 +24,7 @@ from ._checks import check_choice, check_non_negative, check_open_unit, check_po
 from .accounting import Accountant, get_noise_multiplier, make_accountant
 from .engine import LOSS_REDUCTIONS, make_noise, warn_if_no_noise
 from .grad_sample import GradSampleHooks, attach_grad_sample_hooks
+from .grad_sample.fast import CLIPPING_MODES
 from .noise import GaussianNoise
 from .optimizer import DPOptimizer
 from .report import PrivacyReport
@@ -52,6 +53,8 @@ class DPStrategyMixin:
         seed: Optional[int],
         max_physical_batch_size: Optional[int],
         secure_mode: bool = False,
+        clipping_mode: str = "auto",
+        clipping: str = "flat",
     ) -> None:
         if (noise_multiplier is None) == (target_epsilon is None):
             raise ValueError(
@@ -78,6 +81,8 @@ class DPStrategyMixin:
         self.max_physical_batch_size = max_physical_batch_size
         self.accountant: Accountant = make_accountant(accountant)
         self.seed = seed
+        self.clipping_mode = check_choice("clipping_mode", clipping_mode, CLIPPING_MODES)
+        self.clipping = check_choice("clipping", clipping, ("flat", "per_layer"))
         self.secure_mode = secure_mode
         self.noise = make_noise(secure_mode, seed)
         # Poisson inclusion decisions: the secure generator itself in secure mode.
@@ -143,6 +148,8 @@ class DPStrategyMixin:
             noise=self.noise,
             accountant=self.accountant,
             sample_rate=self.sample_rate,
+            clipping_mode=self.clipping_mode,
+            clipping=self.clipping,
         )
         dp_optimizer.world_size = getattr(self, "world_size", 1)
         dp_optimizer.step_guard = self._step_allowed
@@ -354,7 +361,10 @@ class DPStrategyMixin:
         module = self.lightning_module
         trainer = module.trainer if module is not None and module._trainer is not None else None
         optimizer = self.optimizers[0] if getattr(self, "optimizers", None) else None
-        clipping = getattr(optimizer, "clipping_mode", None) or "flat (all parameters)"
+        clipping = (
+            f"{getattr(optimizer, 'clipping', self.clipping)} "
+            f"({getattr(optimizer, 'clipping_mode', self.clipping_mode)} norms)"
+        )
         return PrivacyReport(
             epsilon=self.accountant.get_epsilon(delta),
             delta=delta,
@@ -391,9 +401,9 @@ class DPStrategyMixin:
         super().on_train_end()  # type: ignore[misc]
         trainer = self.lightning_module.trainer
         report = self.privacy_report()
+        log_dir = trainer.log_dir or trainer.default_root_dir  # every rank: log_dir broadcasts under DDP
         if not trainer.is_global_zero:
             return
-        log_dir = trainer.log_dir or trainer.default_root_dir
         path = Path(log_dir) / "privacy_report.json"
         report.to_json(path)
         for logger in trainer.loggers:
@@ -517,6 +527,11 @@ class DPStrategy(DPStrategyMixin, SingleDeviceStrategy):
             reproducible under a seed, and warns once that the guarantee assumes a secure generator.
         max_physical_batch_size: process batches larger than this in chunks inside one optimizer step
             (bounded memory; the update is identical).
+        clipping_mode: how per-sample norms and clipped sums are computed: ``"auto"`` (default; fast
+            one-backward book-keeping, ghost or materialised norms per layer by cost), ``"ghost"`` or
+            ``"materialize"``. The update is the same in every mode.
+        clipping: ``"flat"`` (one norm per sample over all parameters, clipped to ``max_grad_norm``) or
+            ``"per_layer"`` (each of the K parameter tensors clipped to ``max_grad_norm / √K``).
         device: the device to train on (default: the Trainer's accelerator's first device).
         **kwargs: passed to :class:`~pytorch_lightning.strategies.SingleDeviceStrategy`.
 
@@ -543,6 +558,8 @@ class DPStrategy(DPStrategyMixin, SingleDeviceStrategy):
         seed: Optional[int] = None,
         secure_mode: bool = False,
         max_physical_batch_size: Optional[int] = None,
+        clipping_mode: str = "auto",
+        clipping: str = "flat",
         device: Optional[_DEVICE] = None,
         **kwargs: Any,
     ) -> None:
@@ -559,6 +576,8 @@ class DPStrategy(DPStrategyMixin, SingleDeviceStrategy):
             seed,
             max_physical_batch_size,
             secure_mode,
+            clipping_mode,
+            clipping,
         )
 
     @property

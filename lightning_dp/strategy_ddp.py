@@ -51,6 +51,8 @@ class DPDDPStrategy(DPStrategyMixin, DDPStrategy):
         seed: Optional[int] = None,
         secure_mode: bool = False,
         max_physical_batch_size: Optional[int] = None,
+        clipping_mode: str = "auto",
+        clipping: str = "flat",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -65,6 +67,8 @@ class DPDDPStrategy(DPStrategyMixin, DDPStrategy):
             seed,
             max_physical_batch_size,
             secure_mode,
+            clipping_mode,
+            clipping,
         )
 
     def _register_ddp_hooks(self) -> None:

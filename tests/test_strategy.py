@@ -253,3 +253,22 @@ def test_secure_mode_refuses_seeds_and_insecure_mode_warns_once():
         DPStrategy(noise_multiplier=1.0)
         DPStrategy(noise_multiplier=1.0)
     assert sum("secure_mode=False" in str(w.message) for w in caught) == 1
+
+
+def test_clipping_modes_give_the_same_update_through_the_strategy(tmp_path):
+    def run(**kwargs):
+        torch.manual_seed(0)
+        model = TinyClassifier(lr=0.5)
+        strategy = DPStrategy(noise_multiplier=0.0, max_grad_norm=0.1, seed=2, **kwargs)
+        pl.Trainer(max_steps=3, strategy=strategy, **trainer_kwargs(tmp_path)).fit(model, train_dataloaders=make_loader())
+        return model, strategy
+
+    fast, strategy = run()
+    plain, _ = run(clipping_mode="materialize")
+    for a, b in zip(fast.parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert strategy.privacy_report().clipping_mode == "flat (auto norms)"
+    per_layer, strategy = run(clipping="per_layer")
+    assert strategy.dp_optimizer.clipping == "per_layer"
+    with pytest.raises(ValueError, match="clipping_mode"):
+        DPStrategy(noise_multiplier=1.0, clipping_mode="fastest")
