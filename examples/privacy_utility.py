@@ -31,6 +31,7 @@ DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "_static" / "privac
 def _trainer(epochs: int, epsilon: Optional[float], delta: float, seed: int) -> pl.Trainer:
     strategy = DPStrategy(target_epsilon=epsilon, delta=delta, seed=seed) if epsilon is not None else "auto"
     return pl.Trainer(max_epochs=epochs, strategy=strategy, accelerator="cpu", logger=False,
+                      default_root_dir="lightning_logs/privacy_utility",  # privacy_report.json goes here
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
 
 

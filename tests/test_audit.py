@@ -76,8 +76,10 @@ def _digits():
 
 
 def _trainer(strategy=None):
+    import tempfile
+
     kwargs = dict(max_epochs=25, accelerator="cpu", enable_progress_bar=False, enable_model_summary=False,
-                  logger=False, enable_checkpointing=False)
+                  logger=False, enable_checkpointing=False, default_root_dir=tempfile.mkdtemp())
     return pl.Trainer(strategy=strategy, **kwargs) if strategy is not None else pl.Trainer(**kwargs)
 
 
