@@ -253,12 +253,12 @@ class DPOptimizer(Optimizer):
         std = self.noise_multiplier * self.max_grad_norm / math.sqrt(self.world_size)
         for p in self.params:
             summed = getattr(p, "summed_grad", None)
-            noisy = self.noise.normal(p.shape, std=std, device=p.device, dtype=p.dtype)
+            noisy = self.noise.normal(p.shape, std=std, device=p.device, dtype=p.dtype)  # fresh tensor: ours
             if summed is not None:
-                noisy = noisy + summed
+                noisy.add_(summed)
             if self.world_size > 1:
                 torch.distributed.all_reduce(noisy, op=torch.distributed.ReduceOp.SUM)
-            p.grad = noisy / self.expected_batch_size
+            p.grad = noisy.div_(self.expected_batch_size)
             if summed is not None:
                 del p.summed_grad
 
