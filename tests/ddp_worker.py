@@ -40,6 +40,7 @@ def main(mode: str, out_dir: str) -> None:
         strategy=DPDDPStrategy(noise_multiplier=sigma, max_grad_norm=0.05, seed=11),
         max_steps=1,
         logger=False,
+        default_root_dir=out_dir,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
