@@ -96,15 +96,28 @@ class PoissonBatchSampler(Sampler[List[int]]):
                     yield chunk.tolist()
 
 
-def _empty_like_batch(batch: Any) -> Any:
+def map_tensors(batch: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """Apply ``fn`` to every tensor in ``batch`` (tensors nested in lists, tuples, namedtuples, dicts),
+    keeping the structure; other leaves are returned unchanged."""
     if isinstance(batch, torch.Tensor):
-        return batch[:0]
+        return fn(batch)
     if isinstance(batch, (list, tuple)):
-        items = [_empty_like_batch(b) for b in batch]
+        items = [map_tensors(b, fn) for b in batch]
         return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
     if isinstance(batch, dict):
-        return type(batch)((k, _empty_like_batch(v)) for k, v in batch.items())
+        return type(batch)((k, map_tensors(v, fn)) for k, v in batch.items())
     return batch
+
+
+def tensors_in(batch: Any) -> List[torch.Tensor]:
+    """Every tensor in ``batch``, in traversal order."""
+    found: List[torch.Tensor] = []
+    map_tensors(batch, found.append)
+    return found
+
+
+def _empty_like_batch(batch: Any) -> Any:
+    return map_tensors(batch, lambda t: t[:0])
 
 
 class _CollateWithEmpty:
@@ -122,50 +135,21 @@ class _CollateWithEmpty:
 
 def is_empty_batch(batch: Any) -> bool:
     """True when every tensor in ``batch`` has zero length along the batch dimension."""
-    tensors: List[torch.Tensor] = []
-
-    def collect(obj: Any) -> None:
-        if isinstance(obj, torch.Tensor):
-            tensors.append(obj)
-        elif isinstance(obj, (list, tuple)):
-            for item in obj:
-                collect(item)
-        elif isinstance(obj, dict):
-            for item in obj.values():
-                collect(item)
-
-    collect(batch)
+    tensors = tensors_in(batch)
     return bool(tensors) and all(t.dim() > 0 and t.shape[0] == 0 for t in tensors)
 
 
 def split_batch(batch: Any, chunk_size: int) -> List[Any]:
     """Split a batch (tensors, possibly nested in tuples/lists/dicts) into chunks of ``chunk_size`` rows."""
-    size = batch_size_of(batch)
-    starts = range(0, size, chunk_size)
-
-    def take(obj: Any, start: int) -> Any:
-        if isinstance(obj, torch.Tensor) and obj.dim() > 0:
-            return obj[start : start + chunk_size]
-        if isinstance(obj, (list, tuple)):
-            items = [take(o, start) for o in obj]
-            return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
-        if isinstance(obj, dict):
-            return type(obj)((k, take(v, start)) for k, v in obj.items())
-        return obj
-
-    return [take(batch, start) for start in starts]
+    return [
+        map_tensors(batch, lambda t, start=start: t[start : start + chunk_size] if t.dim() > 0 else t)
+        for start in range(0, batch_size_of(batch), chunk_size)
+    ]
 
 
 def batch_size_of(batch: Any) -> int:
-    """Length of the first tensor found in ``batch`` along dimension 0 (0 when there is none)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0] if batch.dim() > 0 else 0
-    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
-    for item in items:
-        size = batch_size_of(item)
-        if size:
-            return size
-    return 0
+    """Length of the first non-empty tensor in ``batch`` along dimension 0 (0 when there is none)."""
+    return next((t.shape[0] for t in tensors_in(batch) if t.dim() > 0 and t.shape[0] > 0), 0)
 
 
 def expected_batch_size_of(loader: DataLoader) -> int:
