@@ -93,6 +93,8 @@ class DPStrategyMixin:
         self._hooks: Optional[GradSampleHooks] = None
         self._budgets: List[Tuple[float, float]] = []
         self._settings_of_checkpoint: Optional[Dict[str, Any]] = None
+        self._steps_at_batch_start: Optional[int] = None  # manual optimization: one step per batch
+        self._refused_steps = 0  # steps the budget guard refused
         if noise_multiplier is not None:
             warn_if_no_noise(noise_multiplier)
 
@@ -299,7 +301,8 @@ class DPStrategyMixin:
         """The DP step; a step the precision plugin skips is still accounted (see below)."""
         dp_optimizer = self.dp_optimizer
         if not self.lightning_module.automatic_optimization:
-            if dp_optimizer.steps_taken > getattr(self, "_steps_at_batch_start", dp_optimizer.steps_taken):
+            start = self._steps_at_batch_start
+            if start is not None and dp_optimizer.steps_taken > start:
                 raise RuntimeError(
                     "Manual optimization under DP may call optimizer.step() at most once per training batch: "
                     "a second step on the same batch releases it again with noise the accountant does not "
@@ -316,10 +319,6 @@ class DPStrategyMixin:
             rank_zero_warn("DP: the precision plugin skipped a step (inf/NaN gradients); it is still accounted.")
         return output
 
-    @property
-    def _refused_steps(self) -> int:
-        return getattr(self, "_refused_step_count", 0)
-
     def add_privacy_budget(self, epsilon: float, delta: float) -> None:
         """Refuse any optimizer step after which ε at ``delta`` would exceed ``epsilon`` (used by
         :class:`~lightning_dp.PrivacyBudgetCallback`, which normally stops training first)."""
@@ -332,7 +331,7 @@ class DPStrategyMixin:
                     f"DP: skipped an optimizer step that would take ε over the budget {epsilon} (δ={delta}). "
                     "Training should stop; check that min_epochs/min_steps do not force it on."
                 )
-                self._refused_step_count = self._refused_steps + 1
+                self._refused_steps += 1
                 if self.lightning_module is not None:
                     self.lightning_module.trainer.should_stop = True
                 return False
