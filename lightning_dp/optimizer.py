@@ -237,6 +237,7 @@ class DPOptimizer(Optimizer):
         """Alias of :meth:`accumulate_micro_batch` (kept for symmetry with Opacus's naming)."""
         return self.accumulate_micro_batch()
 
+    @torch.no_grad()
     def add_noise(self) -> None:
         """``param.grad = (summed_grad + N(0, (σC)²)) / expected_batch_size`` for every parameter.
 
@@ -251,16 +252,26 @@ class DPOptimizer(Optimizer):
         if self.noise_multiplier is None:
             raise RuntimeError("DPOptimizer.noise_multiplier is not set (it is calibrated when training starts).")
         std = self.noise_multiplier * self.max_grad_norm / math.sqrt(self.world_size)
+        groups: Dict[tuple, List[nn.Parameter]] = {}
         for p in self.params:
-            summed = getattr(p, "summed_grad", None)
-            noisy = self.noise.normal(p.shape, std=std, device=p.device, dtype=p.dtype)  # fresh tensor: ours
-            if summed is not None:
-                noisy.add_(summed)
+            groups.setdefault((p.device, p.dtype), []).append(p)
+        for (device, dtype), group in groups.items():
+            # One draw per device and dtype (fresh tensor: ours), cut into the parameters' gradients.
+            flat = self.noise.normal((sum(p.numel() for p in group),), std=std, device=device, dtype=dtype)
+            offsets = [0]
+            for p in group:
+                offsets.append(offsets[-1] + p.numel())
+            pieces = [flat[start:stop] for start, stop in zip(offsets, offsets[1:])]
+            for p, piece in zip(group, pieces):
+                summed = getattr(p, "summed_grad", None)
+                if summed is not None:
+                    piece.add_(summed.reshape(-1))
+                    del p.summed_grad
             if self.world_size > 1:
-                torch.distributed.all_reduce(noisy, op=torch.distributed.ReduceOp.SUM)
-            p.grad = noisy.div_(self.expected_batch_size)
-            if summed is not None:
-                del p.summed_grad
+                torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+            flat.div_(self.expected_batch_size)
+            for p, piece in zip(group, pieces):
+                p.grad = piece.view(p.shape)
 
     def pre_step(self) -> None:
         """Turn this step's per-sample gradients into the noisy DP gradient in ``param.grad``."""

@@ -200,3 +200,22 @@ def test_trainer_fast_and_plain_give_the_same_weights(tmp_path, clipping):
     plain, fast = run("materialize"), run("auto")
     for p, q in zip(plain.parameters(), fast.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("block", [1, 37, 1 << 18])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_conv_norms_by_blocks_of_samples_equal_the_per_sample_gradients(monkeypatch, block, groups):
+    """Blockwise im2col (block smaller than, not dividing, and larger than the batch) and the clipped sum
+    from kept per-sample gradients give the materialised result, for ghost and materialised norms."""
+    from lightning_dp.grad_sample import bookkeeping
+
+    monkeypatch.setattr(bookkeeping, "_BLOCK_ELEMENTS", block)
+    conv = nn.Conv2d(4, 6, (3, 2), stride=(2, 1), dilation=(1, 2), padding=(1, 2), groups=groups).double()
+    x = torch.randn(7, 4, 9, 8, dtype=torch.double)
+    g = torch.randn_like(conv(x))
+    factors = torch.rand(7, dtype=torch.double)
+    for method in ("auto", "ghost", "materialize"):
+        part = ConvPart(conv, x, g, [1, 2])
+        per_sample = part.materialize()
+        torch.testing.assert_close(part.norm_sq(method), per_sample.flatten(1).pow(2).sum(1))
+        torch.testing.assert_close(part.clipped_sum(factors), torch.einsum("b,b...->...", factors, per_sample))

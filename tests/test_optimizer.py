@@ -189,3 +189,29 @@ def test_unseeded_noise_state_is_never_written():
     replay = GaussianNoise(seed=99)
     replay.load_state_dict(state)
     torch.testing.assert_close(replay.normal((4,), std=1.0), seeded.normal((4,), std=1.0))
+
+
+def test_seeds_differing_only_in_high_bits_give_different_noise():
+    """torch's CPU generator keeps 32 bits of ``manual_seed``; every bit of our seed must count."""
+    from lightning_dp.noise import GaussianNoise
+
+    a = GaussianNoise(seed=5).normal((8,), std=1.0)
+    assert not torch.equal(a, GaussianNoise(seed=5 + 2**40).normal((8,), std=1.0))
+    assert torch.equal(a, GaussianNoise(seed=5).normal((8,), std=1.0))
+    out = torch.empty(8)
+    assert GaussianNoise(seed=5).normal((8,), std=1.0, out=out) is out and torch.equal(out, a)
+
+
+def test_noise_is_one_draw_cut_into_independent_parameter_gradients():
+    """Every parameter gets its own slice of one N(0, σ²C²) draw: right std, no two slices alike."""
+    model = nn.Sequential(nn.Linear(300, 200), nn.Linear(200, 300))
+    opt = make_private(model, torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=2.0,
+                       max_grad_norm=0.5, expected_batch_size=4, seed=3)
+    opt.zero_grad()
+    opt.add_noise()  # no samples: pure noise, divided by the expected batch size
+    grads = [p.grad for p in model.parameters()]
+    assert [g.shape for g in grads] == [p.shape for p in model.parameters()]
+    everything = torch.cat([g.reshape(-1) for g in grads]) * 4
+    assert abs(everything.std().item() - 1.0) < 0.01 and abs(everything.mean().item()) < 0.01
+    w0, w1 = grads[0].reshape(-1), grads[2].reshape(-1)
+    assert abs(torch.corrcoef(torch.stack([w0, w1[: w0.numel()]]))[0, 1].item()) < 0.01

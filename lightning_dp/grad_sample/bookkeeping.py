@@ -25,6 +25,7 @@ import torch
 from .utils import conv_patches, conv_weight_grad, pad_input, per_sample_rows
 
 NORM_METHODS = ("auto", "ghost", "materialize")
+_BLOCK_ELEMENTS = 1 << 18  # im2col elements per block of samples in ConvPart.norm_sq (1 MB in float32)
 
 
 class Part:
@@ -114,25 +115,54 @@ class ConvPart(Part):
         self.weight = module.weight.detach()
         self.shape = tuple(module.weight.shape)
         self.batch_size = x.shape[0]
+        self._per_sample: Optional[torch.Tensor] = None  # set by norm_sq when it materialises
+
+    def _windows(self, samples: slice = slice(None)) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The im2col windows of ``samples`` as a strided view ``(b, *L, C, *K)`` (no copy yet) and their
+        output gradient ``(b, O, T)`` over the ``T = prod(L)`` positions the windows cover."""
+        patches = conv_patches(self._padded(samples), self.kernel_size, self.stride, self.dilation)  # (b, C, *L, *K)
+        spatial = len(self.kernel_size)
+        positions = patches.shape[2 : 2 + spatial]
+        g = self.g[(samples, slice(None), *(slice(0, n) for n in positions))]
+        order = (0, *range(2, 2 + spatial), 1, *range(2 + spatial, 2 + 2 * spatial))
+        return patches.permute(order), g.reshape(g.shape[0], g.shape[1], -1)
 
     def as_linear(self) -> Optional[LinearPart]:
         if self.groups != 1:
             return None
-        patches = conv_patches(self._padded(), self.kernel_size, self.stride, self.dilation)  # (B, C, *L, *K)
-        spatial = len(self.kernel_size)
-        positions = patches.shape[2 : 2 + spatial]
-        g = self.g[(slice(None), slice(None), *(slice(0, n) for n in positions))]
-        b, c = patches.shape[:2]
-        a = patches.reshape(b, c, -1, *self.kernel_size).movedim(1, 2).reshape(b, g[0, 0].numel(), -1)
-        return LinearPart(a, g.reshape(b, g.shape[1], -1).transpose(1, 2), self.shape)
+        windows, g = self._windows()
+        b, positions = g.shape[0], g.shape[2]
+        return LinearPart(windows.reshape(b, positions, -1), g.transpose(1, 2), self.shape)
 
     def norm_sq(self, method: str = "auto") -> torch.Tensor:
-        linear = self.as_linear()
-        if linear is not None:
-            return linear.norm_sq(method)
-        return self.materialize().flatten(1).pow(2).sum(1)
+        """Squared per-sample norms through im2col, a block of samples at a time: each block's windows
+        are copied once into ``(b, T, C·K)`` (about 1 MB per block), so the step's peak memory does not
+        grow with the ``B·T·C·K`` im2col of the whole batch and the copies stay in cache."""
+        if self.groups != 1:
+            return self.materialize().flatten(1).pow(2).sum(1)
+        b, out_features = self.g.shape[:2]
+        windows, g = self._windows(slice(0, 1))
+        positions, in_features = g.shape[2], windows.numel() // g.shape[2]
+        ghost = use_ghost(positions, in_features, out_features, method)
+        block = max(1, _BLOCK_ELEMENTS // (positions * in_features))
+        per_sample = None if ghost else self.g.new_empty(b, out_features, in_features)
+        norms = []
+        for start in range(0, b, block):
+            windows, gb = self._windows(slice(start, start + block))
+            a = windows.reshape(-1, positions, in_features)  # the im2col copy
+            if ghost:
+                norms.append((torch.bmm(a, a.transpose(1, 2)) * torch.bmm(gb.transpose(1, 2), gb)).sum((1, 2)))
+            else:
+                grads = torch.bmm(gb, a, out=per_sample[start : start + block])
+                norms.append(torch.linalg.vector_norm(grads, dim=(1, 2)).square())
+        # Materialised per-sample gradients are no larger than G (C·K ≤ T when materialising is cheaper):
+        # keep them, so the clipped sum is a (B,)·(B, O·C·K) product instead of a convolution backward.
+        self._per_sample = per_sample
+        return norms[0] if len(norms) == 1 else torch.cat(norms)
 
     def clipped_sum(self, factors: torch.Tensor) -> torch.Tensor:
+        if self._per_sample is not None:
+            return (factors.to(self._per_sample.dtype) @ self._per_sample.flatten(1)).view(self.shape)
         spatial = len(self.kernel_size)
         g = self.g * factors.to(self.g.dtype).view(-1, *([1] * (spatial + 1)))
         return torch.ops.aten.convolution_backward(
@@ -140,8 +170,8 @@ class ConvPart(Part):
             False, [0] * spatial, self.groups, [False, True, False],
         )[1]
 
-    def _padded(self) -> torch.Tensor:
-        return pad_input(self.x, [p for p in reversed(self.padding) for _ in range(2)], "zeros")
+    def _padded(self, samples: slice = slice(None)) -> torch.Tensor:
+        return pad_input(self.x[samples], [p for p in reversed(self.padding) for _ in range(2)], "zeros")
 
     def materialize(self) -> torch.Tensor:
         return conv_weight_grad(self._padded(), self.g, self.kernel_size, self.stride, self.dilation, self.groups)

@@ -5,6 +5,7 @@ noise an adversary cannot predict: use :class:`~lightning_dp.noise.SecureRNG` wh
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any, Dict, Optional
 
@@ -15,8 +16,19 @@ def _random_seed() -> int:
     return int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
 
 
+def _generator_seed(seed: int) -> int:
+    """A 64-bit generator seed that depends on every bit of ``seed``.
+
+    torch's CPU Mersenne Twister keeps only the low 32 bits of ``manual_seed``: seeds that differ only in
+    their high bits would otherwise give the same noise.
+    """
+    digest = hashlib.sha256(f"lightning_dp.GaussianNoise:{seed}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
 class GaussianNoise:
-    """Gaussian noise from a seeded ``torch.Generator`` (one per device); not cryptographically secure.
+    """Gaussian noise from a seeded ``torch.Generator`` (one per device); fast and reproducible, **not**
+    cryptographically secure.
 
     Args:
         seed: integer seed for reproducible runs; ``None`` draws one from the OS.
@@ -39,7 +51,7 @@ class GaussianNoise:
         key = str(device)
         if key not in self._generators:
             generator = torch.Generator(device=device)
-            generator.manual_seed(self.seed)
+            generator.manual_seed(_generator_seed(self.seed))
             self._generators[key] = generator
         return self._generators[key]
 
@@ -49,13 +61,15 @@ class GaussianNoise:
         std: float,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        out: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """A tensor of i.i.d. ``N(0, std²)`` draws."""
+        """A tensor of i.i.d. ``N(0, std²)`` draws (written into ``out`` when given, else a new tensor)."""
         device = torch.device(device)
-        out = torch.empty(shape, device=device, dtype=dtype)
+        if out is None:
+            out = torch.empty(shape, device=device, dtype=dtype)
         if std == 0:
             return out.zero_()
-        return out.normal_(mean=0.0, std=std, generator=self._generator(device))
+        return out.normal_(mean=0.0, std=std, generator=self._generator(out.device))
 
     def state_dict(self) -> Dict[str, Any]:
         """Seed and generator states when the user seeded the generator (reproducible mode), else ``{}``.
