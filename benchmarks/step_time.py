@@ -4,22 +4,22 @@
 
 Times: every method's training step (zero_grad, forward, loss, backward, optimizer step incl. noise)
 on the same model weights and the same batch, interleaved round by round in one process; the table
-shows medians and ratios to the non-private step. Memory: each method runs a few steps in a fresh
-subprocess; "peak MB" is the highest resident set size (``/proc/self/statm``, sampled every 0.5 ms by a
-thread) during 3 steps minus the size just before them (after one warm-up step: model, optimizer state
-and batch already built), so it counts activations, gradients, per-sample state and allocator slack
-of the step itself. (tracemalloc does not see PyTorch's CPU allocations.)
+shows medians and ratios to the non-private step. Memory: each method runs in a fresh subprocess that
+tracks every tensor allocation and free (``torch.profiler``, ``profile_memory=True``) from before the
+model is built; "peak MB" is the most tensor memory live at once during 3 steps after a warm-up step
+(model, optimizer state, batch, activations, gradients, per-sample state: what
+``torch.cuda.max_memory_allocated`` counts on a GPU), its ratio is to the non-private peak, and
+"step +" is the peak minus what was live just before the 3 steps. (Resident set size is not used: the
+C allocator keeps and reuses freed pages, so RSS misses most of a step's temporaries.)
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
-import resource
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import warnings
 from typing import Callable, Dict, List, Tuple
@@ -147,38 +147,49 @@ def time_model(key: str, methods: List[str], repeats: int) -> Dict[str, float]:
     return {m: statistics.median(t) for m, t in times.items()}
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
 def memory_child(key: str, method: str) -> None:
+    """Print ``[peak, rise]`` in MB for 3 steps of ``method`` after one warm-up step (fresh process).
+
+    Every tensor allocation is tracked from before the model is built (``torch.profiler`` with
+    ``profile_memory``: the CPU allocator reports each allocation and free), so the live total is exact:
+    ``peak`` is its maximum during the 3 steps (model, optimizer state, batch, activations, gradients and
+    per-sample state: what ``torch.cuda.max_memory_allocated`` counts on a GPU), ``rise`` the peak minus
+    what was live just before them.
+    """
+    import os
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile, record_function
+
     _, make_model, make_batch = models()[key]
     torch.manual_seed(0)
-    step = make_step(method, make_model(), make_batch())
-    step()  # first step allocates optimizer state and lazy buffers; measure the steady state
-    before, peak, running = _rss_mb(), [0.0], [True]
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step = make_step(method, make_model(), make_batch())
+        step()  # first step allocates optimizer state and lazy buffers; measure the steady state
+        with record_function("measured_steps"):
+            for _ in range(3):
+                step()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    window = next(e for e in events if e.get("name") == "measured_steps" and "dur" in e)
+    start, end = window["ts"], window["ts"] + window["dur"]
+    memory = sorted((e["ts"], e["args"]["Total Allocated"]) for e in events if e.get("name") == "[memory]")
+    before = next((total for ts, total in reversed(memory) if ts < start), 0)
+    peak = max([total for ts, total in memory if start <= ts <= end] + [before])
+    print(json.dumps([peak / 2**20, (peak - before) / 2**20]))
 
-    def sample() -> None:
-        while running[0]:
-            peak[0] = max(peak[0], _rss_mb())
-            time.sleep(0.0005)
 
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    for _ in range(3):
-        step()
-    running[0] = False
-    thread.join()
-    print(json.dumps(max(peak[0], _rss_mb()) - before))
-
-
-def peak_memory(key: str, method: str) -> float:
+def peak_memory(key: str, method: str) -> Tuple[float, float]:
+    """``(peak MB, rise MB)`` of ``method`` on ``key``, measured in a fresh subprocess."""
     out = subprocess.run([sys.executable, __file__, "--memory-child", key, method], capture_output=True, text=True)
     try:
-        return float(out.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        return float("nan")
+        peak, rise = json.loads(out.stdout.strip().splitlines()[-1])
+        return float(peak), float(rise)
+    except (ValueError, IndexError, TypeError):
+        return float("nan"), float("nan")
 
 
 def main() -> None:
@@ -193,7 +204,7 @@ def main() -> None:
         return
     methods = available_methods()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.repeats} steps; "
-          "peak MB = RSS rise during 3 steps (sampled), fresh process per method")
+          "peak MB = most tensor memory live during a step (allocator-tracked, fresh process per method)")
     header = f"| model | {' | '.join(methods)} |"
     print(header)
     print("|" + "---|" * (len(methods) + 1))
@@ -201,14 +212,18 @@ def main() -> None:
         title = models()[key][0]
         med = time_model(key, methods, args.repeats)
         base = med["non-private"]
-        mem = {m: (float("nan") if args.no_memory else peak_memory(key, m)) for m in methods}
+        nan = (float("nan"), float("nan"))
+        mem = {m: (nan if args.no_memory else peak_memory(key, m)) for m in methods}
         cells = []
         for m in methods:
             if m not in med:
                 cells.append("n/a")
                 continue
-            ratio = mem[m] / mem["non-private"] if mem["non-private"] > 0 else float("nan")
-            cells.append(f"{med[m] * 1e3:.1f} ms ({med[m] / base:.2f}×), {mem[m]:.0f} MB ({ratio:.2f}×)")
+            peak, rise = mem[m]
+            cells.append(
+                f"{med[m] * 1e3:.1f} ms ({med[m] / base:.2f}×), {peak:.1f} MB ({peak / mem['non-private'][0]:.2f}×; "
+                f"step +{rise:.1f} MB)"
+            )
         print(f"| {title} | {' | '.join(cells)} |", flush=True)
 
 

@@ -56,6 +56,7 @@ def clip_and_sum(
     scale: float = 1.0,
     norm_method: str = "auto",
     num_layers: Optional[int] = None,
+    release: bool = False,
 ) -> Tuple[List[torch.Tensor], torch.Tensor]:
     """Clip every sample and sum over the batch: ``([Σ_b c_b·s·g_b per param], per-sample norms)``.
 
@@ -67,6 +68,9 @@ def clip_and_sum(
         norm_method: ``"auto"``, ``"ghost"`` or ``"materialize"`` (how factored parts compute norms).
         num_layers: ``K`` for per-layer clipping (default ``len(params)``): the number of trainable
             parameters of the optimizer, including those without gradient in this pass.
+        release: set each ``parts[k]`` to ``None`` once its clipped sum is computed (``parts`` must be a
+            list), so the activations and output gradients it holds are freed before the next sum is made:
+            the step's peak memory then stays near that of a non-private step.
 
     Returns the clipped sums and each sample's norm over all parameters (before clipping, after ``s``).
     """
@@ -78,7 +82,12 @@ def clip_and_sum(
         bound = max_grad_norm / math.sqrt(num_layers or len(params))
         factors = [clip_factors(sq.sqrt(), bound) for sq in squared]
     sums = []
-    for ps, f in zip(parts, factors):
-        contributions = [part.clipped_sum(f * scale) for part in ps]
-        sums.append(contributions[0] if len(contributions) == 1 else torch.stack(contributions).sum(0))
+    for k, f in enumerate(factors):
+        contributions = [part.clipped_sum(f * scale) for part in parts[k]]
+        if release:
+            parts[k] = None  # type: ignore[index]
+        total_k = contributions[0]
+        for more in contributions[1:]:
+            total_k = total_k + more
+        sums.append(total_k)
     return sums, total

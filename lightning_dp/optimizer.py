@@ -15,6 +15,10 @@ from .grad_sample.fast import CLIPPING_MODES, set_clipping_mode
 from .noise import GaussianNoise
 
 
+NOISE_PIECE = 1 << 16
+"""Noise is drawn and added to a CPU parameter's clipped sum this many elements at a time (64× on GPU)."""
+
+
 class DPOptimizer(Optimizer):
     """An optimizer whose ``step`` is the DP-SGD update (Abadi et al. 2016, "Deep Learning with DP").
 
@@ -214,6 +218,10 @@ class DPOptimizer(Optimizer):
                 "different batch dimension than the others. Put the batch first in every layer's input, or pass "
                 "the right batch_first to attach_grad_sample_hooks (time-major models)."
             )
+        for p in with_samples:  # from here on the parts are only in `parts`: freed one by one as used
+            for attr in ("grad_sample", "grad_parts"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
         sums, norms = clip_and_sum(
             with_samples,
             parts,
@@ -222,14 +230,12 @@ class DPOptimizer(Optimizer):
             scale=float(self.per_sample_grad_scale),
             norm_method="materialize" if self.clipping_mode == "materialize" else self.clipping_mode,
             num_layers=len(params),
+            release=True,
         )
         for p, clipped in zip(with_samples, sums):
             clipped = clipped.to(p.dtype)
             previous = getattr(p, "summed_grad", None)
-            p.summed_grad = clipped if previous is None else previous + clipped
-            for attr in ("grad_sample", "grad_parts"):
-                if hasattr(p, attr):
-                    delattr(p, attr)
+            p.summed_grad = clipped if previous is None else previous.add_(clipped)
         self.samples_in_step += next(iter(batch_sizes))
         return norms
 
@@ -252,26 +258,23 @@ class DPOptimizer(Optimizer):
         if self.noise_multiplier is None:
             raise RuntimeError("DPOptimizer.noise_multiplier is not set (it is calibrated when training starts).")
         std = self.noise_multiplier * self.max_grad_norm / math.sqrt(self.world_size)
-        groups: Dict[tuple, List[nn.Parameter]] = {}
         for p in self.params:
-            groups.setdefault((p.device, p.dtype), []).append(p)
-        for (device, dtype), group in groups.items():
-            # One draw per device and dtype (fresh tensor: ours), cut into the parameters' gradients.
-            flat = self.noise.normal((sum(p.numel() for p in group),), std=std, device=device, dtype=dtype)
-            offsets = [0]
-            for p in group:
-                offsets.append(offsets[-1] + p.numel())
-            pieces = [flat[start:stop] for start, stop in zip(offsets, offsets[1:])]
-            for p, piece in zip(group, pieces):
-                summed = getattr(p, "summed_grad", None)
-                if summed is not None:
-                    piece.add_(summed.reshape(-1))
-                    del p.summed_grad
+            summed = getattr(p, "summed_grad", None)
+            if summed is None:
+                grad = self.noise.normal(p.shape, std=std, device=p.device, dtype=p.dtype)  # fresh tensor: ours
+            else:
+                # The clipped sum is ours (a fresh tensor): add the noise into it a piece at a time, so the
+                # step never holds a second parameter-sized tensor (peak memory as without DP).
+                del p.summed_grad
+                grad = summed.to(p.dtype).contiguous()
+                flat = grad.view(-1)
+                piece_size = NOISE_PIECE if p.device.type == "cpu" else 64 * NOISE_PIECE
+                for start in range(0, flat.numel(), piece_size):
+                    piece = flat[start : start + piece_size]
+                    piece.add_(self.noise.normal(piece.shape, std=std, device=p.device, dtype=p.dtype))
             if self.world_size > 1:
-                torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
-            flat.div_(self.expected_batch_size)
-            for p, piece in zip(group, pieces):
-                p.grad = piece.view(p.shape)
+                torch.distributed.all_reduce(grad, op=torch.distributed.ReduceOp.SUM)
+            p.grad = grad.div_(self.expected_batch_size)
 
     def pre_step(self) -> None:
         """Turn this step's per-sample gradients into the noisy DP gradient in ``param.grad``."""

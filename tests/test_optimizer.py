@@ -131,7 +131,7 @@ def test_zero_grad_clears_per_sample_gradients_and_state_dict_is_plain():
     inner = torch.optim.Adam(model.parameters(), lr=0.1)
     opt = make_private(model, inner, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4)
     model(torch.randn(4, 3)).sum().backward()
-    assert hasattr(model.weight, "grad_parts") and hasattr(model.bias, "grad_sample")  # factored / materialised
+    assert hasattr(model.weight, "grad_parts") and hasattr(model.bias, "grad_parts")  # factored (no copies)
     opt.step()
     opt.zero_grad()
     for p in model.parameters():

@@ -99,6 +99,34 @@ class LinearPart(Part):
         return _place(block, self.shape, self.rows, batched=True)
 
 
+class BiasPart(Part):
+    """A bias gradient: each sample's output gradient summed over its positions, ``g: (B, T, O)``; with
+    ``T = 1`` (a plain Linear) that is ``g`` itself, used without a copy. ``rows`` as in :class:`LinearPart`."""
+
+    def __init__(self, backprops: torch.Tensor, shape: Sequence[int], rows: Optional[slice] = None) -> None:
+        self.g = backprops
+        self.shape = tuple(shape)
+        self.rows = rows
+        self.batch_size = backprops.shape[0]
+
+    def _per_sample(self) -> torch.Tensor:
+        return self.g[:, 0] if self.g.shape[1] == 1 else self.g.sum(1)
+
+    def as_linear(self) -> LinearPart:
+        ones = self.g.new_ones(self.g.shape[0], self.g.shape[1], 1)
+        return LinearPart(ones, self.g, self.shape, self.rows)
+
+    def norm_sq(self, method: str = "auto") -> torch.Tensor:
+        return torch.linalg.vector_norm(self._per_sample(), dim=1).square()
+
+    def clipped_sum(self, factors: torch.Tensor) -> torch.Tensor:
+        per_sample = self._per_sample()
+        return _place(factors.to(per_sample.dtype) @ per_sample, self.shape, self.rows)
+
+    def materialize(self) -> torch.Tensor:
+        return _place(self._per_sample(), self.shape, self.rows, batched=True)
+
+
 class ConvPart(Part):
     """A convolution's weight gradient from its input ``x: (B, C, *S)`` (zero-padded by ``padding`` on
     both sides of each spatial dim; other padding modes are applied before) and output gradient

@@ -45,11 +45,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fast
-from .bookkeeping import ConvPart, LinearPart, Part, RowsPart
+from .bookkeeping import BiasPart, ConvPart, LinearPart, Part, RowsPart
 from .functional import check_fallback, fallback_grad_sample
 from .linear import linear_param_grads
 from .registry import get_dp_forward, get_grad_sampler, get_rule_batch_dim, trainable_parameters
-from .utils import flatten_middle, pad_input, place_rows, sum_over_middle, sum_per_channel
+from .utils import flatten_middle, pad_input, place_rows
 
 _LOSS_REDUCTIONS = ("mean", "sum")
 _FACTORED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
@@ -276,13 +276,13 @@ class GradSampleHooks:
             if weight.requires_grad:
                 self.add_part(weight, LinearPart(flatten_middle(x), flatten_middle(grad), weight.shape))
             if bias is not None and bias.requires_grad:
-                self.add_grad_sample(bias, sum_over_middle(grad), module)
+                self.add_part(bias, BiasPart(flatten_middle(grad).to(bias.dtype), bias.shape))
             return
         if weight.requires_grad:
             padding = fast.conv_padding(module) or [0] * len(module.kernel_size)
             self.add_part(weight, ConvPart(module, x, grad, padding))
         if bias is not None and bias.requires_grad:
-            self.add_grad_sample(bias, sum_per_channel(grad), module)
+            self.add_part(bias, BiasPart(grad.flatten(2).transpose(1, 2).to(bias.dtype), bias.shape))
 
     # --- DP forwards ----------------------------------------------------------------------------------
     def _patch_forward(self, module: nn.Module, dp_forward: Any) -> None:
@@ -315,13 +315,15 @@ class GradSampleHooks:
 
         def on_output_grad(grad: torch.Tensor) -> None:
             grad = self.scale(grad, grad.shape[0])
+            need_w_now, need_b_now = need_w, need_b
             if factored and need_w:
                 a, g = x_saved.to(weight.dtype), grad.to(weight.dtype)
                 self.add_part(weight, LinearPart(flatten_middle(a), flatten_middle(g), weight.shape, weight_rows))
                 need_w_now = False
-            else:
-                need_w_now = need_w
-            gw, gb = linear_param_grads(x_saved, grad, need_w_now, need_b)
+            if factored and need_b:
+                self.add_part(bias, BiasPart(flatten_middle(grad.to(bias.dtype)), bias.shape, bias_rows))
+                need_b_now = False
+            gw, gb = linear_param_grads(x_saved, grad, need_w_now, need_b_now)
             if gw is not None:
                 self.add_grad_sample(weight, place_rows(gw, weight.shape, weight_rows))
             if gb is not None:
