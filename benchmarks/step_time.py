@@ -92,9 +92,12 @@ def make_step(method: str, model: nn.Module, batch: tuple) -> Callable[[], None]
             opt.step()
         return step
     from opacus import PrivacyEngine
+    from opacus.validators import ModuleValidator
     from torch.utils.data import DataLoader, TensorDataset
 
     mode = method.split("-", 1)[1]
+    model = ModuleValidator.fix(model)  # nn.MultiheadAttention → Opacus's DPMultiheadAttention (same weights)
+    base = torch.optim.SGD(model.parameters(), lr=0.01)
     loader = DataLoader(TensorDataset(x, y), batch_size=n)
     engine = PrivacyEngine()
     kwargs = dict(module=model, optimizer=base, data_loader=loader, noise_multiplier=SIGMA, max_grad_norm=C,
@@ -102,7 +105,7 @@ def make_step(method: str, model: nn.Module, batch: tuple) -> Callable[[], None]
     if mode == "ghost":
         criterion = nn.CrossEntropyLoss()
         wrapped, opt, criterion, _ = engine.make_private(criterion=criterion, **kwargs)
-        crit = lambda out, t: criterion(out.reshape(-1, out.shape[-1]), t.reshape(-1))  # noqa: E731
+        crit = lambda out, t: criterion(out.reshape(-1, out.shape[-1]), t.reshape(-1), shape=out.shape)  # noqa: E731
     else:
         wrapped, opt, _ = engine.make_private(**kwargs)
         crit = loss_fn
@@ -219,11 +222,11 @@ def main() -> None:
             if m not in med:
                 cells.append("n/a")
                 continue
-            peak, rise = mem[m]
-            cells.append(
-                f"{med[m] * 1e3:.1f} ms ({med[m] / base:.2f}×), {peak:.1f} MB ({peak / mem['non-private'][0]:.2f}×; "
-                f"step +{rise:.1f} MB)"
-            )
+            cell = f"{med[m] * 1e3:.1f} ms ({med[m] / base:.2f}×)"
+            if not args.no_memory:
+                peak, rise = mem[m]
+                cell += f", {peak:.1f} MB ({peak / mem['non-private'][0]:.2f}×; step +{rise:.1f} MB)"
+            cells.append(cell)
         print(f"| {title} | {' | '.join(cells)} |", flush=True)
 
 
