@@ -29,22 +29,39 @@ _BLOCK_ELEMENTS = 1 << 18  # im2col elements per block of samples in ConvPart.no
 
 
 class Part:
-    """The factored per-sample gradient of one use of a parameter (abstract)."""
+    """The factored per-sample gradient of one use of a parameter (abstract).
+
+    ``scale`` multiplies the per-sample gradient the factors describe (the loss reduction's batch size,
+    a loss scale): it is applied to the ``(B,)`` norms and clip factors, never to the factors' tensors.
+    Subclasses implement ``_norm_sq``, ``_clipped_sum`` and ``_materialize`` of the unscaled gradient.
+    """
 
     shape: Tuple[int, ...]
     batch_size: int
+    scale: float = 1.0
 
     def norm_sq(self, method: str = "auto") -> torch.Tensor:
         """Squared per-sample norms ``(B,)``."""
-        return self.materialize().flatten(1).pow(2).sum(1)
+        norms = self._norm_sq(method)
+        return norms if self.scale == 1.0 else norms * (self.scale * self.scale)
 
     def clipped_sum(self, factors: torch.Tensor) -> torch.Tensor:
         """``Σ_b factors[b] · ∇_b`` with the parameter's shape."""
-        flat = self.materialize().flatten(1)
-        return (factors.to(flat.dtype) @ flat).view(self.shape)
+        return self._clipped_sum(factors if self.scale == 1.0 else factors * self.scale)
 
     def materialize(self) -> torch.Tensor:
         """The per-sample gradients ``(B, *shape)`` (the plain path; used for mixes and tests)."""
+        grads = self._materialize()
+        return grads if self.scale == 1.0 else grads * self.scale
+
+    def _norm_sq(self, method: str) -> torch.Tensor:
+        return self._materialize().flatten(1).pow(2).sum(1)
+
+    def _clipped_sum(self, factors: torch.Tensor) -> torch.Tensor:
+        flat = self._materialize().flatten(1)
+        return (factors.to(flat.dtype) @ flat).view(self.shape)
+
+    def _materialize(self) -> torch.Tensor:
         raise NotImplementedError
 
     def as_linear(self) -> Optional["LinearPart"]:
@@ -66,22 +83,28 @@ class LinearPart(Part):
     ``rows`` places it in a block of rows of a packed parameter (attention's ``in_proj_weight``)."""
 
     def __init__(
-        self, activations: torch.Tensor, backprops: torch.Tensor, shape: Sequence[int], rows: Optional[slice] = None
+        self,
+        activations: torch.Tensor,
+        backprops: torch.Tensor,
+        shape: Sequence[int],
+        rows: Optional[slice] = None,
+        scale: float = 1.0,
     ) -> None:
         self.a = activations
         self.g = backprops
         self.shape = tuple(shape)
         self.rows = rows
+        self.scale = scale
         self.batch_size = activations.shape[0]
 
     def as_linear(self) -> "LinearPart":
         return self
 
-    def norm_sq(self, method: str = "auto") -> torch.Tensor:
+    def _norm_sq(self, method: str) -> torch.Tensor:
         a, g = self.a, self.g
         positions, in_features, out_features = a.shape[1], a.shape[2], g.shape[2]
         if positions == 1:
-            return a.pow(2).sum((1, 2)) * g.pow(2).sum((1, 2))
+            return torch.linalg.vector_norm(a, dim=(1, 2)).square() * torch.linalg.vector_norm(g, dim=(1, 2)).square()
         if use_ghost(positions, in_features, out_features, method):
             return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
         return torch.bmm(g.transpose(1, 2), a).pow(2).sum((1, 2))
@@ -89,12 +112,17 @@ class LinearPart(Part):
     def _block(self) -> Tuple[int, ...]:
         return self.shape if self.rows is None else (self.g.shape[2], *self.shape[1:])
 
-    def clipped_sum(self, factors: torch.Tensor) -> torch.Tensor:
-        g = self.g * factors.to(self.g.dtype).view(-1, 1, 1)
-        block = (g.reshape(-1, g.shape[2]).t() @ self.a.reshape(-1, self.a.shape[2])).view(self._block())
+    def _clipped_sum(self, factors: torch.Tensor) -> torch.Tensor:
+        # (c ⊙ G)ᵀA = Gᵀ(c ⊙ A): scale whichever of the two is smaller (A for a wide output head).
+        a, g = self.a, self.g
+        if a.shape[2] < g.shape[2]:
+            a = a * factors.to(a.dtype).view(-1, 1, 1)
+        else:
+            g = g * factors.to(g.dtype).view(-1, 1, 1)
+        block = (g.reshape(-1, g.shape[2]).t() @ a.reshape(-1, a.shape[2])).view(self._block())
         return _place(block, self.shape, self.rows)
 
-    def materialize(self) -> torch.Tensor:
+    def _materialize(self) -> torch.Tensor:
         block = torch.bmm(self.g.transpose(1, 2), self.a).view(self.batch_size, *self._block())
         return _place(block, self.shape, self.rows, batched=True)
 
@@ -103,27 +131,35 @@ class BiasPart(Part):
     """A bias gradient: each sample's output gradient summed over its positions, ``g: (B, T, O)``; with
     ``T = 1`` (a plain Linear) that is ``g`` itself, used without a copy. ``rows`` as in :class:`LinearPart`."""
 
-    def __init__(self, backprops: torch.Tensor, shape: Sequence[int], rows: Optional[slice] = None) -> None:
+    def __init__(
+        self, backprops: torch.Tensor, shape: Sequence[int], rows: Optional[slice] = None, scale: float = 1.0
+    ) -> None:
         self.g = backprops
         self.shape = tuple(shape)
         self.rows = rows
+        self.scale = scale
         self.batch_size = backprops.shape[0]
+        self._summed: Optional[torch.Tensor] = None
 
     def _per_sample(self) -> torch.Tensor:
-        return self.g[:, 0] if self.g.shape[1] == 1 else self.g.sum(1)
+        if self.g.shape[1] == 1:
+            return self.g[:, 0]
+        if self._summed is None:  # summed over positions once, for the norm and the clipped sum
+            self._summed = self.g.sum(1)
+        return self._summed
 
     def as_linear(self) -> LinearPart:
         ones = self.g.new_ones(self.g.shape[0], self.g.shape[1], 1)
-        return LinearPart(ones, self.g, self.shape, self.rows)
+        return LinearPart(ones, self.g, self.shape, self.rows, self.scale)
 
-    def norm_sq(self, method: str = "auto") -> torch.Tensor:
+    def _norm_sq(self, method: str) -> torch.Tensor:
         return torch.linalg.vector_norm(self._per_sample(), dim=1).square()
 
-    def clipped_sum(self, factors: torch.Tensor) -> torch.Tensor:
+    def _clipped_sum(self, factors: torch.Tensor) -> torch.Tensor:
         per_sample = self._per_sample()
         return _place(factors.to(per_sample.dtype) @ per_sample, self.shape, self.rows)
 
-    def materialize(self) -> torch.Tensor:
+    def _materialize(self) -> torch.Tensor:
         return _place(self._per_sample(), self.shape, self.rows, batched=True)
 
 
@@ -133,8 +169,11 @@ class ConvPart(Part):
     ``g: (B, O, *L)``; norms through unfold (im2col), the clipped sum by one convolution
     backward (``aten.convolution_backward``, the kernel autograd would have run)."""
 
-    def __init__(self, module: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, padding: Sequence[int]) -> None:
+    def __init__(
+        self, module: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, padding: Sequence[int], scale: float = 1.0
+    ) -> None:
         self.x, self.g = x, g
+        self.scale = scale
         self.padding = tuple(padding)
         self.kernel_size = tuple(module.kernel_size)
         self.stride = tuple(module.stride)
@@ -160,14 +199,14 @@ class ConvPart(Part):
             return None
         windows, g = self._windows()
         b, positions = g.shape[0], g.shape[2]
-        return LinearPart(windows.reshape(b, positions, -1), g.transpose(1, 2), self.shape)
+        return LinearPart(windows.reshape(b, positions, -1), g.transpose(1, 2), self.shape, scale=self.scale)
 
-    def norm_sq(self, method: str = "auto") -> torch.Tensor:
+    def _norm_sq(self, method: str) -> torch.Tensor:
         """Squared per-sample norms through im2col, a block of samples at a time: each block's windows
         are copied once into ``(b, T, C·K)`` (about 1 MB per block), so the step's peak memory does not
         grow with the ``B·T·C·K`` im2col of the whole batch and the copies stay in cache."""
         if self.groups != 1:
-            return self.materialize().flatten(1).pow(2).sum(1)
+            return self._materialize().flatten(1).pow(2).sum(1)
         b, out_features = self.g.shape[:2]
         windows, g = self._windows(slice(0, 1))
         positions, in_features = g.shape[2], windows.numel() // g.shape[2]
@@ -188,20 +227,25 @@ class ConvPart(Part):
         self._per_sample = per_sample
         return norms[0] if len(norms) == 1 else torch.cat(norms)
 
-    def clipped_sum(self, factors: torch.Tensor) -> torch.Tensor:
+    def _clipped_sum(self, factors: torch.Tensor) -> torch.Tensor:
         if self._per_sample is not None:
             return (factors.to(self._per_sample.dtype) @ self._per_sample.flatten(1)).view(self.shape)
         spatial = len(self.kernel_size)
-        g = self.g * factors.to(self.g.dtype).view(-1, *([1] * (spatial + 1)))
+        # The weight gradient is bilinear in (x, g): scale whichever of the two is smaller.
+        x, g = self.x, self.g
+        if x.numel() < g.numel():
+            x = x * factors.to(x.dtype).view(-1, *([1] * (spatial + 1)))
+        else:
+            g = g * factors.to(g.dtype).view(-1, *([1] * (spatial + 1)))
         return torch.ops.aten.convolution_backward(
-            g, self.x, self.weight.to(g.dtype), None, list(self.stride), list(self.padding), list(self.dilation),
+            g, x, self.weight.to(g.dtype), None, list(self.stride), list(self.padding), list(self.dilation),
             False, [0] * spatial, self.groups, [False, True, False],
         )[1]
 
     def _padded(self, samples: slice = slice(None)) -> torch.Tensor:
         return pad_input(self.x[samples], [p for p in reversed(self.padding) for _ in range(2)], "zeros")
 
-    def materialize(self) -> torch.Tensor:
+    def _materialize(self) -> torch.Tensor:
         return conv_weight_grad(self._padded(), self.g, self.kernel_size, self.stride, self.dilation, self.groups)
 
 
@@ -212,24 +256,31 @@ class RowsPart(Part):
     (``unique`` over ``sample·V + row``), then squared and summed per sample."""
 
     def __init__(
-        self, samples: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, batch_size: int, shape: Sequence[int]
+        self,
+        samples: torch.Tensor,
+        rows: torch.Tensor,
+        values: torch.Tensor,
+        batch_size: int,
+        shape: Sequence[int],
+        scale: float = 1.0,
     ) -> None:
         self.samples, self.rows, self.values = samples, rows, values
         self.batch_size = batch_size
         self.shape = tuple(shape)
+        self.scale = scale
 
-    def norm_sq(self, method: str = "auto") -> torch.Tensor:
+    def _norm_sq(self, method: str) -> torch.Tensor:
         keys = self.samples * self.shape[0] + self.rows
         unique, inverse = torch.unique(keys, return_inverse=True)
         summed = self.values.new_zeros(unique.numel(), self.values.shape[1]).index_add_(0, inverse, self.values)
         out = self.values.new_zeros(self.batch_size)
         return out.index_add_(0, torch.div(unique, self.shape[0], rounding_mode="floor"), summed.pow(2).sum(1))
 
-    def clipped_sum(self, factors: torch.Tensor) -> torch.Tensor:
+    def _clipped_sum(self, factors: torch.Tensor) -> torch.Tensor:
         values = self.values * factors.to(self.values.dtype)[self.samples].unsqueeze(1)
         return self.values.new_zeros(self.shape).index_add_(0, self.rows, values)
 
-    def materialize(self) -> torch.Tensor:
+    def _materialize(self) -> torch.Tensor:
         return per_sample_rows(self.samples, self.rows, self.values, self.batch_size, self.shape[0])
 
 
@@ -241,7 +292,7 @@ class MaterializedPart(Part):
         self.shape = tuple(grad_sample.shape[1:])
         self.batch_size = grad_sample.shape[0]
 
-    def materialize(self) -> torch.Tensor:
+    def _materialize(self) -> torch.Tensor:
         return self.grad_sample
 
 
@@ -280,10 +331,11 @@ def merge(parts: List[Part]) -> List[Part]:
         if len(group) == 1:
             merged.append(group[0])
             continue
-        dtype = group[0].a.dtype
+        dtype, scale = group[0].a.dtype, group[0].scale
+        same_scale = all(p.scale == scale for p in group)
         a = torch.cat([p.a.to(dtype) for p in group], dim=1)
-        g = torch.cat([p.g.to(dtype) for p in group], dim=1)
-        merged.append(LinearPart(a, g, group[0].shape, group[0].rows))
+        g = torch.cat([p.g.to(dtype) * (1.0 if same_scale else p.scale) for p in group], dim=1)
+        merged.append(LinearPart(a, g, group[0].shape, group[0].rows, scale if same_scale else 1.0))
     return merged
 
 

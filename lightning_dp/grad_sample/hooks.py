@@ -159,10 +159,15 @@ class GradSampleHooks:
                 return hits[0]
         return 0 if self.batch_first else 1
 
+    def scale_factor(self, batch_size: int) -> float:
+        """The factor from the output gradient of the batch loss to that of the per-sample losses, times
+        ``loss_scale`` (factored parts keep it as a number instead of scaling their tensors)."""
+        factor = float(batch_size) if self.loss_reduction == "mean" else 1.0
+        return factor * self.loss_scale
+
     def scale(self, grad: torch.Tensor, batch_size: int) -> torch.Tensor:
         """Output gradient of the batch loss → of the per-sample losses, times ``loss_scale``."""
-        factor = float(batch_size) if self.loss_reduction == "mean" else 1.0
-        factor *= self.loss_scale
+        factor = self.scale_factor(batch_size)
         return grad if factor == 1.0 else grad * factor
 
     # --- rules ----------------------------------------------------------------------------------------
@@ -260,7 +265,7 @@ class GradSampleHooks:
                 grad = grad.movedim(found, 0)
                 x = x.movedim(found, 0) if x.dim() > found else x
             batch_size = grad.shape[0]
-        grad = self.scale(grad, batch_size)
+        scale = self.scale_factor(batch_size)
         grad, (x,) = _common_dtype(module, grad, (x,))
         weight, bias = module.weight, getattr(module, "bias", None)
         if isinstance(module, nn.Embedding):
@@ -270,19 +275,19 @@ class GradSampleHooks:
                 if module.padding_idx is not None:
                     values = values * (rows != module.padding_idx).unsqueeze(1).to(values.dtype)
                 samples = torch.arange(batch_size, device=rows.device).repeat_interleave(rows.numel() // batch_size)
-                self.add_part(weight, RowsPart(samples, rows, values, batch_size, weight.shape))
+                self.add_part(weight, RowsPart(samples, rows, values, batch_size, weight.shape, scale))
             return
         if isinstance(module, nn.Linear):
             if weight.requires_grad:
-                self.add_part(weight, LinearPart(flatten_middle(x), flatten_middle(grad), weight.shape))
+                self.add_part(weight, LinearPart(flatten_middle(x), flatten_middle(grad), weight.shape, scale=scale))
             if bias is not None and bias.requires_grad:
-                self.add_part(bias, BiasPart(flatten_middle(grad).to(bias.dtype), bias.shape))
+                self.add_part(bias, BiasPart(flatten_middle(grad).to(bias.dtype), bias.shape, scale=scale))
             return
         if weight.requires_grad:
             padding = fast.conv_padding(module) or [0] * len(module.kernel_size)
-            self.add_part(weight, ConvPart(module, x, grad, padding))
+            self.add_part(weight, ConvPart(module, x, grad, padding, scale))
         if bias is not None and bias.requires_grad:
-            self.add_part(bias, BiasPart(grad.flatten(2).transpose(1, 2).to(bias.dtype), bias.shape))
+            self.add_part(bias, BiasPart(grad.flatten(2).transpose(1, 2).to(bias.dtype), bias.shape, scale=scale))
 
     # --- DP forwards ----------------------------------------------------------------------------------
     def _patch_forward(self, module: nn.Module, dp_forward: Any) -> None:
@@ -314,16 +319,18 @@ class GradSampleHooks:
         x_saved = x.detach()
 
         def on_output_grad(grad: torch.Tensor) -> None:
-            grad = self.scale(grad, grad.shape[0])
+            scale = self.scale_factor(grad.shape[0])
             need_w_now, need_b_now = need_w, need_b
             if factored and need_w:
-                a, g = x_saved.to(weight.dtype), grad.to(weight.dtype)
-                self.add_part(weight, LinearPart(flatten_middle(a), flatten_middle(g), weight.shape, weight_rows))
+                a, g = flatten_middle(x_saved.to(weight.dtype)), flatten_middle(grad.to(weight.dtype))
+                self.add_part(weight, LinearPart(a, g, weight.shape, weight_rows, scale))
                 need_w_now = False
             if factored and need_b:
-                self.add_part(bias, BiasPart(flatten_middle(grad.to(bias.dtype)), bias.shape, bias_rows))
+                self.add_part(bias, BiasPart(flatten_middle(grad.to(bias.dtype)), bias.shape, bias_rows, scale))
                 need_b_now = False
-            gw, gb = linear_param_grads(x_saved, grad, need_w_now, need_b_now)
+            if not (need_w_now or need_b_now):
+                return
+            gw, gb = linear_param_grads(x_saved, self.scale(grad, grad.shape[0]), need_w_now, need_b_now)
             if gw is not None:
                 self.add_grad_sample(weight, place_rows(gw, weight.shape, weight_rows))
             if gb is not None:
