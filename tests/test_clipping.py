@@ -211,12 +211,15 @@ def test_conv_norms_by_blocks_of_samples_equal_the_per_sample_gradients(monkeypa
     from lightning_dp.grad_sample import bookkeeping
 
     monkeypatch.setattr(bookkeeping, "_BLOCK_ELEMENTS", block)
-    conv = nn.Conv2d(4, 6, (3, 2), stride=(2, 1), dilation=(1, 2), padding=(1, 2), groups=groups).double()
-    x = torch.randn(7, 4, 9, 8, dtype=torch.double)
-    g = torch.randn_like(conv(x))
+    small = nn.Conv2d(4, 6, (3, 2), stride=(2, 1), dilation=(1, 2), padding=(1, 2), groups=groups).double()
+    wide = nn.Conv2d(8, 10, 3, stride=2, groups=groups).double()  # per-sample grads larger than x and G
     factors = torch.rand(7, dtype=torch.double)
-    for method in ("auto", "ghost", "materialize"):
-        part = ConvPart(conv, x, g, [1, 2])
-        per_sample = part.materialize()
-        torch.testing.assert_close(part.norm_sq(method), per_sample.flatten(1).pow(2).sum(1))
-        torch.testing.assert_close(part.clipped_sum(factors), torch.einsum("b,b...->...", factors, per_sample))
+    for conv, x, padding in ((small, torch.randn(7, 4, 9, 8, dtype=torch.double), [1, 2]),
+                             (wide, torch.randn(7, 8, 5, 5, dtype=torch.double), [0, 0])):
+        g = torch.randn_like(conv(x))
+        for method in ("auto", "ghost", "materialize"):
+            part = ConvPart(conv, x, g, padding, scale=3.0)
+            per_sample = part.materialize()
+            torch.testing.assert_close(per_sample, 3.0 * ConvPart(conv, x, g, padding).materialize())
+            torch.testing.assert_close(part.norm_sq(method), per_sample.flatten(1).pow(2).sum(1))
+            torch.testing.assert_close(part.clipped_sum(factors), torch.einsum("b,b...->...", factors, per_sample))
