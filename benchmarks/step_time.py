@@ -1,10 +1,12 @@
 """Step time and peak memory of DP-SGD: non-private, lightning_dp (auto, materialize), Opacus 1.6.
 
-    python benchmarks/step_time.py [--repeats 15] [--models cnn,mlp,tf64,tf256] [--no-memory]
+    python benchmarks/step_time.py [--repeats 15] [--models cnn,mlp,tf64,tf256] [--methods ...] [--no-memory]
 
 Times: every method's training step (zero_grad, forward, loss, backward, optimizer step incl. noise)
 on the same model weights and the same batch, interleaved round by round in one process; the table
-shows medians and ratios to the non-private step. Memory: each method runs in a fresh subprocess that
+shows medians and ratios to the non-private step. ``ours-auto-no-noise`` is our default with σ = 0:
+the same step without the Gaussian draw, to show how much of the overhead is clipping and how much is
+noise (which every DP-SGD implementation pays: one normal per parameter per step). Memory: each method runs in a fresh subprocess that
 tracks every tensor allocation and free (``torch.profiler``, ``profile_memory=True``) from before the
 model is built; "peak MB" is the most tensor memory live at once during 3 steps after a warm-up step
 (model, optimizer state, batch, activations, gradients, per-sample state: what
@@ -83,8 +85,10 @@ def make_step(method: str, model: nn.Module, batch: tuple) -> Callable[[], None]
     if method.startswith("ours"):
         from lightning_dp import make_private
 
-        opt = make_private(model, base, noise_multiplier=SIGMA, max_grad_norm=C, expected_batch_size=n,
-                           seed=0, clipping_mode=method.split("-", 1)[1])
+        mode = method.split("-")[1]
+        sigma = 0.0 if method.endswith("-no-noise") else SIGMA  # σ = 0: the clipping alone, no noise draw
+        opt = make_private(model, base, noise_multiplier=sigma, max_grad_norm=C, expected_batch_size=n,
+                           seed=0, clipping_mode=mode)
 
         def step() -> None:
             opt.zero_grad()
@@ -118,7 +122,7 @@ def make_step(method: str, model: nn.Module, batch: tuple) -> Callable[[], None]
 
 
 def available_methods() -> List[str]:
-    methods = ["non-private", "ours-auto", "ours-materialize"]
+    methods = ["non-private", "ours-auto", "ours-auto-no-noise", "ours-materialize"]
     try:
         import opacus  # noqa: F401
 
@@ -200,12 +204,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--models", default="cnn,mlp,tf64,tf256")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--methods", default=None, help="comma-separated subset of the methods (default: all)")
     parser.add_argument("--memory-child", nargs=2)
     args = parser.parse_args()
     if args.memory_child:
         memory_child(*args.memory_child)
         return
     methods = available_methods()
+    if args.methods:
+        unknown = sorted(set(args.methods.split(",")) - set(methods))
+        if unknown:
+            parser.error(f"unknown or unavailable methods {unknown}; available: {methods}")
+        methods = ["non-private"] + [m for m in methods if m in args.methods.split(",") and m != "non-private"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.repeats} steps; "
           "peak MB = most tensor memory live during a step (allocator-tracked, fresh process per method)")
     header = f"| model | {' | '.join(methods)} |"
