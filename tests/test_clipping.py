@@ -223,3 +223,45 @@ def test_conv_norms_by_blocks_of_samples_equal_the_per_sample_gradients(monkeypa
             torch.testing.assert_close(per_sample, 3.0 * ConvPart(conv, x, g, padding).materialize())
             torch.testing.assert_close(part.norm_sq(method), per_sample.flatten(1).pow(2).sum(1))
             torch.testing.assert_close(part.clipped_sum(factors), torch.einsum("b,b...->...", factors, per_sample))
+
+
+class TiedPooledLM(nn.Module):
+    """Tied embedding (with padding_idx) and head; the head sees one position per sample (T_head ≠ T_emb)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, 4, padding_idx=0)
+        self.head = nn.Linear(4, 11, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, idx):
+        return self.head(torch.tanh(self.emb(idx)).mean(1))
+
+
+@pytest.mark.parametrize("make_model, length", [(TiedLM, 3), (TiedPooledLM, 6)])
+def test_tied_embedding_and_head_are_clipped_without_materialising(make_model, length):
+    """The tied weight's per-sample norm comes from the embedding part, the head part and their cross
+    term; it equals the textbook per-sample gradients (one backward per sample), flat and per-layer."""
+    from lightning_dp.clipping import parts_of
+    from lightning_dp.grad_sample.bookkeeping import TiedPart
+
+    torch.manual_seed(0)
+    model = make_model().double()
+    idx = torch.randint(0, 9, (B, length))
+    idx[0, :2] = 0  # padding tokens where there is a padding_idx
+    grads = reference_grads(model, [idx], smooth_loss, [0])
+    hooks = attach_grad_sample_hooks(model, loss_reduction="sum", clipping_mode="auto")
+    smooth_loss(model(idx)).backward()
+    (part,) = parts_of(model.emb.weight)
+    assert isinstance(part, TiedPart)
+    expected = grads["emb.weight"].flatten(1).pow(2).sum(1)
+    torch.testing.assert_close(part.norm_sq("auto"), expected)
+    torch.testing.assert_close(part.norm_sq("ghost"), expected)
+    factors = torch.rand(B, dtype=torch.double)
+    torch.testing.assert_close(part.clipped_sum(factors), torch.einsum("b,b...->...", factors, grads["emb.weight"]))
+    hooks.remove()
+    for clipping in ("flat", "per_layer"):
+        plain = dp_update(model, (idx,), "materialize", clipping, "mean")
+        fast = dp_update(model, (idx,), "auto", clipping, "mean")
+        for n in plain:
+            torch.testing.assert_close(fast[n], plain[n], rtol=1e-9, atol=1e-12)

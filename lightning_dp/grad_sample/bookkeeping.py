@@ -270,7 +270,9 @@ class RowsPart(Part):
     """Embedding-style gradients: value ``v_n`` added to row ``rows[n]`` of sample ``samples[n]``.
 
     Norms without the vocabulary dimension, in ``O(N·D)``: values of the same (sample, row) are summed
-    (``unique`` over ``sample·V + row``), then squared and summed per sample."""
+    (``unique`` over ``sample·V + row``), then squared and summed per sample. ``tokens_per_sample``: set
+    when the entries are sample-major with the same count per sample (an ``nn.Embedding`` lookup), which
+    lets a tied output head be combined without materialising (:class:`TiedPart`)."""
 
     def __init__(
         self,
@@ -280,11 +282,13 @@ class RowsPart(Part):
         batch_size: int,
         shape: Sequence[int],
         scale: float = 1.0,
+        tokens_per_sample: Optional[int] = None,
     ) -> None:
         self.samples, self.rows, self.values = samples, rows, values
         self.batch_size = batch_size
         self.shape = tuple(shape)
         self.scale = scale
+        self.tokens_per_sample = tokens_per_sample
 
     def _norm_sq(self, method: str) -> torch.Tensor:
         keys = self.samples * self.shape[0] + self.rows
@@ -299,6 +303,36 @@ class RowsPart(Part):
 
     def _materialize(self) -> torch.Tensor:
         return per_sample_rows(self.samples, self.rows, self.values, self.batch_size, self.shape[0])
+
+
+class TiedPart(Part):
+    """An embedding and a Linear sharing one weight ``(V, d)`` (an LM's tied input and output embedding):
+    ``‖E_b + H_b‖² = ‖E_b‖² + ‖H_b‖² + 2⟨E_b, H_b⟩`` with the cross term
+    ``⟨E_b, H_b⟩ = Σ_{n,t} g_{b,t}[row_n] · (a_{b,t}·v_n)`` from a ``(T_head × T_emb)`` product per sample,
+    so the ``B × V × d`` per-sample gradient is never formed; the clipped sum is the two parts' sums."""
+
+    def __init__(self, embedding: RowsPart, head: LinearPart) -> None:
+        self.embedding, self.head = embedding, head
+        self.shape = embedding.shape
+        self.batch_size = embedding.batch_size
+
+    def _cross(self) -> torch.Tensor:
+        emb, head = self.embedding, self.head
+        b, tokens = emb.batch_size, emb.tokens_per_sample
+        values = emb.values.view(b, tokens, -1).to(head.a.dtype)
+        rows = emb.rows.view(b, 1, tokens).expand(b, head.g.shape[1], tokens)
+        dots = torch.bmm(head.a, values.transpose(1, 2))  # (B, T_head, T_emb): a_t · v_n
+        return (dots * torch.gather(head.g, 2, rows)).sum((1, 2)) * (emb.scale * head.scale)
+
+    def _norm_sq(self, method: str) -> torch.Tensor:
+        total = self.embedding.norm_sq(method) + self.head.norm_sq(method) + 2 * self._cross()
+        return total.clamp(min=0)  # rounding could leave a tiny negative where E_b ≈ -H_b
+
+    def _clipped_sum(self, factors: torch.Tensor) -> torch.Tensor:
+        return self.embedding.clipped_sum(factors) + self.head.clipped_sum(factors)
+
+    def _materialize(self) -> torch.Tensor:
+        return self.embedding.materialize() + self.head.materialize()
 
 
 class MaterializedPart(Part):
@@ -332,6 +366,13 @@ def merge(parts: List[Part]) -> List[Part]:
     into one :class:`MaterializedPart` (the plain path, same result)."""
     if len(parts) == 1:
         return parts
+    embeddings = [p for p in parts if isinstance(p, RowsPart)]
+    if len(embeddings) == 1 and embeddings[0].tokens_per_sample is not None:
+        others = merge([p for p in parts if p is not embeddings[0]])
+        head = others[0] if len(others) == 1 else None
+        if isinstance(head, LinearPart) and head.rows is None and head.batch_size == embeddings[0].batch_size:
+            return [TiedPart(embeddings[0], head)]  # a tied embedding and output head
+        return [_materialized_sum(parts)]
     linears = [p.as_linear() for p in parts]
     blocks: dict = {}
     for part in linears:

@@ -275,7 +275,9 @@ class GradSampleHooks:
                 if module.padding_idx is not None:
                     values = values * (rows != module.padding_idx).unsqueeze(1).to(values.dtype)
                 samples = torch.arange(batch_size, device=rows.device).repeat_interleave(rows.numel() // batch_size)
-                self.add_part(weight, RowsPart(samples, rows, values, batch_size, weight.shape, scale))
+                self.add_part(
+                    weight, RowsPart(samples, rows, values, batch_size, weight.shape, scale, rows.numel() // batch_size)
+                )
             return
         if isinstance(module, nn.Linear):
             if weight.requires_grad:
