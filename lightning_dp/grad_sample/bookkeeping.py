@@ -12,9 +12,12 @@ and the optimizer asks each part for
   an ``index_add`` for Embedding): the cost of the usual weight gradient, which autograd then skips.
 
 Several parts of one parameter (a reused module, an RNN's recurrent weight at every step) are merged
-by concatenating their positions (``Σ_i G_iᵀA_i = [G_1;G_2]ᵀ[A_1;A_2]``); mixes that cannot be merged
-(a tied embedding and head, a parameter also seen by the ``torch.func`` fallback) are materialised,
-with the same result as the plain path.
+by concatenating their positions (``Σ_i G_iᵀA_i = [G_1;G_2]ᵀ[A_1;A_2]``); an embedding tied to an
+output head keeps both parts and adds their cross term (:class:`TiedPart`); other mixes (a parameter
+also seen by the ``torch.func`` fallback) are materialised, with the same result as the plain path.
+
+Bias gradients are factored too (:class:`BiasPart`), and a part's ``scale`` (the loss reduction's batch
+size) stays a number applied to norms and clip factors, so no output gradient is copied to rescale it.
 """
 from __future__ import annotations
 
