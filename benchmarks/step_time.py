@@ -1,6 +1,6 @@
 """Step time and peak memory of DP-SGD: non-private, lightning_dp (auto, materialize), Opacus 1.6.
 
-    python benchmarks/step_time.py [--repeats 15] [--models cnn,mlp,tf64,tf256] [--methods ...] [--no-memory]
+    python benchmarks/step_time.py [--repeats 15] [--models cnn,mlp,tf64,tf256] [--methods ...] [--no-memory] [--device cuda]
 
 Times: every method's training step (zero_grad, forward, loss, backward, optimizer step incl. noise)
 on the same model weights and the same batch, interleaved round by round in one process; the table
@@ -71,9 +71,15 @@ def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
 
 
-def make_step(method: str, model: nn.Module, batch: tuple) -> Callable[[], None]:
-    """One training step of ``method`` on ``model`` (changed in place) and ``batch``."""
-    x, y = batch
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_step(method: str, model: nn.Module, batch: tuple, device: str = "cpu") -> Callable[[], None]:
+    """One training step of ``method`` on ``model`` (changed in place, moved to ``device``) and ``batch``."""
+    model = model.to(device)
+    x, y = (t.to(device) for t in batch)
     base = torch.optim.SGD(model.parameters(), lr=0.01)
     n = x.shape[0]
     if method == "non-private":
@@ -132,14 +138,15 @@ def available_methods() -> List[str]:
     return methods
 
 
-def time_model(key: str, methods: List[str], repeats: int) -> Dict[str, float]:
+def time_model(key: str, methods: List[str], repeats: int, device: str = "cpu") -> Dict[str, float]:
+    dev = torch.device(device)
     _, make_model, make_batch = models()[key]
     torch.manual_seed(0)
     model, batch = make_model(), make_batch()
     steps = {}
     for m in methods:
         try:
-            steps[m] = make_step(m, copy.deepcopy(model), batch)
+            steps[m] = make_step(m, copy.deepcopy(model), batch, device)
             steps[m]()  # warm-up
             steps[m]()
         except Exception as err:  # noqa: BLE001  (a baseline that cannot run this model is reported, not fatal)
@@ -148,20 +155,22 @@ def time_model(key: str, methods: List[str], repeats: int) -> Dict[str, float]:
     times: Dict[str, List[float]] = {m: [] for m in steps}
     for _ in range(repeats):
         for m, step in steps.items():
+            _sync(dev)
             start = time.perf_counter()
             step()
+            _sync(dev)
             times[m].append(time.perf_counter() - start)
     return {m: statistics.median(t) for m, t in times.items()}
 
 
-def memory_child(key: str, method: str) -> None:
+def memory_child(key: str, method: str, device: str = "cpu") -> None:
     """Print ``[peak, rise]`` in MB for 3 steps of ``method`` after one warm-up step (fresh process).
 
     Every tensor allocation is tracked from before the model is built (``torch.profiler`` with
     ``profile_memory``: the CPU allocator reports each allocation and free), so the live total is exact:
     ``peak`` is its maximum during the 3 steps (model, optimizer state, batch, activations, gradients and
     per-sample state: what ``torch.cuda.max_memory_allocated`` counts on a GPU), ``rise`` the peak minus
-    what was live just before them.
+    what was live just before them. On CUDA the allocator's own statistics give the same two numbers.
     """
     import os
     import tempfile
@@ -170,6 +179,18 @@ def memory_child(key: str, method: str) -> None:
 
     _, make_model, make_batch = models()[key]
     torch.manual_seed(0)
+    if torch.device(device).type == "cuda":
+        step = make_step(method, make_model(), make_batch(), device)
+        step()
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        print(json.dumps([peak / 2**20, (peak - before) / 2**20]))
+        return
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step = make_step(method, make_model(), make_batch())
         step()  # first step allocates optimizer state and lazy buffers; measure the steady state
@@ -189,9 +210,10 @@ def memory_child(key: str, method: str) -> None:
     print(json.dumps([peak / 2**20, (peak - before) / 2**20]))
 
 
-def peak_memory(key: str, method: str) -> Tuple[float, float]:
+def peak_memory(key: str, method: str, device: str = "cpu") -> Tuple[float, float]:
     """``(peak MB, rise MB)`` of ``method`` on ``key``, measured in a fresh subprocess."""
-    out = subprocess.run([sys.executable, __file__, "--memory-child", key, method], capture_output=True, text=True)
+    command = [sys.executable, __file__, "--memory-child", key, method, "--device", device]
+    out = subprocess.run(command, capture_output=True, text=True)
     try:
         peak, rise = json.loads(out.stdout.strip().splitlines()[-1])
         return float(peak), float(rise)
@@ -205,10 +227,12 @@ def main() -> None:
     parser.add_argument("--models", default="cnn,mlp,tf64,tf256")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--methods", default=None, help="comma-separated subset of the methods (default: all)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (CUDA: times synchronised, "
+                        "memory from torch.cuda.max_memory_allocated)")
     parser.add_argument("--memory-child", nargs=2)
     args = parser.parse_args()
     if args.memory_child:
-        memory_child(*args.memory_child)
+        memory_child(*args.memory_child, device=args.device)
         return
     methods = available_methods()
     if args.methods:
@@ -216,17 +240,19 @@ def main() -> None:
         if unknown:
             parser.error(f"unknown or unavailable methods {unknown}; available: {methods}")
         methods = ["non-private"] + [m for m in methods if m in args.methods.split(",") and m != "non-private"]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.repeats} steps; "
+    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else (
+        f"CPU, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {where}; median of {args.repeats} steps; "
           "peak MB = most tensor memory live during a step (allocator-tracked, fresh process per method)")
     header = f"| model | {' | '.join(methods)} |"
     print(header)
     print("|" + "---|" * (len(methods) + 1))
     for key in args.models.split(","):
         title = models()[key][0]
-        med = time_model(key, methods, args.repeats)
+        med = time_model(key, methods, args.repeats, args.device)
         base = med["non-private"]
         nan = (float("nan"), float("nan"))
-        mem = {m: (nan if args.no_memory else peak_memory(key, m)) for m in methods}
+        mem = {m: (nan if args.no_memory else peak_memory(key, m, args.device)) for m in methods}
         cells = []
         for m in methods:
             if m not in med:
