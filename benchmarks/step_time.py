@@ -1,6 +1,7 @@
 """Step time and peak memory of DP-SGD: non-private, lightning_dp (auto, materialize), Opacus 1.6.
 
-    python benchmarks/step_time.py [--repeats 15] [--models cnn,mlp,tf64,tf256] [--methods ...] [--no-memory] [--device cuda]
+    python benchmarks/step_time.py [--repeats 15] [--models cnn,mlp,tf64,tf256] [--methods ...]
+                                   [--no-memory] [--device cuda]
 
 Times: every method's training step (zero_grad, forward, loss, backward, optimizer step incl. noise)
 on the same model weights and the same batch, interleaved round by round in one process; the table
