@@ -269,7 +269,7 @@ class DPOptimizer(Optimizer):
                 grad = summed.to(p.dtype).contiguous()
                 flat = grad.view(-1)
                 piece_size = NOISE_PIECE if p.device.type == "cpu" else 64 * NOISE_PIECE
-                for start in range(0, flat.numel(), piece_size):
+                for start in range(0, flat.numel() if std > 0 else 0, piece_size):
                     piece = flat[start : start + piece_size]
                     piece.add_(self.noise.normal(piece.shape, std=std, device=p.device, dtype=p.dtype))
             if self.world_size > 1:
