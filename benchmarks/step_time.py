@@ -7,13 +7,14 @@ Times: every method's training step (zero_grad, forward, loss, backward, optimiz
 on the same model weights and the same batch, interleaved round by round in one process; the table
 shows medians and ratios to the non-private step. ``ours-auto-no-noise`` is our default with σ = 0:
 the same step without the Gaussian draw, to show how much of the overhead is clipping and how much is
-noise (which every DP-SGD implementation pays: one normal per parameter per step). Memory: each method runs in a fresh subprocess that
-tracks every tensor allocation and free (``torch.profiler``, ``profile_memory=True``) from before the
-model is built; "peak MB" is the most tensor memory live at once during 3 steps after a warm-up step
-(model, optimizer state, batch, activations, gradients, per-sample state: what
-``torch.cuda.max_memory_allocated`` counts on a GPU), its ratio is to the non-private peak, and
-"step +" is the peak minus what was live just before the 3 steps. (Resident set size is not used: the
-C allocator keeps and reuses freed pages, so RSS misses most of a step's temporaries.)
+noise (which every DP-SGD implementation pays: one normal per parameter per step).
+
+Memory: each method runs in a fresh subprocess that tracks every tensor allocation and free
+(``torch.profiler``, ``profile_memory=True``) from before the model is built; "peak MB" is the most tensor
+memory live at once during 3 steps after a warm-up step (model, optimizer state, batch, activations,
+gradients, per-sample state: what ``torch.cuda.max_memory_allocated`` counts on a GPU), its ratio is to the
+non-private peak, and "step +" is the peak minus what was live just before the 3 steps. (Resident set size is
+not used: the C allocator keeps and reuses freed pages, so RSS misses most of a step's temporaries.)
 """
 from __future__ import annotations
 

@@ -202,16 +202,25 @@ def test_seeds_differing_only_in_high_bits_give_different_noise():
     assert GaussianNoise(seed=5).normal((8,), std=1.0, out=out) is out and torch.equal(out, a)
 
 
-def test_noise_is_one_draw_cut_into_independent_parameter_gradients():
-    """Every parameter gets its own slice of one N(0, σ²C²) draw: right std, no two slices alike."""
-    model = nn.Sequential(nn.Linear(300, 200), nn.Linear(200, 300))
+@pytest.mark.parametrize("with_clipped_sums", [False, True])
+def test_noise_is_independent_across_parameters_and_pieces_with_the_right_std(with_clipped_sums):
+    """N(0, σ²C²) per coordinate: drawn whole for a parameter without samples, and added piece by piece
+    (``NOISE_PIECE`` elements) into a clipped sum; no two parameters or pieces alike."""
+    from lightning_dp.optimizer import NOISE_PIECE
+
+    model = nn.Sequential(nn.Linear(400, 300), nn.Linear(300, 400))  # weights span two noise pieces
     opt = make_private(model, torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=2.0,
                        max_grad_norm=0.5, expected_batch_size=4, seed=3)
     opt.zero_grad()
-    opt.add_noise()  # no samples: pure noise, divided by the expected batch size
+    if with_clipped_sums:  # zero clipped sums: what is left after add_noise is the noise alone
+        for p in model.parameters():
+            p.summed_grad = torch.zeros_like(p)
+    opt.add_noise()  # divided by the expected batch size
     grads = [p.grad for p in model.parameters()]
     assert [g.shape for g in grads] == [p.shape for p in model.parameters()]
     everything = torch.cat([g.reshape(-1) for g in grads]) * 4
     assert abs(everything.std().item() - 1.0) < 0.01 and abs(everything.mean().item()) < 0.01
     w0, w1 = grads[0].reshape(-1), grads[2].reshape(-1)
     assert abs(torch.corrcoef(torch.stack([w0, w1[: w0.numel()]]))[0, 1].item()) < 0.01
+    first, second = w0[:50_000], w0[NOISE_PIECE : NOISE_PIECE + 50_000]
+    assert abs(torch.corrcoef(torch.stack([first, second]))[0, 1].item()) < 0.02
