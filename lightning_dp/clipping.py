@@ -12,7 +12,7 @@ through the same two questions: every sample's squared norm, and the sum weighte
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -57,8 +57,9 @@ def clip_and_sum(
     norm_method: str = "auto",
     num_layers: Optional[int] = None,
     release: bool = False,
+    sum_scale: float = 1.0,
 ) -> Tuple[List[torch.Tensor], torch.Tensor]:
-    """Clip every sample and sum over the batch: ``([Σ_b c_b·s·g_b per param], per-sample norms)``.
+    """Clip every sample and sum over the batch: ``([t·Σ_b c_b·s·g_b per param], per-sample norms)``.
 
     Args:
         params: the parameters (``parts[k]`` is the per-sample gradient of ``params[k]``).
@@ -71,23 +72,51 @@ def clip_and_sum(
         release: set each ``parts[k]`` to ``None`` once its clipped sum is computed (``parts`` must be a
             list), so the activations and output gradients it holds are freed before the next sum is made:
             the step's peak memory then stays near that of a non-private step.
+        sum_scale: ``t``, multiplies the clipped sums (not the norms): folded into the clip factors, so
+            dividing by the batch size here costs nothing.
 
     Returns the clipped sums and each sample's norm over all parameters (before clipping, after ``s``).
     """
-    squared = [sum(part.norm_sq(norm_method) for part in ps) * (scale * scale) for ps in parts]
-    total = torch.stack(squared).sum(0).sqrt()
+    # Parts keep their own scale (the loss reduction's batch size) as a number; it is applied to the
+    # (B,) norms and factors once per distinct value, not once per part.
     if clipping == "flat":
+        groups: Dict[float, List[torch.Tensor]] = {}
+        for ps in parts:
+            for part in ps:
+                groups.setdefault(part.scale, []).append(part.norm_sq(norm_method, scaled=False))
+        total_sq = None
+        for part_scale, norms in groups.items():
+            summed = norms[0] if len(norms) == 1 else torch.stack(norms).sum(0)
+            factor = (part_scale * scale) ** 2
+            summed = summed if factor == 1.0 else summed * factor
+            total_sq = summed if total_sq is None else total_sq + summed
+        total = total_sq.sqrt()
         factors = [clip_factors(total, max_grad_norm)] * len(params)
     else:
+        squared = [_sum([part.norm_sq(norm_method) for part in ps]) for ps in parts]
+        if scale != 1.0:
+            squared = [sq * (scale * scale) for sq in squared]
+        total = torch.stack(squared).sum(0).sqrt()
         bound = max_grad_norm / math.sqrt(num_layers or len(params))
         factors = [clip_factors(sq.sqrt(), bound) for sq in squared]
+    scaled: Dict[Tuple[int, float], torch.Tensor] = {}  # factors × s × t × part scale, made once each
     sums = []
     for k, f in enumerate(factors):
-        contributions = [part.clipped_sum(f * scale) for part in parts[k]]
+        contributions = []
+        for part in parts[k]:
+            key = (id(f), part.scale)
+            if key not in scaled:
+                multiplier = scale * sum_scale * part.scale
+                scaled[key] = f if multiplier == 1.0 else f * multiplier
+            contributions.append(part.clipped_sum(scaled[key], scaled=False))
         if release:
             parts[k] = None  # type: ignore[index]
-        total_k = contributions[0]
-        for more in contributions[1:]:
-            total_k = total_k + more
-        sums.append(total_k)
+        sums.append(_sum(contributions))
     return sums, total
+
+
+def _sum(tensors: List[torch.Tensor]) -> torch.Tensor:
+    total = tensors[0]
+    for more in tensors[1:]:
+        total = total + more
+    return total

@@ -35,9 +35,9 @@ def make_noise(secure_mode: bool, seed: Optional[int]) -> "GaussianNoise | Secur
     if not _warned_not_secure:
         _warned_not_secure = True
         warnings.warn(
-            "secure_mode=False: noise and sampling come from a fast, reproducible PyTorch generator that is "
-            "not cryptographically secure; the privacy guarantee assumes an unpredictable generator. Use "
-            "secure_mode=True for a run whose guarantee matters.",
+            "secure_mode=False: noise and sampling come from fast, reproducible seeded generators that are "
+            "not secret (the seed regenerates the noise); the privacy guarantee assumes an unpredictable "
+            "generator. Use secure_mode=True for a run whose guarantee matters.",
             UserWarning,
             stacklevel=3,
         )

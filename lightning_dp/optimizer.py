@@ -16,7 +16,25 @@ from .noise import GaussianNoise
 
 
 NOISE_PIECE = 1 << 16
-"""Noise is drawn and added to a CPU parameter's clipped sum this many elements at a time (64× on GPU)."""
+"""A noise source without ``add_normal_`` is asked for this many normals at a time (64× on GPU), each
+added to the clipped sum at once: the step never holds a second parameter-sized tensor."""
+
+
+@torch.no_grad()
+def add_noise_(noise: Any, tensors: List[torch.Tensor], std: float) -> None:
+    """Add i.i.d. ``N(0, std²)`` from ``noise`` to every element of ``tensors`` (contiguous), in place:
+    through ``noise.add_normal_`` when the source has one (:class:`~lightning_dp.noise.GaussianNoise`),
+    else ``NOISE_PIECE`` draws of ``noise.normal`` at a time (:class:`~lightning_dp.noise.SecureRNG`)."""
+    add_normal = getattr(noise, "add_normal_", None)
+    if add_normal is not None:
+        add_normal(tensors, std)
+        return
+    for tensor in tensors:
+        flat = tensor.view(-1)
+        piece_size = NOISE_PIECE if tensor.device.type == "cpu" else 64 * NOISE_PIECE
+        for start in range(0, flat.numel(), piece_size):
+            piece = flat[start : start + piece_size]
+            piece.add_(noise.normal(piece.shape, std=std, device=tensor.device, dtype=tensor.dtype))
 
 
 class DPOptimizer(Optimizer):
@@ -101,6 +119,7 @@ class DPOptimizer(Optimizer):
         self.world_size = 1
         self.samples_in_step = 0
         self.steps_taken = 0
+        self._summed_divisor = 1.0  # what param.summed_grad is divided by (see add_noise)
         # Optimizer base-class bookkeeping that torch's hooks and profiler expect to exist.
         self._optimizer_step_pre_hooks: Dict[int, Callable] = {}
         self._optimizer_step_post_hooks: Dict[int, Callable] = {}
@@ -195,7 +214,8 @@ class DPOptimizer(Optimizer):
         self.samples_in_step = 0
 
     def accumulate_micro_batch(self) -> torch.Tensor:
-        """Clip the per-sample gradients of the last backward pass and add them to ``param.summed_grad``.
+        """Clip the per-sample gradients of the last backward pass and add their sum, divided by
+        ``expected_batch_size``, to ``param.summed_grad``.
 
         Each sample is clipped as soon as its gradient is complete, so a logical batch can be processed
         in several backward passes (gradient accumulation, physical micro-batches) with exactly the
@@ -231,6 +251,7 @@ class DPOptimizer(Optimizer):
             norm_method="materialize" if self.clipping_mode == "materialize" else self.clipping_mode,
             num_layers=len(params),
             release=True,
+            sum_scale=1.0 / self._sum_divisor(),
         )
         for p, clipped in zip(with_samples, sums):
             clipped = clipped.to(p.dtype)
@@ -245,7 +266,10 @@ class DPOptimizer(Optimizer):
 
     @torch.no_grad()
     def add_noise(self) -> None:
-        """``param.grad = (summed_grad + N(0, (σC)²)) / expected_batch_size`` for every parameter.
+        """``param.grad = (Σ clipped + N(0, (σC)²)) / expected_batch_size`` for every parameter.
+
+        ``param.summed_grad`` already holds the clipped sum divided by the batch size (the division is
+        folded into the clip factors), so the noise is drawn with std ``σC / expected_batch_size``.
 
         In distributed training each of the ``world_size`` processes adds noise of std ``σC/√world_size``
         to its own clipped sum and the results are summed across processes (``all_reduce``), so the
@@ -257,24 +281,36 @@ class DPOptimizer(Optimizer):
             )
         if self.noise_multiplier is None:
             raise RuntimeError("DPOptimizer.noise_multiplier is not set (it is calibrated when training starts).")
-        std = self.noise_multiplier * self.max_grad_norm / math.sqrt(self.world_size)
-        for p in self.params:
+        # The clipped sums are already divided by the batch size (folded into the clip factors): the
+        # noise is drawn with std σC/B and added to them, so no pass divides the gradients.
+        divisor = float(self.expected_batch_size)
+        std = self.noise_multiplier * self.max_grad_norm / math.sqrt(self.world_size) / divisor
+        params, grads, rescale = self.params, [], []
+        for p in params:
             summed = getattr(p, "summed_grad", None)
             if summed is None:
-                grad = self.noise.normal(p.shape, std=std, device=p.device, dtype=p.dtype)  # fresh tensor: ours
-            else:
-                # The clipped sum is ours (a fresh tensor): add the noise into it a piece at a time, so the
-                # step never holds a second parameter-sized tensor (peak memory as without DP).
-                del p.summed_grad
-                grad = summed.to(p.dtype).contiguous()
-                flat = grad.view(-1)
-                piece_size = NOISE_PIECE if p.device.type == "cpu" else 64 * NOISE_PIECE
-                for start in range(0, flat.numel() if std > 0 else 0, piece_size):
-                    piece = flat[start : start + piece_size]
-                    piece.add_(self.noise.normal(piece.shape, std=std, device=p.device, dtype=p.dtype))
+                grads.append(torch.zeros(p.shape, device=p.device, dtype=p.dtype))  # pure noise, below
+                continue
+            del p.summed_grad
+            grad = summed.to(p.dtype).contiguous()  # the clipped sum is ours: noise goes into it
+            if self._summed_divisor != divisor:  # expected_batch_size changed since it was summed
+                rescale.append(grad)
+            grads.append(grad)
+        if rescale:
+            torch._foreach_mul_(rescale, self._summed_divisor / divisor)
+        if std > 0:
+            add_noise_(self.noise, grads, std)
+        for p, grad in zip(params, grads):
             if self.world_size > 1:
                 torch.distributed.all_reduce(grad, op=torch.distributed.ReduceOp.SUM)
-            p.grad = grad.div_(self.expected_batch_size)
+            p.grad = grad
+
+    def _sum_divisor(self) -> float:
+        """The divisor this step's clipped sums are made with: ``expected_batch_size`` (1 while unset) as
+        of the step's first micro-batch."""
+        if self.samples_in_step == 0:
+            self._summed_divisor = float(self.expected_batch_size or 1)
+        return self._summed_divisor
 
     def pre_step(self) -> None:
         """Turn this step's per-sample gradients into the noisy DP gradient in ``param.grad``."""

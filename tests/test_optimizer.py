@@ -204,8 +204,8 @@ def test_seeds_differing_only_in_high_bits_give_different_noise():
 
 @pytest.mark.parametrize("with_clipped_sums", [False, True])
 def test_noise_is_independent_across_parameters_and_pieces_with_the_right_std(with_clipped_sums):
-    """N(0, σ²C²) per coordinate: drawn whole for a parameter without samples, and added piece by piece
-    (``NOISE_PIECE`` elements) into a clipped sum; no two parameters or pieces alike."""
+    """N(0, σ²C²) per coordinate: drawn for a parameter without samples, and added into a clipped sum;
+    no two parameters or pieces of the stream alike."""
     from lightning_dp.optimizer import NOISE_PIECE
 
     model = nn.Sequential(nn.Linear(400, 300), nn.Linear(300, 400))  # weights span two noise pieces
@@ -224,3 +224,47 @@ def test_noise_is_independent_across_parameters_and_pieces_with_the_right_std(wi
     assert abs(torch.corrcoef(torch.stack([w0, w1[: w0.numel()]]))[0, 1].item()) < 0.01
     first, second = w0[:50_000], w0[NOISE_PIECE : NOISE_PIECE + 50_000]
     assert abs(torch.corrcoef(torch.stack([first, second]))[0, 1].item()) < 0.02
+
+
+class _PlainNoise:
+    """A user's noise source with only ``normal`` (no ``add_normal_``): drawn ``NOISE_PIECE`` at a time."""
+
+    def __init__(self):
+        self.calls = 0
+        self.generator = torch.Generator().manual_seed(0)
+
+    def normal(self, shape, std, device="cpu", dtype=torch.float32):
+        self.calls += 1
+        return torch.randn(shape, generator=self.generator, dtype=dtype, device=device) * std
+
+
+def test_noise_source_without_add_normal_and_batch_size_changed_mid_step():
+    """Any object with ``normal`` is a noise source; the clipped sums, made with the expected batch size
+    of the time, are rescaled when it changes before the step (the update is Σ clipped / B_now)."""
+    from lightning_dp.grad_sample import attach_grad_sample_hooks
+    from lightning_dp.optimizer import NOISE_PIECE
+
+    torch.manual_seed(0)
+    model = nn.Linear(300, 300)
+    x = torch.randn(6, 300)
+    reference = copy.deepcopy(model)
+    source = _PlainNoise()
+    hooks = attach_grad_sample_hooks(model)
+    opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0, max_grad_norm=1e-3,
+                      expected_batch_size=3, noise=source)
+    model(x).sum().backward()
+    opt.accumulate_micro_batch()
+    opt.expected_batch_size = 12
+    opt.add_noise()
+    ref_opt = make_private(reference, torch.optim.SGD(reference.parameters(), lr=1.0), noise_multiplier=0.0,
+                           max_grad_norm=1e-3, expected_batch_size=12)
+    reference(x).sum().backward()
+    ref_opt.pre_step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    hooks.remove()
+    assert source.calls == 0  # σ = 0: nothing drawn
+    opt.noise_multiplier = 1.0
+    opt.add_noise()  # no clipped sums: pure noise from the plain source, a piece at a time
+    assert source.calls == -(-300 * 300 // NOISE_PIECE) + 1
+    assert 0.9e-3 < (model.weight.grad * 12).std().item() < 1.1e-3  # σC / B

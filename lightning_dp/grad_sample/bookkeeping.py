@@ -43,14 +43,16 @@ class Part:
     batch_size: int
     scale: float = 1.0
 
-    def norm_sq(self, method: str = "auto") -> torch.Tensor:
-        """Squared per-sample norms ``(B,)``."""
+    def norm_sq(self, method: str = "auto", scaled: bool = True) -> torch.Tensor:
+        """Squared per-sample norms ``(B,)`` (of the unscaled gradient when ``scaled`` is false: the
+        caller then applies ``scale²``, e.g. once for all parts that share it)."""
         norms = self._norm_sq(method)
-        return norms if self.scale == 1.0 else norms * (self.scale * self.scale)
+        return norms if self.scale == 1.0 or not scaled else norms * (self.scale * self.scale)
 
-    def clipped_sum(self, factors: torch.Tensor) -> torch.Tensor:
-        """``Σ_b factors[b] · ∇_b`` with the parameter's shape."""
-        return self._clipped_sum(factors if self.scale == 1.0 else factors * self.scale)
+    def clipped_sum(self, factors: torch.Tensor, scaled: bool = True) -> torch.Tensor:
+        """``Σ_b factors[b] · ∇_b`` with the parameter's shape (``scaled=False``: ``factors`` already
+        include ``scale``)."""
+        return self._clipped_sum(factors if self.scale == 1.0 or not scaled else factors * self.scale)
 
     def materialize(self) -> torch.Tensor:
         """The per-sample gradients ``(B, *shape)`` (the plain path; used for mixes and tests)."""

@@ -1,15 +1,38 @@
-"""Fast, reproducible Gaussian noise from ``torch.Generator`` (not cryptographically secure).
+"""Fast, reproducible Gaussian noise (seeded; **not** cryptographically secure).
 
-A Mersenne Twister / Philox stream can be predicted from its outputs, and the privacy guarantee assumes
-noise an adversary cannot predict: use :class:`~lightning_dp.noise.SecureRNG` when it matters.
+On CPU, float32/float16/bfloat16 noise comes from an AES-128-CTR keystream (OpenSSL with AES-NI, over
+10 GB/s on one core) keyed by a hash of the seed, turned into normals by Box–Muller in vectorised
+float32 tensor ops that use all of torch's intra-op threads. This is about twice as fast as
+``Tensor.normal_`` (one Mersenne Twister draw per element, single-threaded), which matters in DP-SGD:
+every step draws one normal per parameter. Other devices and dtypes (CUDA, float64) use a seeded
+``torch.Generator``.
+
+The generator is reproducible from its seed, so anyone with the seed can regenerate the noise and
+subtract it, and float32 Box–Muller is open to the floating-point attacks :class:`SecureRNG` resists:
+use :class:`~lightning_dp.noise.SecureRNG` (OS-keyed ChaCha20, float64, summed normals) when the
+guarantee matters.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import math
 import os
-from typing import Any, Dict, Optional
+import threading
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
+
+_STREAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_PIECE = 1 << 18
+"""Normals per Box–Muller pass (1 MB of keystream and 1 MB of float32 scratch, freed after the draw)."""
+_KEY_DOMAIN = b"lightning_dp.GaussianNoise/aes128-ctr/v1\x00"
+# Radius uniforms: 23 random bits of a 32-bit word become the mantissa of x in [1, 2); then
+# x - (1 - 2**-24) = (2j + 1)·2**-24 exactly: the midpoints of a 2**-23 grid, never 0 nor 1.
+_MANTISSA32 = (1 << 23) - 1
+_ONE_BITS32 = 0x3F800000  # bit pattern of the float32 1.0
+_TO_MIDPOINT32 = 1.0 - 2.0**-24
+_FLOAT32_MAX = 3.4e38
 
 
 def _random_seed() -> int:
@@ -26,9 +49,53 @@ def _generator_seed(seed: int) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
+@functools.lru_cache(maxsize=1)
+def _zeros(num_bytes: int) -> memoryview:
+    """Zero bytes to encrypt: a counter-mode encryption of zeros is the keystream (allocated once)."""
+    return memoryview(bytes(num_bytes))
+
+
+def _box_muller_factors_(words: torch.Tensor, std: float) -> tuple:
+    """Box–Muller from ``2m`` int32 keystream ``words`` (destroyed, reused as storage).
+
+    Radii ``r = std·sqrt(-2 ln u)`` from the first ``m`` words, ``u`` uniform on the ``(2j + 1)·2⁻²⁴``
+    grid (never 0); angles ``θ = w·π/2³¹`` from the last ``m`` words read as signed integers, uniform on
+    ``[-π, π)`` (rounded to float32). Returns ``(r, cos θ, sin θ)``: normal ``i < m`` of the piece is
+    ``r[i]·cos θ[i]``, normal ``m + i`` is ``r[i]·sin θ[i]``.
+    """
+    m = words.numel() // 2
+    radius = words[:m].bitwise_and_(_MANTISSA32).bitwise_or_(_ONE_BITS32).view(torch.float32).sub_(_TO_MIDPOINT32)
+    if 2.0 * std * std < _FLOAT32_MAX:
+        radius.log_().mul_(-2.0 * std * std).sqrt_()
+    else:  # std² would overflow float32
+        radius.log_().mul_(-2.0).sqrt_().mul_(std)
+    angle = words[m:].float().mul_(math.pi / 2**31)
+    cos = torch.cos(angle, out=words[m:].view(torch.float32))  # the angle words are spent: reuse them
+    return radius, cos, angle.sin_()
+
+
+def _emit(target: torch.Tensor, radius: torch.Tensor, trig: torch.Tensor, add: bool) -> None:
+    """``target += radius·trig`` (``add``) or ``target = radius·trig``."""
+    if add:
+        if target.dtype == torch.float32:
+            target.addcmul_(radius, trig)
+        else:
+            target.add_(radius * trig)
+    elif target.dtype == torch.float32:
+        torch.mul(radius, trig, out=target)
+    else:
+        target.copy_(radius * trig)
+
+
 class GaussianNoise:
-    """Gaussian noise from a seeded ``torch.Generator`` (one per device); fast and reproducible, **not**
-    cryptographically secure.
+    """Seeded Gaussian noise, fast and reproducible; **not** cryptographically secure.
+
+    CPU float32/float16/bfloat16: an AES-128-CTR keystream (OpenSSL) keyed by ``SHA-256(seed)``, each
+    call on its own counter range (so calls are independent and the state is just a call count), and
+    float32 Box–Muller, one 32-bit word per normal. Each radius uniform has 23 random bits, so
+    ``|noise| ≤ sqrt(48 ln 2)·std ≈ 5.77·std`` (the mass beyond, ``2⁻²⁴`` per pair, sits on the largest
+    grid point), as with ``torch.randn`` in float32. Other devices and dtypes: a ``torch.Generator`` per
+    device seeded from ``seed``.
 
     Args:
         seed: integer seed for reproducible runs; ``None`` draws one from the OS.
@@ -38,6 +105,8 @@ class GaussianNoise:
         >>> noise = GaussianNoise(seed=0)
         >>> noise.normal((3,), std=2.0).shape
         torch.Size([3])
+        >>> grads = [torch.zeros(4, 5), torch.zeros(5)]
+        >>> noise.add_normal_(grads, std=0.5)  # in place, one stream for all tensors
     """
 
     def __init__(self, seed: Optional[int] = None) -> None:
@@ -46,6 +115,9 @@ class GaussianNoise:
         self.seeded = seed is not None
         self.seed = _random_seed() if seed is None else seed
         self._generators: Dict[str, torch.Generator] = {}
+        self._key = hashlib.sha256(_KEY_DOMAIN + str(self.seed).encode()).digest()[:16]  # CPU stream's key
+        self._calls = 0  # calls of the CPU stream so far (each has its own counter range)
+        self._lock = threading.Lock()
 
     def _generator(self, device: torch.device) -> torch.Generator:
         key = str(device)
@@ -54,6 +126,10 @@ class GaussianNoise:
             generator.manual_seed(_generator_seed(self.seed))
             self._generators[key] = generator
         return self._generators[key]
+
+    @staticmethod
+    def _streamed(tensor: torch.Tensor) -> bool:
+        return tensor.device.type == "cpu" and tensor.dtype in _STREAM_DTYPES and tensor.is_contiguous()
 
     def normal(
         self,
@@ -64,22 +140,95 @@ class GaussianNoise:
         out: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """A tensor of i.i.d. ``N(0, std²)`` draws (written into ``out`` when given, else a new tensor)."""
-        device = torch.device(device)
         if out is None:
-            out = torch.empty(shape, device=device, dtype=dtype)
+            out = torch.empty(shape, device=torch.device(device), dtype=dtype)
         if std == 0:
             return out.zero_()
-        return out.normal_(mean=0.0, std=std, generator=self._generator(out.device))
+        if self._streamed(out):
+            self._stream([out], std, add=False)
+        elif out.dtype.is_floating_point:
+            out.normal_(mean=0.0, std=std, generator=self._generator(out.device))
+        else:
+            raise ValueError(f"Gaussian noise needs a floating-point dtype, got {out.dtype}.")
+        return out
+
+    @torch.no_grad()
+    def add_normal_(self, tensors: Sequence[torch.Tensor], std: float) -> None:
+        """Add i.i.d. ``N(0, std²)`` to every element of every tensor, in place.
+
+        CPU float tensors share one keystream call (their concatenation is one stream of normals, drawn a
+        piece at a time: no tensor-sized temporary); others get draws from their device's generator.
+        """
+        if std == 0:
+            return
+        streamed = [t for t in tensors if self._streamed(t)]
+        if streamed:
+            self._stream(streamed, std, add=True)
+        for tensor in tensors:
+            if not self._streamed(tensor):
+                tensor.add_(self.normal(tensor.shape, std, device=tensor.device, dtype=tensor.dtype))
+
+    def _encryptor(self) -> Any:
+        """AES-128-CTR positioned at a counter block used by no earlier call: the call number in the high
+        64 bits, the block counter (from 0) in the low 64, so calls never overlap."""
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+        with self._lock:
+            call = self._calls
+            self._calls += 1
+        return Cipher(algorithms.AES(self._key), modes.CTR(call.to_bytes(8, "big") + bytes(8))).encryptor()
+
+    def _stream(self, tensors: List[torch.Tensor], std: float, add: bool) -> None:
+        """Normals for the concatenation of ``tensors``, added to them (``add``) or written into them."""
+        flats = [t.view(-1) for t in tensors]
+        total = sum(f.numel() for f in flats)
+        if total == 0:
+            return
+        piece = min(_PIECE, total + total % 2)
+        encryptor = self._encryptor()
+        words = torch.empty(piece, dtype=torch.int32)
+        raw = words.view(torch.uint8).numpy()
+        zeros = _zeros(4 * _PIECE)
+        index, offset = 0, 0  # position in flats
+        for start in range(0, total, piece):
+            count = min(piece, total - start)
+            half = (count + 1) // 2  # normals 0..half-1 are r·cos θ, the rest r·sin θ
+            encryptor.update_into(zeros[: 8 * half], raw[: 8 * half])
+            radius, cos, sin = _box_muller_factors_(words[: 2 * half], std)
+            used = 0
+            while used < count:  # hand the piece's normals to the tensors, in order
+                target = flats[index]
+                size = min(target.numel() - offset, count - used)
+                segment = target[offset : offset + size]
+                if used < half:  # a cosine run, then maybe a sine run
+                    first = min(size, half - used)
+                    _emit(segment[:first], radius[used : used + first], cos[used : used + first], add)
+                    if size > first:
+                        _emit(segment[first:], radius[: size - first], sin[: size - first], add)
+                else:
+                    lo = used - half
+                    _emit(segment, radius[lo : lo + size], sin[lo : lo + size], add)
+                used += size
+                offset += size
+                if offset == target.numel():
+                    index, offset = index + 1, 0
+            while index < len(flats) and flats[index].numel() == 0:
+                index += 1
 
     def state_dict(self) -> Dict[str, Any]:
-        """Seed and generator states when the user seeded the generator (reproducible mode), else ``{}``.
+        """Seed, stream position and generator states when the user seeded the generator (reproducible
+        mode), else ``{}``.
 
         An OS-drawn seed is never written out: with it and the checkpoints, anyone could regenerate the
         noise and subtract it. A resumed unseeded run draws a fresh seed instead.
         """
         if not self.seeded:
             return {}
-        return {"seed": self.seed, "generators": {k: g.get_state() for k, g in self._generators.items()}}
+        return {
+            "seed": self.seed,
+            "calls": self._calls,
+            "generators": {k: g.get_state() for k, g in self._generators.items()},
+        }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (an empty state keeps the current OS-drawn seed)."""
@@ -87,9 +236,21 @@ class GaussianNoise:
             return
         self.seeded = True
         self.seed = int(state["seed"])
+        self._key = hashlib.sha256(_KEY_DOMAIN + str(self.seed).encode()).digest()[:16]
+        self._calls = int(state.get("calls", 0))
         self._generators = {}
         for key, generator_state in state.get("generators", {}).items():
             self._generator(torch.device(key)).set_state(generator_state)
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"GaussianNoise(seeded={self.seeded})"
 
 
 __all__ = ["GaussianNoise"]
