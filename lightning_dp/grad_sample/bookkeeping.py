@@ -74,6 +74,22 @@ class Part:
         return None
 
 
+class SharedSquares:
+    """Each sample's ``‖g_b‖²`` of an output gradient ``g: (B, 1, O)`` (one position), computed once for
+    the weight and the bias part of the layer that both use it."""
+
+    __slots__ = ("g", "_value")
+
+    def __init__(self, g: torch.Tensor) -> None:
+        self.g = g
+        self._value: Optional[torch.Tensor] = None
+
+    def __call__(self) -> torch.Tensor:
+        if self._value is None:
+            self._value = torch.linalg.vector_norm(self.g, dim=(1, 2)).square()
+        return self._value
+
+
 def use_ghost(positions: int, in_features: int, out_features: int, method: str) -> bool:
     """Ghost norm when asked, or (``auto``) when ``T²·(I+O) ≤ T·I·O``, i.e. its cost is the lower one."""
     if method == "ghost":
@@ -94,6 +110,7 @@ class LinearPart(Part):
         shape: Sequence[int],
         rows: Optional[slice] = None,
         scale: float = 1.0,
+        g_squares: Optional[SharedSquares] = None,
     ) -> None:
         self.a = activations
         self.g = backprops
@@ -101,6 +118,7 @@ class LinearPart(Part):
         self.rows = rows
         self.scale = scale
         self.batch_size = activations.shape[0]
+        self.g_squares = g_squares  # ‖g_b‖² shared with the layer's bias part (one position only)
 
     def as_linear(self) -> "LinearPart":
         return self
@@ -108,8 +126,9 @@ class LinearPart(Part):
     def _norm_sq(self, method: str) -> torch.Tensor:
         a, g = self.a, self.g
         positions, in_features, out_features = a.shape[1], a.shape[2], g.shape[2]
-        if positions == 1:
-            return torch.linalg.vector_norm(a, dim=(1, 2)).square() * torch.linalg.vector_norm(g, dim=(1, 2)).square()
+        if positions == 1:  # ‖g aᵀ‖ = ‖g‖·‖a‖
+            g_sq = self.g_squares() if self.g_squares is not None else torch.linalg.vector_norm(g, dim=(1, 2)).square()
+            return torch.linalg.vector_norm(a, dim=(1, 2)).square() * g_sq
         if use_ghost(positions, in_features, out_features, method):
             return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
         return torch.bmm(g.transpose(1, 2), a).pow(2).sum((1, 2))
@@ -137,13 +156,19 @@ class BiasPart(Part):
     ``T = 1`` (a plain Linear) that is ``g`` itself, used without a copy. ``rows`` as in :class:`LinearPart`."""
 
     def __init__(
-        self, backprops: torch.Tensor, shape: Sequence[int], rows: Optional[slice] = None, scale: float = 1.0
+        self,
+        backprops: torch.Tensor,
+        shape: Sequence[int],
+        rows: Optional[slice] = None,
+        scale: float = 1.0,
+        g_squares: Optional[SharedSquares] = None,
     ) -> None:
         self.g = backprops
         self.shape = tuple(shape)
         self.rows = rows
         self.scale = scale
         self.batch_size = backprops.shape[0]
+        self.g_squares = g_squares  # ‖g_b‖², shared with the layer's weight part
         self._summed: Optional[torch.Tensor] = None
 
     def _per_sample(self) -> torch.Tensor:
@@ -158,6 +183,8 @@ class BiasPart(Part):
         return LinearPart(ones, self.g, self.shape, self.rows, self.scale)
 
     def _norm_sq(self, method: str) -> torch.Tensor:
+        if self.g_squares is not None:
+            return self.g_squares()
         return torch.linalg.vector_norm(self._per_sample(), dim=1).square()
 
     def _clipped_sum(self, factors: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fast
-from .bookkeeping import BiasPart, ConvPart, LinearPart, Part, RowsPart
+from .bookkeeping import BiasPart, ConvPart, LinearPart, Part, RowsPart, SharedSquares
 from .functional import check_fallback, fallback_grad_sample
 from .linear import linear_param_grads
 from .registry import get_dp_forward, get_grad_sampler, get_rule_batch_dim, trainable_parameters
@@ -116,10 +116,10 @@ class GradSampleHooks:
                 covered.append(path)
             elif not trainable_parameters(submodule):
                 continue
+            elif type(submodule) in _FACTORED_TYPES:  # the patched forward also runs the rule's hook
+                self._patch_forward(submodule, _factored_forward)
             elif get_grad_sampler(submodule) is not None:
                 self._handles.append(submodule.register_forward_hook(self._forward_hook, with_kwargs=True))
-                if type(submodule) in _FACTORED_TYPES:
-                    self._patch_forward(submodule, _factored_forward)
             else:
                 self.fallback_modules.append(path or "<root module>")
                 log.info(
@@ -176,8 +176,6 @@ class GradSampleHooks:
     ) -> None:
         if not self.recording or not isinstance(output, torch.Tensor) or not output.requires_grad:
             return
-        if type(module) in _FACTORED_TYPES and self.factored(module, inputs, kwargs):
-            return  # recorded by the factored forward
         if kwargs:  # rules see the forward's arguments positionally, in signature order
             inputs = _positional(module, inputs, kwargs)
         activations = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in inputs)
@@ -266,8 +264,12 @@ class GradSampleHooks:
                 x = x.movedim(found, 0) if x.dim() > found else x
             batch_size = grad.shape[0]
         scale = self.scale_factor(batch_size)
-        grad, (x,) = _common_dtype(module, grad, (x,))
         weight, bias = module.weight, getattr(module, "bias", None)
+        dtype = weight.dtype  # autocast: compute in the parameters' dtype (see _common_dtype)
+        if grad.dtype != dtype:
+            grad = grad.to(dtype)
+        if x.is_floating_point() and x.dtype != dtype:
+            x = x.to(dtype)
         if isinstance(module, nn.Embedding):
             if weight.requires_grad:
                 rows = x.reshape(-1)
@@ -280,10 +282,15 @@ class GradSampleHooks:
                 )
             return
         if isinstance(module, nn.Linear):
+            g = flatten_middle(grad)
+            need_bias = bias is not None and bias.requires_grad
+            # one position per sample and a bias in the same dtype: ‖g_b‖² serves both parts
+            shared = SharedSquares(g) if need_bias and weight.requires_grad and g.shape[1] == 1 and (
+                bias.dtype == g.dtype) else None
             if weight.requires_grad:
-                self.add_part(weight, LinearPart(flatten_middle(x), flatten_middle(grad), weight.shape, scale=scale))
-            if bias is not None and bias.requires_grad:
-                self.add_part(bias, BiasPart(flatten_middle(grad).to(bias.dtype), bias.shape, scale=scale))
+                self.add_part(weight, LinearPart(flatten_middle(x), g, weight.shape, scale=scale, g_squares=shared))
+            if need_bias:
+                self.add_part(bias, BiasPart(g.to(bias.dtype), bias.shape, scale=scale, g_squares=shared))
             return
         if weight.requires_grad:
             padding = fast.conv_padding(module) or [0] * len(module.kernel_size)
@@ -412,10 +419,12 @@ class _Suspend:
 
 def _factored_forward(module: nn.Module, hooks: "GradSampleHooks", *args: Any, **kwargs: Any) -> Any:
     """Patched forward of Linear/Conv/Embedding: factored in the fast modes, else the usual forward
-    (whose forward hook then runs the layer's rule)."""
+    followed by what the rule's forward hook does (no module hook: it would slow every call)."""
     if hooks.factored(module, args, kwargs):
         return hooks.factored_forward(module, args[0] if args else next(iter(kwargs.values())))
-    return type(module).forward(module, *args, **kwargs)
+    output = type(module).forward(module, *args, **kwargs)
+    hooks._forward_hook(module, args, kwargs, output)
+    return output
 
 
 def _dp_forward_call(dp_forward: Any, module: nn.Module, hooks_ref: Any, *args: Any, **kwargs: Any) -> Any:

@@ -55,6 +55,14 @@ def _zeros(num_bytes: int) -> memoryview:
     return memoryview(bytes(num_bytes))
 
 
+@functools.lru_cache(maxsize=1)
+def _aes_classes() -> tuple:
+    """``cryptography``'s cipher classes, imported on first use (the package imports without them)."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    return Cipher, algorithms, modes
+
+
 def _box_muller_factors_(words: torch.Tensor, std: float) -> tuple:
     """Box–Muller from ``2m`` int32 keystream ``words`` (destroyed, reused as storage).
 
@@ -161,22 +169,22 @@ class GaussianNoise:
         """
         if std == 0:
             return
-        streamed = [t for t in tensors if self._streamed(t)]
+        streamed, others = [], []
+        for tensor in tensors:
+            (streamed if self._streamed(tensor) else others).append(tensor)
         if streamed:
             self._stream(streamed, std, add=True)
-        for tensor in tensors:
-            if not self._streamed(tensor):
-                tensor.add_(self.normal(tensor.shape, std, device=tensor.device, dtype=tensor.dtype))
+        for tensor in others:
+            tensor.add_(self.normal(tensor.shape, std, device=tensor.device, dtype=tensor.dtype))
 
     def _encryptor(self) -> Any:
         """AES-128-CTR positioned at a counter block used by no earlier call: the call number in the high
         64 bits, the block counter (from 0) in the low 64, so calls never overlap."""
-        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-
+        cipher, algorithms, modes = _aes_classes()
         with self._lock:
             call = self._calls
             self._calls += 1
-        return Cipher(algorithms.AES(self._key), modes.CTR(call.to_bytes(8, "big") + bytes(8))).encryptor()
+        return cipher(algorithms.AES(self._key), modes.CTR(call.to_bytes(8, "big") + bytes(8))).encryptor()
 
     def _stream(self, tensors: List[torch.Tensor], std: float, add: bool) -> None:
         """Normals for the concatenation of ``tensors``, added to them (``add``) or written into them."""
