@@ -97,3 +97,27 @@ def test_eval_train_mode_and_no_grad_are_unaffected(train):
         hooks.remove()
         _clipped_update_matches(full, [tokens], [0])
     hooks.remove()
+
+
+def test_deep_copy_of_a_hooked_model_is_a_plain_model():
+    """An EMA/teacher copy made while the hooks are attached trains like the original module did before
+    hooking: ordinary ``param.grad`` from autograd, nothing recorded for the DP optimizer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=0.0, max_grad_norm=1.0,
+                      expected_batch_size=4)
+    hooks = attach_grad_sample_hooks(model)
+    copied = copy.deepcopy(model)
+    x = torch.randn(4, 6)
+    copied(x).square().sum().backward()  # while the original is hooked
+    for p in copied.parameters():
+        assert p.grad is not None and not hasattr(p, "grad_parts") and not hasattr(p, "grad_sample")
+    for name, p in model.named_parameters():
+        assert not hasattr(p, "grad_parts"), name  # the original's hooks saw nothing of the copy
+    hooks.remove()
+    plain_model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    plain_model.load_state_dict(copied.state_dict())
+    plain_model(x).square().sum().backward()
+    for p, q in zip(copied.parameters(), plain_model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    assert opt.steps_taken == 0

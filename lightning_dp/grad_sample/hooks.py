@@ -104,6 +104,7 @@ class GradSampleHooks:
         self._checked: set = set()
         self._handles: List[torch.utils.hooks.RemovableHandle] = []
         self._patched: List[Tuple[nn.Module, Any]] = []
+        self._patched_ids: set = set()  # modules whose forward this object patched (not their copies)
         covered: List[str] = []
         for path, submodule in module.named_modules():
             if any(not prefix or path.startswith(prefix + ".") for prefix in covered):
@@ -301,6 +302,7 @@ class GradSampleHooks:
     # --- DP forwards ----------------------------------------------------------------------------------
     def _patch_forward(self, module: nn.Module, dp_forward: Any) -> None:
         self._patched.append((module, module.__dict__.get("forward")))
+        self._patched_ids.add(id(module))
         module.forward = functools.partial(_dp_forward_call, dp_forward, module, weakref.ref(self))
 
     def linear(
@@ -401,6 +403,7 @@ class GradSampleHooks:
             else:
                 module.forward = previous
         self._patched.clear()
+        self._patched_ids.clear()
         clear_grad_samples(self.module)
         if _ATTACHED.get(self.module) is self:
             del _ATTACHED[self.module]
@@ -429,7 +432,9 @@ def _factored_forward(module: nn.Module, hooks: "GradSampleHooks", *args: Any, *
 
 def _dp_forward_call(dp_forward: Any, module: nn.Module, hooks_ref: Any, *args: Any, **kwargs: Any) -> Any:
     hooks = hooks_ref()
-    if hooks is None or not hooks.recording:
+    # A copy of a hooked module (copy.deepcopy: an EMA or teacher model) carries the patched forward but
+    # is not hooked: it runs its class's forward and gets ordinary gradients.
+    if hooks is None or not hooks.recording or id(module) not in hooks._patched_ids:
         return type(module).forward(module, *args, **kwargs)
     return dp_forward(module, hooks, *args, **kwargs)
 
