@@ -213,6 +213,7 @@ class DPOptimizer(Optimizer):
                     delattr(p, attr)
         self.samples_in_step = 0
 
+    @torch.no_grad()
     def accumulate_micro_batch(self) -> torch.Tensor:
         """Clip the per-sample gradients of the last backward pass and add their sum, divided by
         ``expected_batch_size``, to ``param.summed_grad``.

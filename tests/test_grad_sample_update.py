@@ -121,3 +121,18 @@ def test_deep_copy_of_a_hooked_model_is_a_plain_model():
     for p, q in zip(copied.parameters(), plain_model.parameters()):
         torch.testing.assert_close(p.grad, q.grad)
     assert opt.steps_taken == 0
+
+
+@pytest.mark.parametrize("clipping_mode", ["auto", "ghost", "materialize"])
+def test_noisy_gradients_carry_no_autograd_graph(clipping_mode):
+    """Clipping runs without autograd: no graph from the recorded activations (hidden layers' inputs
+    require grad) reaches ``param.grad``, so nothing of the step stays alive until the next one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3))
+    attach_grad_sample_hooks(model)
+    opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0, max_grad_norm=1.0,
+                      expected_batch_size=4, clipping_mode=clipping_mode)
+    model(torch.randn(4, 6)).square().sum().backward()
+    opt.step()
+    for p in model.parameters():
+        assert p.grad is not None and p.grad.grad_fn is None and not p.grad.requires_grad

@@ -14,7 +14,7 @@ that DDP's reducer sees every parameter.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Iterable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -51,20 +51,35 @@ def _unused_grad(param: Optional[torch.Tensor], needed: bool) -> Optional[torch.
     return None
 
 
+Record = Optional[Callable[[torch.Tensor, torch.Tensor], None]]
+"""``record(layer_input, output_grad)``, called by the backward of the functions below (the hooks'
+factor recorder): the output gradient arrives with the backward itself, no tensor hook needed."""
+
+
 class _LinearInputGrad(torch.autograd.Function):
-    """``F.linear`` whose backward returns the input gradient only."""
+    """``F.linear`` whose backward returns the input gradient only (and hands ``(x, grad)`` to ``record``)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        ctx.save_for_backward(weight)
-        ctx.bias = bias
+    def forward(
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], record: Record = None
+    ) -> torch.Tensor:
+        if record is not None:
+            ctx.save_for_backward(weight, x)
+        else:
+            ctx.save_for_backward(weight)
+        ctx.bias, ctx.record = bias, record
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
-        (weight,) = ctx.saved_tensors
+        weight = ctx.saved_tensors[0]
+        if ctx.record is not None:
+            ctx.record(ctx.saved_tensors[1].detach(), grad)
         grad_x = grad @ weight.to(grad.dtype) if ctx.needs_input_grad[0] else None
-        return grad_x, _unused_grad(weight, ctx.needs_input_grad[1]), _unused_grad(ctx.bias, ctx.needs_input_grad[2])
+        return (
+            grad_x, _unused_grad(weight, ctx.needs_input_grad[1]), _unused_grad(ctx.bias, ctx.needs_input_grad[2]),
+            None,
+        )
 
 
 class _ConvInputGrad(torch.autograd.Function):
@@ -80,14 +95,17 @@ class _ConvInputGrad(torch.autograd.Function):
         padding: Sequence[int],
         dilation: Sequence[int],
         groups: int,
+        record: Record = None,
     ) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.bias, ctx.conf = bias, (list(stride), list(padding), list(dilation), groups)
+        ctx.bias, ctx.conf, ctx.record = bias, (list(stride), list(padding), list(dilation), groups), record
         return torch.convolution(x, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
         x, weight = ctx.saved_tensors
+        if ctx.record is not None:
+            ctx.record(x.detach(), grad)
         stride, padding, dilation, groups = ctx.conf
         grad_x = None
         if ctx.needs_input_grad[0]:
@@ -97,7 +115,7 @@ class _ConvInputGrad(torch.autograd.Function):
             )[0]
         return (
             grad_x, _unused_grad(weight, ctx.needs_input_grad[1]), _unused_grad(ctx.bias, ctx.needs_input_grad[2]),
-            None, None, None, None,
+            None, None, None, None, None,
         )
 
 
@@ -105,19 +123,33 @@ class _EmbeddingNoGrad(torch.autograd.Function):
     """``F.embedding`` whose backward computes nothing (its input is integer indices)."""
 
     @staticmethod
-    def forward(ctx: Any, indices: torch.Tensor, weight: torch.Tensor, padding_idx: Optional[int]) -> torch.Tensor:
-        ctx.weight = weight
+    def forward(
+        ctx: Any, indices: torch.Tensor, weight: torch.Tensor, padding_idx: Optional[int], record: Record = None
+    ) -> torch.Tensor:
+        ctx.weight, ctx.record = weight, record
+        if record is not None:
+            ctx.save_for_backward(indices)
         return F.embedding(indices, weight, padding_idx)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
-        return None, _unused_grad(ctx.weight, ctx.needs_input_grad[1]), None
+        if ctx.record is not None:
+            ctx.record(ctx.saved_tensors[0], grad)
+        return None, _unused_grad(ctx.weight, ctx.needs_input_grad[1]), None, None
 
 
-def linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def skips_weight_grads(x: torch.Tensor) -> bool:
+    """Whether the forwards below skip autograd's weight gradients (and call ``record``) for input ``x``;
+    if not (under autocast), they are the usual ops and the caller records from a tensor hook."""
+    return _skip_weight_grads(x)
+
+
+def linear_forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], record: Record = None
+) -> torch.Tensor:
     """``F.linear`` without autograd's weight and bias gradients (when allowed, see module docstring)."""
     if _skip_weight_grads(x):
-        return _LinearInputGrad.apply(x, weight, bias)
+        return _LinearInputGrad.apply(x, weight, bias, record)
     return F.linear(x, weight, bias)
 
 
@@ -129,12 +161,12 @@ def conv_padding(module: nn.modules.conv._ConvNd) -> Optional[List[int]]:
     return None
 
 
-def conv_forward(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
+def conv_forward(module: nn.modules.conv._ConvNd, x: torch.Tensor, record: Record = None) -> torch.Tensor:
     """The module's convolution of the (already padded, when ``conv_padding`` is ``None``) ``x``."""
     padding = conv_padding(module) or [0] * len(module.kernel_size)
     if _skip_weight_grads(x):
         return _ConvInputGrad.apply(
-            x, module.weight, module.bias, module.stride, padding, module.dilation, module.groups
+            x, module.weight, module.bias, module.stride, padding, module.dilation, module.groups, record
         )
     return torch.convolution(
         x, module.weight, module.bias, module.stride, padding, module.dilation, False,
@@ -147,8 +179,8 @@ def embedding_fast_ok(module: nn.Embedding) -> bool:
     return module.max_norm is None and not module.scale_grad_by_freq and not module.sparse
 
 
-def embedding_forward(module: nn.Embedding, indices: torch.Tensor) -> torch.Tensor:
+def embedding_forward(module: nn.Embedding, indices: torch.Tensor, record: Record = None) -> torch.Tensor:
     """``module(indices)`` without autograd's weight gradient (when allowed)."""
     if _skip_weight_grads(module.weight):
-        return _EmbeddingNoGrad.apply(indices, module.weight, module.padding_idx)
+        return _EmbeddingNoGrad.apply(indices, module.weight, module.padding_idx, record)
     return F.embedding(indices, module.weight, module.padding_idx)

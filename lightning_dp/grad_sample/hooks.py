@@ -241,16 +241,19 @@ class GradSampleHooks:
         return self.fast_mode(module.weight if module.weight.requires_grad else getattr(module, "bias", None))
 
     def factored_forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Forward of a Linear/Conv/Embedding layer that records its weight gradient's factors."""
+        """Forward of a Linear/Conv/Embedding layer that records its weight gradient's factors: from the
+        backward of its weight-gradient-free function, or (under autocast) from a hook on its output."""
+        record = functools.partial(self._record_factors, module)
         if isinstance(module, nn.Linear):
-            out = fast.linear_forward(x, module.weight, module.bias)
+            out = fast.linear_forward(x, module.weight, module.bias, record)
         elif isinstance(module, nn.Embedding):
-            out = fast.embedding_forward(module, x)
+            out = fast.embedding_forward(module, x, record)
         else:
             if fast.conv_padding(module) is None:
                 x = pad_input(x, module._reversed_padding_repeated_twice, module.padding_mode)
-            out = fast.conv_forward(module, x)
-        if out.requires_grad:
+            out = fast.conv_forward(module, x, record)
+        recorded = fast.skips_weight_grads(module.weight if isinstance(module, nn.Embedding) else x)
+        if out.requires_grad and not recorded:
             saved = x.detach()
             out.register_hook(lambda grad: self._record_factors(module, saved, grad))
         return out
