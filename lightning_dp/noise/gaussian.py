@@ -25,7 +25,7 @@ import torch
 
 _STREAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _PIECE = 1 << 18
-"""Normals per Box–Muller pass (1 MB of keystream and 1 MB of float32 scratch, freed after the draw)."""
+"""Normals per Box–Muller pass (1 MB of keystream words and 0.5 MB of angles, freed after the draw)."""
 _KEY_DOMAIN = b"lightning_dp.GaussianNoise/aes128-ctr/v1\x00"
 # Radius uniforms: 23 random bits of a 32-bit word become the mantissa of x in [1, 2); then
 # x - (1 - 2**-24) = (2j + 1)·2**-24 exactly: the midpoints of a 2**-23 grid, never 0 nor 1.
@@ -63,8 +63,9 @@ def _aes_classes() -> tuple:
     return Cipher, algorithms, modes
 
 
-def _box_muller_factors_(words: torch.Tensor, std: float) -> tuple:
-    """Box–Muller from ``2m`` int32 keystream ``words`` (destroyed, reused as storage).
+def _box_muller_factors_(words: torch.Tensor, std: float, angles: torch.Tensor) -> tuple:
+    """Box–Muller from ``2m`` int32 keystream ``words`` (destroyed, reused as storage; ``angles``: float32
+    scratch of at least ``m`` elements).
 
     Radii ``r = std·sqrt(-2 ln u)`` from the first ``m`` words, ``u`` uniform on the ``(2j + 1)·2⁻²⁴``
     grid (never 0); angles ``θ = w·π/2³¹`` from the last ``m`` words read as signed integers, uniform on
@@ -77,7 +78,7 @@ def _box_muller_factors_(words: torch.Tensor, std: float) -> tuple:
         radius.log_().mul_(-2.0 * std * std).sqrt_()
     else:  # std² would overflow float32
         radius.log_().mul_(-2.0).sqrt_().mul_(std)
-    angle = words[m:].float().mul_(math.pi / 2**31)
+    angle = torch.mul(words[m:], math.pi / 2**31, out=angles[:m])  # int32 → float32, scaled, in one pass
     cos = torch.cos(angle, out=words[m:].view(torch.float32))  # the angle words are spent: reuse them
     return radius, cos, angle.sin_()
 
@@ -194,7 +195,8 @@ class GaussianNoise:
             return
         piece = min(_PIECE, total + total % 2)
         encryptor = self._encryptor()
-        words = torch.empty(piece, dtype=torch.int32)
+        scratch = torch.empty(piece + piece // 2, dtype=torch.int32)  # keystream words, then the angles
+        words, angles = scratch[:piece], scratch[piece:].view(torch.float32)
         raw = words.view(torch.uint8).numpy()
         zeros = _zeros(4 * _PIECE)
         index, offset = 0, 0  # position in flats
@@ -202,7 +204,7 @@ class GaussianNoise:
             count = min(piece, total - start)
             half = (count + 1) // 2  # normals 0..half-1 are r·cos θ, the rest r·sin θ
             encryptor.update_into(zeros[: 8 * half], raw[: 8 * half])
-            radius, cos, sin = _box_muller_factors_(words[: 2 * half], std)
+            radius, cos, sin = _box_muller_factors_(words[: 2 * half], std, angles)
             used = 0
             while used < count:  # hand the piece's normals to the tensors, in order
                 target = flats[index]
