@@ -5,7 +5,10 @@
 
 Times: every method's training step (zero_grad, forward, loss, backward, optimizer step incl. noise)
 on the same model weights and the same batch, interleaved round by round in one process; the table
-shows medians and ratios to the non-private step. ``ours-auto-no-noise`` is our default with σ = 0:
+shows medians and ratios to the non-private step. In each round every method runs two steps and only
+the second is timed: the first after another method's step pays for the allocator's state that method
+left (glibc returns freed gigabytes to the OS, so a step right after Opacus's can spend more than its
+own compute on page faults: a non-private transformer step measured 2.2 s there, 0.9 s otherwise). ``ours-auto-no-noise`` is our default with σ = 0:
 the same step without the Gaussian draw, to show how much of the overhead is clipping and how much is
 noise (which every DP-SGD implementation pays: one normal per parameter per step).
 
@@ -157,6 +160,7 @@ def time_model(key: str, methods: List[str], repeats: int, device: str = "cpu") 
     times: Dict[str, List[float]] = {m: [] for m in steps}
     for _ in range(repeats):
         for m, step in steps.items():
+            step()  # untimed: settles the allocator after the previous method's step
             _sync(dev)
             start = time.perf_counter()
             step()
@@ -245,6 +249,7 @@ def main() -> None:
     where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else (
         f"CPU, {torch.get_num_threads()} threads")
     print(f"torch {torch.__version__}, {where}; median of {args.repeats} steps; "
+          "each timed step follows an untimed step of the same method; "
           "peak MB = most tensor memory live during a step (allocator-tracked, fresh process per method)")
     header = f"| model | {' | '.join(methods)} |"
     print(header)
