@@ -82,6 +82,11 @@ def test_other_dtypes_and_layouts():
     assert torch.equal(noise.normal((3,), std=0.0), torch.zeros(3))
     big = noise.normal((1000,), std=1e20)  # std² overflows float32: computed in two steps
     assert torch.isfinite(big).all() and 0.8e20 < big.std().item() < 1.2e20
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="std"):
+            noise.add_normal_([torch.zeros(3)], std=bad)
+        with pytest.raises(ValueError, match="std"):
+            noise.normal((3,), std=bad)
     with pytest.raises(ValueError, match="floating-point"):
         noise.normal((3,), std=1.0, dtype=torch.int32, device="meta")
 

@@ -23,6 +23,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from .._checks import check_non_negative
+
 _STREAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _PIECE = 1 << 18
 """Normals per Box–Muller pass (1 MB of keystream words and 0.5 MB of angles, freed after the draw)."""
@@ -149,6 +151,7 @@ class GaussianNoise:
         out: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """A tensor of i.i.d. ``N(0, std²)`` draws (written into ``out`` when given, else a new tensor)."""
+        std = check_non_negative("std", std)
         if out is None:
             out = torch.empty(shape, device=torch.device(device), dtype=dtype)
         if std == 0:
@@ -168,6 +171,7 @@ class GaussianNoise:
         CPU float tensors share one keystream call (their concatenation is one stream of normals, drawn a
         piece at a time: no tensor-sized temporary); others get draws from their device's generator.
         """
+        std = check_non_negative("std", std)
         if std == 0:
             return
         streamed, others = [], []
