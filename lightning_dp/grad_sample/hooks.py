@@ -4,7 +4,9 @@ Every submodule that owns trainable parameters gets one of three treatments:
 
 * a **rule** (``linear.py``, ``conv.py``...): a forward hook keeps the layer's inputs and registers a
   hook on its output tensor; when autograd delivers the gradient of the loss with respect to that
-  output, the rule turns (inputs, output gradient) into per-sample gradients;
+  output, the rule turns (inputs, output gradient) into per-sample gradients. Linear, Conv1/2/3d and
+  Embedding get no module hook: their forward is patched, records factors itself in the fast modes
+  (from the backward of its weight-gradient-free function) and otherwise runs the same forward hook;
 * a **DP forward** (``attention.py``, ``rnn.py``): fused modules whose internals hooks cannot see run an
   equivalent forward built from recorded linear maps (:meth:`GradSampleHooks.linear`), with the
   module's own parameters; the original forward is restored by :meth:`GradSampleHooks.remove`;
@@ -269,11 +271,7 @@ class GradSampleHooks:
             batch_size = grad.shape[0]
         scale = self.scale_factor(batch_size)
         weight, bias = module.weight, getattr(module, "bias", None)
-        dtype = weight.dtype  # autocast: compute in the parameters' dtype (see _common_dtype)
-        if grad.dtype != dtype:
-            grad = grad.to(dtype)
-        if x.is_floating_point() and x.dtype != dtype:
-            x = x.to(dtype)
+        grad, (x,) = _common_dtype(module, grad, (x,), dtype=weight.dtype)
         if isinstance(module, nn.Embedding):
             if weight.requires_grad:
                 rows = x.reshape(-1)
@@ -455,11 +453,13 @@ def _infer_batch_first(module: nn.Module) -> bool:
 
 
 def _common_dtype(
-    module: nn.Module, grad: torch.Tensor, activations: Tuple[Any, ...]
+    module: nn.Module, grad: torch.Tensor, activations: Tuple[Any, ...], dtype: Optional[torch.dtype] = None
 ) -> Tuple[torch.Tensor, Tuple[Any, ...]]:
     """Under autocast a layer's input, output gradient and weights can have different float dtypes;
-    rules compute in the parameters' dtype (float32 for bf16/fp16 mixed precision)."""
-    dtype = next((p.dtype for p in module.parameters(recurse=False)), grad.dtype)
+    rules compute in the parameters' dtype (float32 for bf16/fp16 mixed precision), ``dtype`` when the
+    caller knows it."""
+    if dtype is None:
+        dtype = next((p.dtype for p in module.parameters(recurse=False)), grad.dtype)
     if grad.dtype != dtype:
         grad = grad.to(dtype)
     activations = tuple(
