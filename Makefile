@@ -12,7 +12,7 @@ STAMP := $(VENV)/.lightning-dp-installed
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): setup.cfg setup.py pyproject.toml | $(PY)
+$(STAMP): setup.cfg setup.py pyproject.toml lightning_dp/noise/_boxmuller.c | $(PY)
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[test,examples,docs]"
 	touch $(STAMP)

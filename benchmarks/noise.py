@@ -1,9 +1,14 @@
-"""Throughput of secure Gaussian noise vs ``torch.normal``.
+"""Throughput of secure Gaussian noise vs ``torch.normal``, and of the fast seeded generator's two
+Box–Muller kernels.
 
 Usage::
 
     python benchmarks/noise.py                     # 1e7 float32 samples on CPU (and CUDA if present)
     python benchmarks/noise.py --samples 1e6 --repeats 9 --device cpu
+
+The second table adds ``--fast-samples`` (default: the step benchmark's MLP, 669,706 parameters)
+normals into a float32 tensor with :class:`~lightning_dp.noise.GaussianNoise` (native kernel, then
+torch ops) and with ``torch.randn`` + ``add_``, interleaved, on CPU.
 
 Each line is the median wall time of ``--repeats`` runs (after one warm-up), the two contenders run
 interleaved so that machine load affects both alike; ``ratio`` = secure / ``torch.normal``. The CPU
@@ -18,7 +23,8 @@ from typing import Callable, Dict, List
 
 import torch
 
-from lightning_dp.noise import SecureRNG, chacha20_keystream
+import lightning_dp.noise.gaussian as gaussian
+from lightning_dp.noise import GaussianNoise, SecureRNG, chacha20_keystream
 
 
 def _sync(device: torch.device) -> None:
@@ -58,6 +64,31 @@ def bench(samples: int, repeats: int, device: torch.device, dtype: torch.dtype) 
     return result
 
 
+def fast_bench(samples: int, repeats: int) -> Dict[str, float]:
+    """Median seconds to add ``samples`` normals into a CPU float32 tensor, per generator."""
+    target, noise, native = torch.zeros(samples), GaussianNoise(seed=0), gaussian._native
+
+    def with_kernel(kernel: object) -> Callable[[], None]:
+        def draw() -> None:
+            gaussian._native = kernel
+            try:
+                noise.add_normal_([target], std=1.0)
+            finally:
+                gaussian._native = native
+        return draw
+
+    contenders = {"torch.randn + add_": lambda: target.add_(torch.randn(samples)), "torch ops": with_kernel(None)}
+    if native is not None:
+        contenders["native"] = with_kernel(native)
+    for fn in contenders.values():
+        fn()
+    times: Dict[str, List[float]] = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            times[name].append(_time(fn, torch.device("cpu")))
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def keystream_rate(num_bytes: int, device: torch.device) -> float:
     """GB/s of the keystream backend ``auto`` picks for ``device``."""
     key, nonce = bytes(32), bytes(12)
@@ -74,6 +105,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", action="append", help="cpu / cuda (repeatable; default: cpu and cuda if present)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--fast-samples", type=float, default=669706)
     args = parser.parse_args()
     samples = int(args.samples)
     dtype = getattr(torch, args.dtype)
@@ -95,6 +127,12 @@ def main() -> None:
             f"| {name:6} | {1e3 * baseline:17.1f} | {1e3 * secure:21.1f} | {secure / baseline:5.2f} "
             f"| {1e3 * cpu_base:12.1f} | {1e3 * cpu_secure:13.1f} | {cpu_secure / cpu_base:9.2f} | {rate:16.2f} |"
         )
+    fast = fast_bench(int(args.fast_samples), max(args.repeats, 21))
+    print(f"\nGaussianNoise.add_normal_, {int(args.fast_samples)} float32 normals on CPU (median ms; "
+          f"native kernel built: {gaussian.native_kernel()})")
+    print("| " + " | ".join(fast) + " |")
+    print("|" + "---:|" * len(fast))
+    print("| " + " | ".join(f"{1e3 * t:.2f}" for t in fast.values()) + " |")
 
 
 if __name__ == "__main__":

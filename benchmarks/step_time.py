@@ -248,7 +248,10 @@ def main() -> None:
         methods = ["non-private"] + [m for m in methods if m in args.methods.split(",") and m != "non-private"]
     where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else (
         f"CPU, {torch.get_num_threads()} threads")
-    print(f"torch {torch.__version__}, {where}; median of {args.repeats} steps; "
+    from lightning_dp.noise.gaussian import native_kernel
+
+    kernel = "native" if native_kernel() else "torch ops"
+    print(f"torch {torch.__version__}, {where}; noise Box–Muller: {kernel}; median of {args.repeats} steps; "
           "each timed step follows an untimed step of the same method; "
           "peak MB = most tensor memory live during a step (allocator-tracked, fresh process per method)")
     header = f"| model | {' | '.join(methods)} |"

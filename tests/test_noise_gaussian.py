@@ -1,19 +1,34 @@
 """GaussianNoise: the CPU stream against an independent float64 reference, its law, how it is split
-over tensors and pieces, and its state."""
+over tensors and pieces, and its state, for both Box–Muller kernels (native and torch ops)."""
 from __future__ import annotations
 
 import copy
 import hashlib
 import math
+import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from scipy import stats
 
+import lightning_dp.noise.gaussian as gaussian
 from lightning_dp.noise import GaussianNoise
 from lightning_dp.noise.gaussian import _KEY_DOMAIN, _PIECE
+
+NATIVE = gaussian._native
+
+
+@pytest.fixture(autouse=True, params=["native", "torch"])
+def kernel(request, monkeypatch):
+    """Every test runs with the native Box–Muller kernel and with the torch-ops one."""
+    if request.param == "native" and NATIVE is None:
+        pytest.skip("native kernel not built")
+    monkeypatch.setattr(gaussian, "_native", NATIVE if request.param == "native" else None)
+    return request.param
 
 
 def _reference(seed: int, call: int, count: int, std: float) -> torch.Tensor:
@@ -105,3 +120,52 @@ def test_state_resumes_the_stream_and_copies_replay():
     for clone in clones:
         assert torch.equal(clone.normal((6,), std=1.0), following)
     assert GaussianNoise().state_dict() == {}
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_kernels_agree_and_native_does_not_depend_on_threads(kernel, threads, monkeypatch):
+    if kernel == "torch":
+        pytest.skip("compares the native kernel with the torch one")
+    count = 2 * _PIECE + 12345
+    monkeypatch.setattr(gaussian, "_MIN_PAIRS_PER_THREAD", 1000)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        native = GaussianNoise(seed=21).normal((count,), std=0.3)
+    finally:
+        torch.set_num_threads(previous)
+    torch.set_num_threads(1)
+    try:
+        single = GaussianNoise(seed=21).normal((count,), std=0.3)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(native, single)  # each thread takes its own pairs: same bits for any thread count
+    monkeypatch.setattr(gaussian, "_native", None)
+    torch.testing.assert_close(native, GaussianNoise(seed=21).normal((count,), std=0.3), rtol=1e-5, atol=1e-6)
+
+
+def test_native_kernel_checks_its_bounds(kernel):
+    if kernel == "torch":
+        pytest.skip("native kernel only")
+    words = torch.zeros(8, dtype=torch.int32).numpy()
+    for half, start, stop in [(5, 0, 5), (4, 3, 2), (4, 0, 5), (-1, 0, 0)]:
+        with pytest.raises(ValueError, match="start <= stop <= half"):
+            NATIVE.box_muller_(words, half, start, stop, 1.0)
+
+
+def test_native_kernel_is_built_and_keeps_the_float_mode(kernel):
+    """On Linux the install builds the kernel; loading it must not switch the process to flush-to-zero
+    (as a shared object linked with -ffast-math would)."""
+    if kernel == "torch":
+        pytest.skip("native kernel only")
+    code = "import lightning_dp.noise.gaussian as g, torch; print(g.native_kernel(), torch.tensor(1e-40).item() > 0)"
+    env = {k: v for k, v in os.environ.items() if k != "LIGHTNING_DP_NATIVE_NOISE"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.split() == ["True", "True"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the native kernel is built on Linux only")
+def test_native_kernel_is_built_on_linux(kernel):
+    if kernel == "native":
+        pytest.skip("checked once, under the torch kernel (which always runs)")
+    assert NATIVE is not None or os.environ.get("LIGHTNING_DP_NATIVE_NOISE") == "0"
