@@ -22,7 +22,7 @@ import hashlib
 import math
 import os
 import threading
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -154,18 +154,15 @@ def _emit(target: torch.Tensor, radius: torch.Tensor, trig: torch.Tensor, add: b
         target.copy_(radius * trig)
 
 
-def _hand_out(flats: List[torch.Tensor], index: int, offset: int, normals: torch.Tensor, add: bool) -> tuple:
-    """Add (``add``) or write ``normals`` into ``flats`` from position ``(index, offset)`` on, in order;
-    returns the position after them."""
-    used, count = 0, normals.numel()
+def _hand_out(flats: List[torch.Tensor], index: int, offset: int, count: int, emit: Callable[..., None]) -> tuple:
+    """Walk ``count`` normals of a piece over ``flats`` from position ``(index, offset)`` on, in order:
+    ``emit(segment, first, size)`` gets each tensor segment and the piece's normals it receives
+    (``first .. first + size - 1``). Returns the position after them."""
+    used = 0
     while used < count:
         target = flats[index]
         size = min(target.numel() - offset, count - used)
-        segment = target[offset : offset + size]
-        if add:
-            segment.add_(normals[used : used + size])
-        else:
-            segment.copy_(normals[used : used + size])
+        emit(target[offset : offset + size], used, size)
         used += size
         offset += size
         if offset == target.numel():
@@ -292,28 +289,26 @@ class GaussianNoise:
             if native is not None:
                 _native_box_muller(raw, half, std)  # words → the piece's normals, in order
                 normals = words[:count].view(torch.float32)
-                index, offset = _hand_out(flats, index, offset, normals, add)
-                continue
-            radius, cos, sin = _box_muller_factors_(words[: 2 * half], std, angles)
-            used = 0
-            while used < count:  # hand the piece's normals to the tensors, in order
-                target = flats[index]
-                size = min(target.numel() - offset, count - used)
-                segment = target[offset : offset + size]
-                if used < half:  # a cosine run, then maybe a sine run
-                    first = min(size, half - used)
-                    _emit(segment[:first], radius[used : used + first], cos[used : used + first], add)
-                    if size > first:
-                        _emit(segment[first:], radius[: size - first], sin[: size - first], add)
-                else:
-                    lo = used - half
-                    _emit(segment, radius[lo : lo + size], sin[lo : lo + size], add)
-                used += size
-                offset += size
-                if offset == target.numel():
-                    index, offset = index + 1, 0
-            while index < len(flats) and flats[index].numel() == 0:
-                index += 1
+
+                def emit(segment: torch.Tensor, first: int, size: int) -> None:
+                    if add:
+                        segment.add_(normals[first : first + size])
+                    else:
+                        segment.copy_(normals[first : first + size])
+            else:
+                radius, cos, sin = _box_muller_factors_(words[: 2 * half], std, angles)
+
+                def emit(segment: torch.Tensor, first: int, size: int) -> None:
+                    if first < half:  # a cosine run, then maybe a sine run
+                        run = min(size, half - first)
+                        _emit(segment[:run], radius[first : first + run], cos[first : first + run], add)
+                        if size > run:
+                            _emit(segment[run:], radius[: size - run], sin[: size - run], add)
+                    else:
+                        lo = first - half
+                        _emit(segment, radius[lo : lo + size], sin[lo : lo + size], add)
+
+            index, offset = _hand_out(flats, index, offset, count, emit)
 
     def state_dict(self) -> Dict[str, Any]:
         """Seed, stream position and generator states when the user seeded the generator (reproducible
