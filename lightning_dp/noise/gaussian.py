@@ -55,14 +55,14 @@ _pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
 _pool_key: tuple = ()
 
 
-def _native_box_muller(raw: Any, half: int, std: float) -> None:
-    """Run the native kernel over the ``half`` pairs of a piece on ``torch.get_num_threads()`` threads
+def _native_box_muller(kernel: Any, raw: Any, half: int, std: float) -> None:
+    """Run the native ``kernel`` over the ``half`` pairs of a piece on ``torch.get_num_threads()`` threads
     (the kernel releases the GIL; each thread takes its own range of pairs, so the result does not
     depend on the thread count)."""
     global _pool, _pool_key
     threads = max(1, min(torch.get_num_threads(), half // _MIN_PAIRS_PER_THREAD))
     if threads == 1:
-        _native.box_muller_(raw, half, 0, half, std)
+        kernel.box_muller_(raw, half, 0, half, std)
         return
     key = (os.getpid(), threads)  # a forked child (a DataLoader worker) must not reuse its parent's pool
     with _pool_lock:
@@ -73,8 +73,8 @@ def _native_box_muller(raw: Any, half: int, std: float) -> None:
     # Ranges start on multiples of the kernel's block (512 pairs): each pair then goes through the same
     # vector or scalar code path whatever the thread count, so the bits do not depend on it.
     bounds = [half * k // threads // _KERNEL_BLOCK * _KERNEL_BLOCK for k in range(threads)] + [half]
-    futures = [pool.submit(_native.box_muller_, raw, half, bounds[k], bounds[k + 1], std) for k in range(1, threads)]
-    _native.box_muller_(raw, half, bounds[0], bounds[1], std)
+    futures = [pool.submit(kernel.box_muller_, raw, half, bounds[k], bounds[k + 1], std) for k in range(1, threads)]
+    kernel.box_muller_(raw, half, bounds[0], bounds[1], std)
     for future in futures:
         future.result()
 
@@ -152,6 +152,30 @@ def _emit(target: torch.Tensor, radius: torch.Tensor, trig: torch.Tensor, add: b
         torch.mul(radius, trig, out=target)
     else:
         target.copy_(radius * trig)
+
+
+def _emit_normals(normals: torch.Tensor, add: bool, segment: torch.Tensor, first: int, size: int) -> None:
+    """Native path: the piece's normals ``first .. first + size - 1`` into ``segment``."""
+    if add:
+        segment.add_(normals[first : first + size])
+    else:
+        segment.copy_(normals[first : first + size])
+
+
+def _emit_factors(
+    radius: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, half: int, add: bool,
+    segment: torch.Tensor, first: int, size: int,
+) -> None:
+    """Torch path: normals ``first .. first + size - 1`` of a piece (``r·cos θ`` below ``half``, ``r·sin θ``
+    from it on) into ``segment``: a cosine run, then maybe a sine run."""
+    if first < half:
+        run = min(size, half - first)
+        _emit(segment[:run], radius[first : first + run], cos[first : first + run], add)
+        if size > run:
+            _emit(segment[run:], radius[: size - run], sin[: size - run], add)
+    else:
+        lo = first - half
+        _emit(segment, radius[lo : lo + size], sin[lo : lo + size], add)
 
 
 def _hand_out(flats: List[torch.Tensor], index: int, offset: int, count: int, emit: Callable[..., None]) -> tuple:
@@ -287,27 +311,11 @@ class GaussianNoise:
             half = (count + 1) // 2  # normals 0..half-1 are r·cos θ, the rest r·sin θ
             encryptor.update_into(zeros[: 8 * half], raw[: 8 * half])
             if native is not None:
-                _native_box_muller(raw, half, std)  # words → the piece's normals, in order
-                normals = words[:count].view(torch.float32)
-
-                def emit(segment: torch.Tensor, first: int, size: int) -> None:
-                    if add:
-                        segment.add_(normals[first : first + size])
-                    else:
-                        segment.copy_(normals[first : first + size])
+                _native_box_muller(native, raw, half, std)  # words → the piece's normals, in order
+                emit = functools.partial(_emit_normals, words[:count].view(torch.float32), add)
             else:
                 radius, cos, sin = _box_muller_factors_(words[: 2 * half], std, angles)
-
-                def emit(segment: torch.Tensor, first: int, size: int) -> None:
-                    if first < half:  # a cosine run, then maybe a sine run
-                        run = min(size, half - first)
-                        _emit(segment[:run], radius[first : first + run], cos[first : first + run], add)
-                        if size > run:
-                            _emit(segment[run:], radius[: size - run], sin[: size - run], add)
-                    else:
-                        lo = first - half
-                        _emit(segment, radius[lo : lo + size], sin[lo : lo + size], add)
-
+                emit = functools.partial(_emit_factors, radius, cos, sin, half, add)
             index, offset = _hand_out(flats, index, offset, count, emit)
 
     def state_dict(self) -> Dict[str, Any]:
