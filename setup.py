@@ -3,7 +3,7 @@
 ``lightning_dp.noise._boxmuller`` (Box–Muller over a keystream piece, vectorised through glibc's
 libmvec) is built on Linux with a C compiler. It is optional: where it cannot be built the package
 installs without it and :class:`~lightning_dp.noise.GaussianNoise` computes the same stream with
-torch ops (about half as fast on CPU).
+torch ops (about 1.5× slower on CPU).
 """
 import sys
 

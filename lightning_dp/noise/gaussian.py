@@ -53,6 +53,7 @@ _MIN_PAIRS_PER_THREAD = 1 << 14
 _KERNEL_BLOCK = 512  # BLOCK in _boxmuller.c
 _pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
 _pool_key: tuple = ()
+_pool_lock = threading.Lock()
 
 
 def _native_box_muller(kernel: Any, raw: Any, half: int, std: float) -> None:
@@ -67,6 +68,8 @@ def _native_box_muller(kernel: Any, raw: Any, half: int, std: float) -> None:
     key = (os.getpid(), threads)  # a forked child (a DataLoader worker) must not reuse its parent's pool
     with _pool_lock:
         if _pool is None or _pool_key != key:
+            if _pool is not None and _pool_key[0] == key[0]:
+                _pool.shutdown(wait=False)  # the thread count changed: let the old workers exit
             _pool = concurrent.futures.ThreadPoolExecutor(threads - 1, thread_name_prefix="lightning_dp-noise")
             _pool_key = key
         pool = _pool
@@ -79,11 +82,10 @@ def _native_box_muller(kernel: Any, raw: Any, half: int, std: float) -> None:
         future.result()
 
 
-_pool_lock = threading.Lock()
-
 _STREAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _PIECE = 1 << 18
-"""Normals per Box–Muller pass (1 MB of keystream words and 0.5 MB of angles, freed after the draw)."""
+"""Normals per Box–Muller pass (1 MB of keystream words, plus 0.5 MB of angles on the torch path; freed
+after the draw)."""
 _KEY_DOMAIN = b"lightning_dp.GaussianNoise/aes128-ctr/v1\x00"
 # Radius uniforms: 23 random bits of a 32-bit word become the mantissa of x in [1, 2); then
 # x - (1 - 2**-24) = (2j + 1)·2**-24 exactly: the midpoints of a 2**-23 grid, never 0 nor 1.
