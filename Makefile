@@ -22,8 +22,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) examples/train_digits.py
 
+# The whole suite under `import lightning as L`, then the Lightning tests again under pytorch_lightning.
 test: $(STAMP)
 	$(PY) -m pytest tests
+	LIGHTNING_DP_TEST_NAMESPACE=pytorch_lightning $(PY) -m pytest tests -m lightning
 
 docs: $(STAMP)
 	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html

@@ -8,17 +8,58 @@ through the same two questions: every sample's squared norm, and the sum weighte
 * **per_layer**: parameter tensor ``k`` (of ``K``) is clipped on its own to ``C_k = C/√K``, so a
   sample's whole clipped gradient still has norm at most ``√(Σ C_k²) = C``: the same sensitivity,
   hence the same noise ``σC`` and the same privacy guarantee as flat clipping.
+
+**Non-finite samples** (``non_finite="drop"``, the default). A sample whose gradient contains a NaN or an
+inf (a NaN feature, a loss that is ``log 0`` for that sample...) gets clip factor ``c_b = 0`` and
+contributes *exactly* zero to the clipped sum; the other samples are clipped and summed as usual. The
+test is on the norms: flat, the sample's total norm is not finite; per layer, *any* of its per-parameter
+norms is not finite, and the sample is then dropped from every parameter, so each sample is either
+wholly in or wholly out (squared norms are ``≥ 0`` or NaN, so this is "the sum of its squared norms is
+not finite"). A finite gradient whose squared norm overflows to inf is dropped too; its clip factor
+``C/∞`` was already 0. Because ``0 · NaN = NaN``, a zero factor is not enough: the dropped samples' rows
+are zeroed in every factor the clipped sum reads (:meth:`~lightning_dp.grad_sample.bookkeeping.Part.keep_samples`:
+activations and output gradients of the GEMM ``(c ⊙ G)ᵀA``, embedding values, materialised per-sample
+gradients).
+
+Privacy is unchanged. The sensitivity argument asks only that each sample's contribution to the sum
+have norm at most ``C`` whatever the other samples are; a dropped sample contributes ``0 ≤ C``, and whether
+*it* is dropped depends on its own gradient only, so adding or removing one sample still moves the sum
+by at most ``C``, and the noise ``σC`` and the accounting stay as they are. The sum is still divided by
+``expected_batch_size`` (never by the number of kept samples, which depends on the data). A micro-batch
+whose samples are all dropped contributes zeros: the step is noise only, and is accounted as any step.
+
+The check costs one ``torch.isfinite(norms).all()`` per micro-batch; when every norm is finite (the usual
+case) nothing else is done. ``non_finite="propagate"`` skips it and keeps the plain arithmetic, where one
+non-finite sample makes the whole clipped sum non-finite (wanted under a fp16 ``GradScaler``: an
+overflow must reach the gradients so that the scaler skips the step and lowers its scale).
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
+from ._checks import check_choice
 from .grad_sample.bookkeeping import MaterializedPart, Part, merge
 
 CLIPPINGS = ("flat", "per_layer")
+NON_FINITE = ("drop", "propagate")
+"""What :func:`clip_and_sum` does with a sample whose gradient is not finite: ``"drop"`` it (clip factor
+0, exactly zero contribution), or ``"propagate"`` the NaN/inf into the sums (plain arithmetic)."""
+
+
+class ClipResult(NamedTuple):
+    """What :func:`clip_and_sum` returns."""
+
+    sums: List[torch.Tensor]
+    """The clipped sums, one per parameter (in ``params`` order)."""
+    norms: torch.Tensor
+    """Each sample's norm over all parameters ``(B,)``, before clipping, after ``s`` (NaN/inf for a
+    non-finite sample, also when it was dropped)."""
+    dropped: Optional[torch.Tensor]
+    """Bool ``(B,)``, true for the samples left out of the sums (non-finite gradient); ``None`` when none
+    was (every norm finite, or ``non_finite="propagate"``): the common case costs no mask."""
 
 
 def per_sample_norms(grad_samples: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -28,7 +69,8 @@ def per_sample_norms(grad_samples: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
-    """``min(1, C / ‖g_b‖)`` for each sample, computed as ``C / max(‖g_b‖, C)`` (safe at norm 0)."""
+    """``min(1, C / ‖g_b‖)`` for each sample, computed as ``C / max(‖g_b‖, C)`` (safe at norm 0; a NaN
+    norm gives a NaN factor: :func:`clip_and_sum` replaces it by 0 and drops the sample)."""
     return max_grad_norm / norms.clamp(min=max_grad_norm)
 
 
@@ -58,8 +100,10 @@ def clip_and_sum(
     num_layers: Optional[int] = None,
     release: bool = False,
     sum_scale: float = 1.0,
-) -> Tuple[List[torch.Tensor], torch.Tensor]:
-    """Clip every sample and sum over the batch: ``([t·Σ_b c_b·s·g_b per param], per-sample norms)``.
+    non_finite: str = "drop",
+) -> ClipResult:
+    """Clip every sample and sum over the batch: ``([t·Σ_b c_b·s·g_b per param], per-sample norms,
+    dropped samples)``.
 
     Args:
         params: the parameters (``parts[k]`` is the per-sample gradient of ``params[k]``).
@@ -74,9 +118,15 @@ def clip_and_sum(
             the step's peak memory then stays near that of a non-private step.
         sum_scale: ``t``, multiplies the clipped sums (not the norms): folded into the clip factors, so
             dividing by the batch size here costs nothing.
+        non_finite: ``"drop"`` (default): a sample with a non-finite norm (flat), or with any non-finite
+            per-parameter norm (per layer), gets ``c_b = 0`` and its rows of every part are zeroed, so it
+            adds exactly nothing to any sum (see the module docstring); ``"propagate"``: no check, a
+            non-finite sample makes the sums non-finite.
 
-    Returns the clipped sums and each sample's norm over all parameters (before clipping, after ``s``).
+    Returns a :class:`ClipResult`: the clipped sums, each sample's norm over all parameters (before
+    clipping, after ``s``) and the mask of dropped samples (``None`` when none was dropped).
     """
+    check_choice("non_finite", non_finite, NON_FINITE)
     # Parts keep their own scale (the loss reduction's batch size) as a number; it is applied to the
     # (B,) norms and factors once per distinct value, not once per part.
     if clipping == "flat":
@@ -91,19 +141,32 @@ def clip_and_sum(
             summed = summed if factor == 1.0 else summed * factor
             total_sq = summed if total_sq is None else total_sq + summed
         total = total_sq.sqrt()
+        keep = _finite(total) if non_finite == "drop" else None
         factors = [clip_factors(total, max_grad_norm)] * len(params)
     else:
         squared = [_sum([part.norm_sq(norm_method) for part in ps]) for ps in parts]
         if scale != 1.0:
             squared = [sq * (scale * scale) for sq in squared]
-        total = torch.stack(squared).sum(0).sqrt()
+        stacked = torch.stack(squared)
+        total = stacked.sum(0).sqrt()
+        keep = None
+        if non_finite == "drop" and not bool(torch.isfinite(total).all()):
+            keep = torch.isfinite(stacked).all(0)  # any parameter's norm non-finite: the whole sample out
         bound = max_grad_norm / math.sqrt(num_layers or len(params))
         factors = [clip_factors(sq.sqrt(), bound) for sq in squared]
+    if keep is not None:  # some sample is not finite: factor 0, and its rows zeroed in every part below
+        zeroed: Dict[int, torch.Tensor] = {}
+        for f in factors:
+            if id(f) not in zeroed:
+                zeroed[id(f)] = torch.where(keep, f, f.new_zeros(()))  # a NaN factor times 0 would stay NaN
+        factors = [zeroed[id(f)] for f in factors]
     scaled: Dict[Tuple[int, float], torch.Tensor] = {}  # factors × s × t × part scale, made once each
     sums = []
     for k, f in enumerate(factors):
         contributions = []
         for part in parts[k]:
+            if keep is not None:
+                part = part.keep_samples(keep)
             key = (id(f), part.scale)
             if key not in scaled:
                 multiplier = scale * sum_scale * part.scale
@@ -112,7 +175,14 @@ def clip_and_sum(
         if release:
             parts[k] = None  # type: ignore[index]
         sums.append(_sum(contributions))
-    return sums, total
+    return ClipResult(sums, total, None if keep is None else ~keep)
+
+
+def _finite(norms: torch.Tensor) -> Optional[torch.Tensor]:
+    """``None`` when every norm is finite (one reduction and one sync), else the bool mask of finite ones."""
+    if bool(torch.isfinite(norms).all()):
+        return None
+    return torch.isfinite(norms)
 
 
 def _sum(tensors: List[torch.Tensor]) -> torch.Tensor:

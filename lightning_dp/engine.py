@@ -7,30 +7,24 @@ from typing import Optional
 from torch import nn
 from torch.optim import Optimizer
 
-from ._checks import check_choice, check_non_negative, check_positive, check_rate
+from ._checks import check_positive, check_rate
 from .accounting import make_accountant
+from .config import DPConfig
 from .grad_sample import attach_grad_sample_hooks
 from .noise import GaussianNoise, SecureRNG
 from .optimizer import DPOptimizer
 from .validation import validate
 
-LOSS_REDUCTIONS = ("mean", "sum")
+_D = DPConfig  # the defaults below are DPConfig's: written once
 _warned_not_secure = False
 
 
 def make_noise(secure_mode: bool, seed: Optional[int]) -> "GaussianNoise | SecureRNG":
-    """The noise source for ``secure_mode``: :class:`SecureRNG` (ChaCha20, keyed from the OS; seeds
-    refused) or the seeded, fast, **not** secure :class:`GaussianNoise` (warned once per process)."""
+    """The noise source for ``secure_mode``: :class:`SecureRNG` (ChaCha20, keyed from the OS) or the
+    seeded, fast, **not** secure :class:`GaussianNoise` (warned once per process). The arguments are
+    those of a validated :class:`~lightning_dp.DPConfig` (a seed with secure mode is refused there)."""
     global _warned_not_secure
-    if not isinstance(secure_mode, bool):
-        raise ValueError(f"`secure_mode` must be True or False, got {secure_mode!r}.")
     if secure_mode:
-        if seed is not None:
-            raise ValueError(
-                f"`seed` must be None with secure_mode=True, got {seed!r}: a seeded generator is predictable, "
-                "so anyone with the seed could subtract the noise. Drop the seed, or use secure_mode=False "
-                "for a reproducible (not secure) run."
-            )
         return SecureRNG()
     if not _warned_not_secure:
         _warned_not_secure = True
@@ -63,12 +57,12 @@ def make_private(
     max_grad_norm: float,
     expected_batch_size: int,
     sample_rate: Optional[float] = None,
-    loss_reduction: str = "mean",
-    accountant: str = "prv",
-    seed: Optional[int] = None,
-    secure_mode: bool = False,
-    clipping_mode: str = "auto",
-    clipping: str = "flat",
+    loss_reduction: str = _D.loss_reduction,
+    accountant: str = _D.accountant,
+    seed: Optional[int] = _D.seed,
+    secure_mode: bool = _D.secure_mode,
+    clipping_mode: str = _D.clipping_mode,
+    clipping: str = _D.clipping,
 ) -> DPOptimizer:
     """Make ``loss.backward(); optimizer.step()`` a DP-SGD step, in place.
 
@@ -109,24 +103,24 @@ def make_private(
         >>> opt.get_epsilon(1e-5) > 0
         True
     """
-    noise_multiplier = check_non_negative("noise_multiplier", noise_multiplier)
-    check_positive("max_grad_norm", max_grad_norm)
+    if noise_multiplier is None:
+        raise ValueError("`noise_multiplier` must be a finite number >= 0, got None.")
+    config = DPConfig.from_arguments(locals())
     check_positive("expected_batch_size", expected_batch_size)
-    check_choice("loss_reduction", loss_reduction, LOSS_REDUCTIONS)
     if sample_rate is not None:
         check_rate("sample_rate", sample_rate)
-    noise = make_noise(secure_mode, seed)
+    noise = make_noise(config.secure_mode, config.seed)
     validate(module, raise_error=True)
-    warn_if_no_noise(noise_multiplier)
-    attach_grad_sample_hooks(module, loss_reduction=loss_reduction)
+    warn_if_no_noise(config.noise_multiplier)
+    attach_grad_sample_hooks(module, loss_reduction=config.loss_reduction)
     return DPOptimizer(
         optimizer,
-        noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm,
+        noise_multiplier=config.noise_multiplier,
+        max_grad_norm=config.max_grad_norm,
         expected_batch_size=expected_batch_size,
         noise=noise,
-        accountant=make_accountant(accountant) if sample_rate is not None else None,
+        accountant=make_accountant(config.accountant) if sample_rate is not None else None,
         sample_rate=sample_rate,
-        clipping_mode=clipping_mode,
-        clipping=clipping,
+        clipping_mode=config.clipping_mode,
+        clipping=config.clipping,
     )

@@ -9,8 +9,8 @@ from torch import nn
 from torch.optim import Optimizer
 
 from .accounting import Accountant
-from ._checks import check_choice, check_non_negative, check_positive
-from .clipping import CLIPPINGS, clip_and_sum, parts_of
+from ._checks import check_choice, check_non_negative, check_positive, check_positive_int, check_rate
+from .clipping import CLIPPINGS, NON_FINITE, clip_and_sum, parts_of
 from .grad_sample.fast import CLIPPING_MODES, set_clipping_mode
 from .noise import GaussianNoise
 
@@ -45,6 +45,7 @@ class DPOptimizer(Optimizer):
 
     1. clip each sample to ``C = max_grad_norm`` over all trainable parameters (flat clipping):
        ``ḡ_b = g_b · min(1, C / ‖g_b‖)``, or each parameter tensor to ``C/√K`` (per-layer clipping);
+       a sample whose gradient is not finite gets ``ḡ_b = 0`` (``non_finite="drop"``, the default);
     2. sum over the batch and add Gaussian noise of std ``σ·C`` (``σ = noise_multiplier``);
     3. divide by ``expected_batch_size`` (with Poisson sampling the actual batch size is random and
        must not be used: it depends on the data) and write the result to ``param.grad``;
@@ -74,15 +75,37 @@ class DPOptimizer(Optimizer):
         clipping: ``"flat"`` (default): one norm per sample over all parameters, clipped to ``C``;
             ``"per_layer"``: each of the ``K`` trainable parameter tensors clipped to ``C/√K`` on its
             own (total sensitivity still ``C``, noise std still ``σC``).
+        non_finite: what a sample whose per-sample gradient (or loss) is NaN or inf does to the step:
+            ``"drop"`` (default): it gets clip factor 0 and contributes exactly nothing (its rows are
+            zeroed in every factor of the clipped sum); the step goes on with the other samples, still
+            divided by ``expected_batch_size``, with the same noise and accounting (a dropped sample
+            contributes ``0 ≤ C``: the sensitivity is unchanged). Flat clipping drops a sample whose
+            total norm is not finite, per-layer clipping one with *any* non-finite per-parameter norm
+            (from every parameter). A batch with every sample dropped gives a noise-only step.
+            ``"propagate"``: no check, the NaN/inf reaches ``param.grad`` (the behaviour before this
+            option; needed under a fp16 ``GradScaler``, which must see an overflow to skip the step and
+            lower its scale). May be changed between steps; see :mod:`lightning_dp.clipping`.
+        step_guard: optional callable run after the closure; when it returns ``False`` the step is
+            skipped (gradients cleared, no noise drawn, nothing accounted). A privacy budget uses it.
+        combine: optional callable that combines, in place, the noised clipped sums of several processes
+            into the step's gradient (a list of tensors, one per parameter); the host strategy provides it
+            (DDP: ``all_reduce`` SUM). ``None``: one process.
+        noise_shares: how many processes' noise ``combine`` adds up (each adds std ``σC/√noise_shares``,
+            so the combined gradient carries noise of std ``σC`` exactly once). ``1`` for one process.
 
     Attributes:
-        step_guard: optional callable run after the closure; when it returns ``False`` the step is
-            skipped (gradients cleared, no noise drawn, nothing accounted).
         per_sample_grad_scale: factor applied to per-sample gradients before clipping, to undo loss
             scaling done outside the model (Lightning divides the loss by ``accumulate_grad_batches``;
             AMP's GradScaler multiplies it by its scale).
-        world_size: number of data-parallel processes; above 1, :meth:`add_noise` all-reduces.
         steps_taken: optimizer steps taken (accounted) so far.
+        dropped_samples: samples dropped for a non-finite gradient (``non_finite="drop"``) over the
+            optimizer's life: every micro-batch clipped by :meth:`accumulate_micro_batch` adds its
+            dropped samples, including those of a step later refused by :attr:`step_guard` or skipped.
+        dropped_in_step: samples dropped from the current step: :meth:`accumulate_micro_batch` adds a
+            micro-batch's dropped samples to it, and the first micro-batch of a step starts it again
+            from 0, so after :meth:`step` (or :meth:`pre_step`) it holds the count of the step just taken
+            until the next step's first micro-batch is clipped (0 for a step without per-sample
+            gradients); :meth:`reset_accumulation` sets it to 0. Always 0 with ``"propagate"``.
     """
 
     def __init__(
@@ -98,6 +121,10 @@ class DPOptimizer(Optimizer):
         seed: Optional[int] = None,
         clipping_mode: str = "auto",
         clipping: str = "flat",
+        non_finite: str = "drop",
+        step_guard: Optional[Callable[[], bool]] = None,
+        combine: Optional[Callable[[List[torch.Tensor]], None]] = None,
+        noise_shares: int = 1,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
@@ -108,17 +135,21 @@ class DPOptimizer(Optimizer):
         self.max_grad_norm = check_positive("max_grad_norm", max_grad_norm)
         self._clipping_mode = check_choice("clipping_mode", clipping_mode, CLIPPING_MODES)
         self.clipping = check_choice("clipping", clipping, CLIPPINGS)
+        self.non_finite = non_finite
         self.expected_batch_size = expected_batch_size
         if expected_batch_size is not None:
             check_positive("expected_batch_size", expected_batch_size)
         self.noise = noise if noise is not None else GaussianNoise(seed)
         self.accountant = accountant
         self.sample_rate = sample_rate
-        self.step_guard: Optional[Callable[[], bool]] = None
+        self.step_guard = step_guard
+        self.combine = combine
+        self.noise_shares = check_positive_int("noise_shares", noise_shares)
         self.per_sample_grad_scale = 1.0
-        self.world_size = 1
         self.samples_in_step = 0
         self.steps_taken = 0
+        self.dropped_samples = 0
+        self.dropped_in_step = 0
         self._summed_divisor = 1.0  # what param.summed_grad is divided by (see add_noise)
         # Optimizer base-class bookkeeping that torch's hooks and profiler expect to exist.
         self._optimizer_step_pre_hooks: Dict[int, Callable] = {}
@@ -138,6 +169,33 @@ class DPOptimizer(Optimizer):
     def clipping_mode(self, mode: str) -> None:
         self._clipping_mode = check_choice("clipping_mode", mode, CLIPPING_MODES)
         set_clipping_mode(self.params, mode)
+
+    def configure(
+        self,
+        *,
+        noise_multiplier: Optional[float] = None,
+        sample_rate: Optional[float] = None,
+        expected_batch_size: Optional[int] = None,
+    ) -> None:
+        """Change the settings of the coming steps (validated; ``None`` keeps a setting): the noise
+        multiplier once it is calibrated, the sampling rate and expected batch size when the sampling
+        plan changes (e.g. between epochs of a gradient accumulation schedule)."""
+        if noise_multiplier is not None:
+            self.noise_multiplier = check_non_negative("noise_multiplier", noise_multiplier)
+        if sample_rate is not None:
+            self.sample_rate = check_rate("sample_rate", sample_rate)
+        if expected_batch_size is not None:
+            self.expected_batch_size = check_positive_int("expected_batch_size", expected_batch_size)
+
+    @property
+    def non_finite(self) -> str:
+        """``"drop"`` or ``"propagate"``: what a sample with a non-finite gradient does (see the class
+        Args); may be changed between steps (it applies to micro-batches clipped afterwards)."""
+        return self._non_finite
+
+    @non_finite.setter
+    def non_finite(self, value: str) -> None:
+        self._non_finite = check_choice("non_finite", value, NON_FINITE)
 
     # --- the wrapped optimizer's state is ours (shared objects, no copies) -------------------------
     @property
@@ -184,7 +242,7 @@ class DPOptimizer(Optimizer):
         return (
             f"DPOptimizer(noise_multiplier={self.noise_multiplier}, max_grad_norm={self.max_grad_norm}, "
             f"expected_batch_size={self.expected_batch_size}, clipping_mode={self.clipping_mode!r}, "
-            f"clipping={self.clipping!r}, optimizer={self.original_optimizer!r})"
+            f"clipping={self.clipping!r}, non_finite={self.non_finite!r}, optimizer={self.original_optimizer!r})"
         )
 
     # --- DP-SGD ---------------------------------------------------------------------------------------
@@ -212,6 +270,7 @@ class DPOptimizer(Optimizer):
                 if hasattr(p, attr):
                     delattr(p, attr)
         self.samples_in_step = 0
+        self.dropped_in_step = 0
 
     @torch.no_grad()
     def accumulate_micro_batch(self) -> torch.Tensor:
@@ -221,7 +280,9 @@ class DPOptimizer(Optimizer):
         Each sample is clipped as soon as its gradient is complete, so a logical batch can be processed
         in several backward passes (gradient accumulation, physical micro-batches) with exactly the
         result of one pass. Per-sample gradients are multiplied by :attr:`per_sample_grad_scale` first
-        (to undo loss scaling done outside the model). Returns the per-sample norms (before clipping).
+        (to undo loss scaling done outside the model). With ``non_finite="drop"`` a sample whose gradient
+        is not finite adds nothing and is counted in :attr:`dropped_samples` and :attr:`dropped_in_step`.
+        Returns the per-sample norms (before clipping; NaN or inf for a dropped sample).
         """
         params = self.params
         with_samples, parts = [], []
@@ -243,7 +304,9 @@ class DPOptimizer(Optimizer):
             for attr in ("grad_sample", "grad_parts"):
                 if hasattr(p, attr):
                     delattr(p, attr)
-        sums, norms = clip_and_sum(
+        if self.samples_in_step == 0:  # the first micro-batch of a step
+            self.dropped_in_step = 0
+        sums, norms, dropped = clip_and_sum(
             with_samples,
             parts,
             self.max_grad_norm,
@@ -253,7 +316,12 @@ class DPOptimizer(Optimizer):
             num_layers=len(params),
             release=True,
             sum_scale=1.0 / self._sum_divisor(),
+            non_finite=self.non_finite,
         )
+        if dropped is not None:  # only when a norm was not finite: the common step counts nothing
+            count = int(dropped.sum())
+            self.dropped_samples += count
+            self.dropped_in_step += count
         for p, clipped in zip(with_samples, sums):
             clipped = clipped.to(p.dtype)
             previous = getattr(p, "summed_grad", None)
@@ -272,9 +340,10 @@ class DPOptimizer(Optimizer):
         ``param.summed_grad`` already holds the clipped sum divided by the batch size (the division is
         folded into the clip factors), so the noise is drawn with std ``σC / expected_batch_size``.
 
-        In distributed training each of the ``world_size`` processes adds noise of std ``σC/√world_size``
-        to its own clipped sum and the results are summed across processes (``all_reduce``), so the
-        update carries noise of total std ``σC`` exactly once; ``expected_batch_size`` is then global.
+        In distributed training each of the ``noise_shares`` processes adds noise of std
+        ``σC/√noise_shares`` to its own clipped sum and :attr:`combine` (the host strategy's hook, e.g.
+        ``all_reduce``) sums the results, so the update carries noise of total std ``σC`` exactly once;
+        ``expected_batch_size`` is then global.
         """
         if self.expected_batch_size is None:
             raise RuntimeError(
@@ -285,7 +354,7 @@ class DPOptimizer(Optimizer):
         # The clipped sums are already divided by the batch size (folded into the clip factors): the
         # noise is drawn with std σC/B and added to them, so no pass divides the gradients.
         divisor = float(self.expected_batch_size)
-        std = self.noise_multiplier * self.max_grad_norm / math.sqrt(self.world_size) / divisor
+        std = self.noise_multiplier * self.max_grad_norm / math.sqrt(self.noise_shares) / divisor
         params, grads, rescale = self.params, [], []
         for p in params:
             summed = getattr(p, "summed_grad", None)
@@ -301,9 +370,9 @@ class DPOptimizer(Optimizer):
             torch._foreach_mul_(rescale, self._summed_divisor / divisor)
         if std > 0:
             add_noise_(self.noise, grads, std)
+        if self.combine is not None:
+            self.combine(grads)
         for p, grad in zip(params, grads):
-            if self.world_size > 1:
-                torch.distributed.all_reduce(grad, op=torch.distributed.ReduceOp.SUM)
             p.grad = grad
 
     def _sum_divisor(self) -> float:
@@ -316,6 +385,8 @@ class DPOptimizer(Optimizer):
     def pre_step(self) -> None:
         """Turn this step's per-sample gradients into the noisy DP gradient in ``param.grad``."""
         self.accumulate_micro_batch()
+        if self.samples_in_step == 0:  # no micro-batch in this step: none of its samples was dropped
+            self.dropped_in_step = 0
         self.add_noise()
         self.samples_in_step = 0
 

@@ -11,9 +11,17 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
-__all__ = ["PrivacyReport"]
+__all__ = ["NOT_COVERED", "PrivacyReport"]
+
+NOT_COVERED = (
+    "metrics computed on the private training data and logged from training_step or a callback (loss, "
+    "accuracy of private batches): they are computed without noise and are not covered by ε",
+    "choices made by looking at training metrics (early stopping on training loss, hyperparameter "
+    "search across runs): each run's ε covers that run only",
+)
+"""What the guarantee does not cover, said plainly in every report."""
 
 
 @dataclass
@@ -36,7 +44,10 @@ class PrivacyReport:
         secure_mode: noise and sampling from a cryptographically secure generator.
         world_size: number of data-parallel processes.
         target_epsilon: the ε the noise was calibrated for, if any.
-        versions: lightning_dp, torch and pytorch_lightning versions.
+        dropped_samples: samples whose gradient was not finite (NaN/inf), given clip factor 0: they
+            contributed nothing to any step (the steps themselves are accounted as usual).
+        not_covered: what ε does not cover (see :data:`NOT_COVERED`).
+        versions: lightning_dp, torch and Lightning (``lightning`` or ``pytorch_lightning``) versions.
     """
 
     epsilon: float
@@ -54,6 +65,8 @@ class PrivacyReport:
     secure_mode: bool
     world_size: int = 1
     target_epsilon: Optional[float] = None
+    dropped_samples: int = 0
+    not_covered: List[str] = field(default_factory=lambda: list(NOT_COVERED))
     versions: Dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -82,7 +95,7 @@ class PrivacyReport:
 
     def hparams(self) -> Dict[str, Any]:
         """Flat ``dp/...`` hyperparameters for loggers (TensorBoard compares runs by these)."""
-        flat = {k: v for k, v in self.to_dict().items() if k != "versions"}
+        flat = {k: v for k, v in self.to_dict().items() if k not in ("versions", "not_covered")}
         flat.update({f"version_{k}": v for k, v in self.versions.items()})
         return {f"dp/{k}": ("None" if v is None else v) for k, v in flat.items()}
 
@@ -99,10 +112,12 @@ class PrivacyReport:
             ("Dataset size", str(self.dataset_size)),
             ("Secure noise generator", "yes" if self.secure_mode else "no (reproducible, not cryptographically secure)"),
             ("Processes", str(self.world_size)),
+            ("Samples dropped (non-finite gradient)", str(self.dropped_samples)),
         ]
         if self.target_epsilon is not None:
             rows.append(("Target ε (calibration)", f"{self.target_epsilon:g}"))
         rows.append(("Versions", ", ".join(f"{k} {v}" for k, v in self.versions.items())))
+        rows.extend(("Not covered by ε", item) for item in self.not_covered)
         return rows
 
     def to_table(self) -> str:

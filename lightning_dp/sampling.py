@@ -87,12 +87,13 @@ class PoissonBatchSampler(Sampler[List[int]]):
         return self._candidates[mask]
 
     def __iter__(self) -> Iterator[List[int]]:
-        for _ in range(self.num_batches):
+        num_batches, micro_batches = self.num_batches, self.micro_batches  # fixed for this pass
+        for _ in range(num_batches):
             indices = self._draw()
-            if self.micro_batches == 1:
+            if micro_batches == 1:
                 yield indices.tolist()
             else:
-                for chunk in torch.tensor_split(indices, self.micro_batches):
+                for chunk in torch.tensor_split(indices, micro_batches):
                     yield chunk.tolist()
 
 
@@ -159,28 +160,12 @@ def expected_batch_size_of(loader: DataLoader) -> int:
     return max(1, round(len(loader.dataset) / max(1, len(loader))))  # type: ignore[arg-type]
 
 
-def poisson_dataloader(
-    loader: DataLoader,
-    *,
-    sample_rate: Optional[float] = None,
-    generator: Optional[Any] = None,
-    micro_batches: int = 1,
-    rank: int = 0,
-    world_size: int = 1,
-) -> DataLoader:
-    """A copy of ``loader`` over the same dataset whose batches come from :class:`PoissonBatchSampler`.
-
-    The rate defaults to ``q = micro_batches · world_size · batch_size / len(dataset)`` (the loader's
-    ``batch_size`` is per process and per micro-batch, as in Lightning) and the number of logical
-    batches per epoch to ``len(loader) // micro_batches``; workers, pinning, collate function and the
-    rest of the loader's settings are kept. ``micro_batches``, ``rank`` and ``world_size`` are passed
-    to :class:`PoissonBatchSampler`.
+def poisson_dataset_size(dataset: Any) -> int:
+    """``len(dataset)`` of a dataset that can be Poisson-sampled.
 
     Raises:
-        ValueError: when the loader cannot be Poisson-sampled (an ``IterableDataset``, a dataset without
-            ``len``, or an empty dataset), with what to change.
+        ValueError: an ``IterableDataset``, a dataset without ``len``, or an empty dataset, with what to change.
     """
-    dataset = loader.dataset
     if isinstance(dataset, IterableDataset):
         raise ValueError(
             f"Poisson sampling needs a map-style dataset (indexable, with len()); the training loader's "
@@ -196,19 +181,48 @@ def poisson_dataloader(
         ) from err
     if num_samples == 0:
         raise ValueError("The training dataset is empty: there is nothing to sample from.")
+    return num_samples
+
+
+def poisson_dataloader(
+    loader: DataLoader,
+    *,
+    sample_rate: Optional[float] = None,
+    generator: Optional[Any] = None,
+    micro_batches: int = 1,
+    rank: int = 0,
+    world_size: int = 1,
+    batch_sampler: Optional[Sampler[List[int]]] = None,
+) -> DataLoader:
+    """A copy of ``loader`` over the same dataset whose batches come from :class:`PoissonBatchSampler`.
+
+    The rate defaults to ``q = micro_batches · world_size · batch_size / len(dataset)`` (the loader's
+    ``batch_size`` is per process and per micro-batch, as in Lightning) and the number of logical
+    batches per epoch to ``len(loader) // micro_batches``; workers, pinning, collate function and the
+    rest of the loader's settings are kept. ``micro_batches``, ``rank`` and ``world_size`` are passed
+    to :class:`PoissonBatchSampler`. A ready ``batch_sampler`` (a Poisson sampler built elsewhere, e.g.
+    with a per-epoch plan) replaces that one; ``sample_rate``, ``generator``, ``micro_batches``, ``rank``
+    and ``world_size`` are then unused.
+
+    Raises:
+        ValueError: when the loader cannot be Poisson-sampled (an ``IterableDataset``, a dataset without
+            ``len``, or an empty dataset), with what to change.
+    """
+    dataset = loader.dataset
+    num_samples = poisson_dataset_size(dataset)
     batch_size = expected_batch_size_of(loader)
     if sample_rate is None:
         sample_rate = min(1.0, micro_batches * world_size * batch_size / num_samples)
-    num_batches = max(1, len(loader) // micro_batches)
-    batch_sampler = PoissonBatchSampler(
-        num_samples,
-        sample_rate,
-        num_batches,
-        generator=generator,
-        micro_batches=micro_batches,
-        rank=rank,
-        world_size=world_size,
-    )
+    if batch_sampler is None:
+        batch_sampler = PoissonBatchSampler(
+            num_samples,
+            sample_rate,
+            max(1, len(loader) // micro_batches),
+            generator=generator,
+            micro_batches=micro_batches,
+            rank=rank,
+            world_size=world_size,
+        )
     collate_fn = loader.collate_fn
     empty_batch = _empty_like_batch(collate_fn([dataset[0]]))
     kwargs: Dict[str, Any] = dict(
@@ -231,5 +245,6 @@ __all__ = [
     "expected_batch_size_of",
     "is_empty_batch",
     "poisson_dataloader",
+    "poisson_dataset_size",
     "split_batch",
 ]

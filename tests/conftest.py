@@ -40,3 +40,24 @@ def clipped_mean_reference(grads: Dict[str, torch.Tensor], max_grad_norm: float,
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Mark every test of a module that runs Lightning (it takes Lightning from ``tests.namespace``) with
+    ``lightning``: ``make test`` runs those again under the second Lightning namespace."""
+    for item in items:
+        module = getattr(item, "module", None)
+        source = getattr(module, "__file__", None)
+        if source and _uses_lightning(source):
+            item.add_marker(pytest.mark.lightning)
+
+
+_LIGHTNING_SOURCES: Dict[str, bool] = {}
+
+
+def _uses_lightning(path: str) -> bool:
+    if path not in _LIGHTNING_SOURCES:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+        _LIGHTNING_SOURCES[path] = any(key in text for key in ("tests.namespace", "lightning_helpers", "resume_worker"))
+    return _LIGHTNING_SOURCES[path]

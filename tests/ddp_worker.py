@@ -7,12 +7,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import pytorch_lightning as pl  # noqa: E402
+from tests.namespace import pl  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from lightning_dp import DPDDPStrategy  # noqa: E402
+from tests.namespace import DPDDPStrategy  # noqa: E402
 from tests.lightning_helpers import TinyClassifier, make_loader  # noqa: E402
 
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from typing import Any, List
 
-import pytorch_lightning as pl
+from tests.namespace import pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.loggers import Logger
+from tests.namespace import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 

@@ -5,14 +5,14 @@ import math
 
 import numpy as np
 import pytest
-import pytorch_lightning as pl
+from tests.namespace import pl
 import torch
 import torch.nn.functional as F
 from scipy import optimize, stats
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from lightning_dp import DPStrategy
+from tests.namespace import DPStrategy
 from lightning_dp.audit import audit_p_value, epsilon_lower_bound, run_audit
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

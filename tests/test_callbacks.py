@@ -4,15 +4,16 @@ from __future__ import annotations
 import copy
 
 import pytest
-import pytorch_lightning as pl
+from tests.namespace import pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from tests.namespace import ModelCheckpoint
+from tests.namespace import MisconfigurationException
 
-from lightning_dp import DPStrategy, PrivacyBudgetCallback, compute_epsilon
+from lightning_dp import compute_epsilon
+from tests.namespace import DPStrategy, PrivacyBudgetCallback
 from tests.lightning_helpers import MemoryLogger, TinyClassifier, make_loader, trainer_kwargs
 
-pytestmark = pytest.mark.filterwarnings("ignore:noise_multiplier=0", "ignore::UserWarning:pytorch_lightning")
+pytestmark = pytest.mark.filterwarnings("ignore:noise_multiplier=0", "ignore::UserWarning")
 
 SIGMA, Q, DELTA = 1.0, 0.25, 1e-5
 

@@ -170,13 +170,13 @@ def test_bad_clipping_arguments_are_named():
                     expected_batch_size=2, clipping="per_sample")
 
 
-@pytest.mark.filterwarnings("ignore:noise_multiplier=0", "ignore::UserWarning:pytorch_lightning")
+@pytest.mark.filterwarnings("ignore:noise_multiplier=0", "ignore::UserWarning")
 @pytest.mark.parametrize("clipping", ["flat", "per_layer"])
 def test_trainer_fast_and_plain_give_the_same_weights(tmp_path, clipping):
     """Real Trainer + DPStrategy, gradient accumulation and physical micro-batches, noise off."""
-    import pytorch_lightning as pl
+    from tests.namespace import pl
 
-    from lightning_dp import DPStrategy
+    from tests.namespace import DPStrategy
     from tests.lightning_helpers import TinyClassifier, make_loader, trainer_kwargs
 
     class SetMode(pl.Callback):

@@ -5,17 +5,18 @@ from __future__ import annotations
 import copy
 
 import pytest
-import pytorch_lightning as pl
+from tests.namespace import pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from tests.namespace import ModelCheckpoint
+from tests.namespace import MisconfigurationException
 
-from lightning_dp import DPStrategy, compute_epsilon, make_accountant
+from lightning_dp import compute_epsilon, make_accountant
+from tests.namespace import DPStrategy
 from tests.conftest import clipped_mean_reference, microbatch_grads
 from tests.lightning_helpers import TinyClassifier, make_loader, trainer_kwargs
 
-pytestmark = pytest.mark.filterwarnings("ignore:noise_multiplier=0", "ignore::UserWarning:pytorch_lightning")
+pytestmark = pytest.mark.filterwarnings("ignore:noise_multiplier=0", "ignore::UserWarning")
 
 
 def _reference_step(model, batches, max_grad_norm, expected_batch_size, lr):
@@ -121,7 +122,9 @@ def test_bf16_mixed_precision_matches_the_reference_loosely(tmp_path):
 
 def _fp16_plugin():
     """16-mixed with a real GradScaler on CPU (Lightning only creates one on CUDA by itself)."""
-    from pytorch_lightning.plugins.precision import MixedPrecision
+    from tests.namespace import submodule
+
+    MixedPrecision = submodule("plugins.precision").MixedPrecision
 
     try:
         with torch.autocast("cpu", dtype=torch.float16):
@@ -207,14 +210,16 @@ def test_multiple_optimizers_are_refused_at_setup(tmp_path):
 
 def test_lightning_cli_configures_the_strategy(tmp_path):
     pytest.importorskip("jsonargparse")
-    from pytorch_lightning.cli import LightningCLI
+    from tests.namespace import submodule
+
+    LightningCLI = submodule("cli").LightningCLI
 
     cli = LightningCLI(
         TinyClassifier,
         run=False,
         save_config_callback=None,
         args=[
-            "--trainer.strategy=lightning_dp.DPStrategy",
+            f"--trainer.strategy={DPStrategy.__module__}.DPStrategy",  # lightning_dp.lightning or .pytorch_lightning
             "--trainer.strategy.noise_multiplier=1.3",
             "--trainer.strategy.max_grad_norm=0.7",
             "--trainer.strategy.max_physical_batch_size=8",

@@ -5,13 +5,14 @@ import json
 import math
 
 import pytest
-import pytorch_lightning as pl
+from tests.namespace import pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.loggers import TensorBoardLogger
+from tests.namespace import ModelCheckpoint
+from tests.namespace import TensorBoardLogger
 
 import lightning_dp
-from lightning_dp import DPStrategy, PrivacyReport, compute_epsilon
+from lightning_dp import PrivacyReport, compute_epsilon
+from tests.namespace import DPStrategy
 from tests.lightning_helpers import MemoryLogger, TinyClassifier, make_loader, trainer_kwargs
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -6,18 +6,19 @@ import pickle
 import warnings
 
 import pytest
-import pytorch_lightning as pl
+from tests.namespace import pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from tests.namespace import ModelCheckpoint
+from tests.namespace import MisconfigurationException
 from torch.utils.data import DataLoader, IterableDataset
 
-from lightning_dp import DPStrategy, PrivacyValidationError, compute_epsilon
+from lightning_dp import PrivacyValidationError, compute_epsilon
+from tests.namespace import DPStrategy
 from tests.conftest import clipped_mean_reference, microbatch_grads
 from tests.lightning_helpers import TinyClassifier, make_loader, trainer_kwargs
 
-pytestmark = pytest.mark.filterwarnings("ignore:noise_multiplier=0", "ignore::UserWarning:pytorch_lightning")
+pytestmark = pytest.mark.filterwarnings("ignore:noise_multiplier=0", "ignore::UserWarning")
 
 
 def _reference_update(model, batch, max_grad_norm, expected_batch_size):

@@ -12,7 +12,7 @@ Example:
 """
 
 from lightning_dp.accounting.base import DEFAULT_ACCOUNTANT, Accountant, make_accountant
-from lightning_dp.accounting.calibration import compute_epsilon, get_noise_multiplier
+from lightning_dp.accounting.calibration import compute_epsilon, get_noise_multiplier, get_noise_multiplier_for_plan
 from lightning_dp.accounting.prv import PRVAccountant
 from lightning_dp.accounting.rdp import DEFAULT_RDP_ORDERS, RDPAccountant
 
@@ -24,5 +24,6 @@ __all__ = [
     "make_accountant",
     "compute_epsilon",
     "get_noise_multiplier",
+    "get_noise_multiplier_for_plan",
     "DEFAULT_RDP_ORDERS",
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional, Sequence, Tuple
 
 from lightning_dp.accounting.base import (
     DEFAULT_ACCOUNTANT,
@@ -97,6 +97,60 @@ def get_noise_multiplier(
         acc.step(noise_multiplier=sigma, sample_rate=q, num_steps=n)
         return acc.get_epsilon(delta)
 
+    return _smallest_feasible_sigma(eps, target, delta, tol, target_epsilon)
+
+
+def get_noise_multiplier_for_plan(
+    target_epsilon: float,
+    delta: float,
+    plan: Sequence[Tuple[float, int]],
+    accountant: str = DEFAULT_ACCOUNTANT,
+    history: Sequence[Tuple[float, float, int]] = (),
+    epsilon_tolerance: float = 0.01,
+) -> float:
+    """The noise multiplier ``sigma`` such that the steps already taken (``history``, entries
+    ``(noise_multiplier, sample_rate, steps)`` as in :attr:`Accountant.history`) followed by the planned
+    steps ``plan`` (entries ``(sample_rate, steps)``, all at ``sigma``) spend ``target_epsilon`` at ``delta``.
+
+    This is :func:`get_noise_multiplier` for runs whose sample rate changes (a gradient accumulation
+    schedule) or that resume after privacy was already spent; the same search and guarantee
+    (``epsilon(sigma) <= target_epsilon``, within the tolerance below it).
+
+    Example:
+        >>> from lightning_dp.accounting import get_noise_multiplier, get_noise_multiplier_for_plan
+        >>> a = get_noise_multiplier_for_plan(3.0, 1e-5, [(0.01, 500)])
+        >>> abs(a - get_noise_multiplier(3.0, 1e-5, 0.01, steps=500)) < 1e-12
+        True
+
+    Raises:
+        ValueError: an argument is out of range, the plan has no step, or the target is out of reach.
+    """
+    target = _check_positive(target_epsilon, "target_epsilon")
+    delta = _check_delta(delta)
+    tol = _check_positive(epsilon_tolerance, "epsilon_tolerance")
+    checked = [
+        (_check_sample_rate(q, "plan sample_rate", allow_zero=False), _check_int(n, "plan steps", 0)) for q, n in plan
+    ]
+    if not any(n > 0 for _, n in checked):
+        raise ValueError(f"`plan` must contain at least one step, got {list(plan)!r}")
+    make_accountant(accountant)
+
+    def eps(sigma: float) -> float:
+        acc = make_accountant(accountant)
+        for noise_multiplier, q, n in history:
+            acc.step(noise_multiplier=noise_multiplier, sample_rate=q, num_steps=n)
+        for q, n in checked:
+            if n > 0:
+                acc.step(noise_multiplier=sigma, sample_rate=q, num_steps=n)
+        return acc.get_epsilon(delta)
+
+    return _smallest_feasible_sigma(eps, target, delta, tol, target_epsilon)
+
+
+def _smallest_feasible_sigma(
+    eps: Callable[[float], float], target: float, delta: float, tol: float, target_epsilon: float
+) -> float:
+    """The search shared by both calibrations: ``eps`` decreases in sigma; see :func:`get_noise_multiplier`."""
     # Stop once target - tol <= eps(hi) <= target: tol is the caller's tolerance, tightened to 0.1%
     # of the target so that sigma is within about 0.1% of the smallest feasible one.
     tol = min(tol, 1e-3 * target)

@@ -18,10 +18,19 @@ also seen by the ``torch.func`` fallback) are materialised, with the same result
 
 Bias gradients are factored too (:class:`BiasPart`), and a part's ``scale`` (the loss reduction's batch
 size) stays a number applied to norms and clip factors, so no output gradient is copied to rescale it.
+
+A sample whose gradient is not finite is left out of the clipped sum (see :mod:`lightning_dp.clipping`).
+A zero clip factor is not enough there: inside the GEMM ``(c ⊙ G)ᵀA`` the sample's rows of ``A`` and
+``G`` still meet, and ``0 · NaN = NaN``. :meth:`Part.keep_samples` gives the part with every factor row of
+the dropped samples zeroed (activations *and* output gradients, or the per-sample values), so its
+clipped sum is exactly that of the kept samples; it is called only for a micro-batch that has such a
+sample, so the usual, all-finite step makes no extra pass over the factors.
 """
 from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
+
+import copy
 
 import torch
 
@@ -58,6 +67,15 @@ class Part:
         """The per-sample gradients ``(B, *shape)`` (the plain path; used for mixes and tests)."""
         grads = self._materialize()
         return grads if self.scale == 1.0 else grads * self.scale
+
+    def keep_samples(self, keep: torch.Tensor) -> "Part":
+        """This part with the gradient of every sample ``b`` where ``keep[b]`` is false (a bool ``(B,)``)
+        made exactly zero: every tensor row of those samples is replaced by zeros (not multiplied by 0,
+        which leaves a NaN a NaN), so norms and clipped sums see only the kept samples. A new part; this
+        one is unchanged. The base implementation materialises; subclasses zero their factors."""
+        kept = MaterializedPart(zero_rows(self._materialize(), keep))
+        kept.scale = self.scale
+        return kept
 
     def _norm_sq(self, method: str) -> torch.Tensor:
         return self._materialize().flatten(1).pow(2).sum(1)
@@ -123,6 +141,10 @@ class LinearPart(Part):
     def as_linear(self) -> "LinearPart":
         return self
 
+    def keep_samples(self, keep: torch.Tensor) -> "LinearPart":
+        """Both factors zeroed for dropped samples (a NaN in either would survive a zero factor)."""
+        return LinearPart(zero_rows(self.a, keep), zero_rows(self.g, keep), self.shape, self.rows, self.scale)
+
     def _norm_sq(self, method: str) -> torch.Tensor:
         a, g = self.a, self.g
         positions, in_features, out_features = a.shape[1], a.shape[2], g.shape[2]
@@ -182,6 +204,10 @@ class BiasPart(Part):
         ones = self.g.new_ones(self.g.shape[0], self.g.shape[1], 1)
         return LinearPart(ones, self.g, self.shape, self.rows, self.scale)
 
+    def keep_samples(self, keep: torch.Tensor) -> "BiasPart":
+        """The output gradient zeroed for dropped samples."""
+        return BiasPart(zero_rows(self.g, keep), self.shape, self.rows, self.scale)
+
     def _norm_sq(self, method: str) -> torch.Tensor:
         if self.g_squares is not None:
             return self.g_squares()
@@ -240,6 +266,15 @@ class ConvPart(Part):
         positions = x.shape[1 : 1 + spatial]
         g = self.g[(samples, slice(None), *(slice(0, n) for n in positions))]
         return x.permute(order), g.reshape(g.shape[0], g.shape[1], -1)
+
+    def keep_samples(self, keep: torch.Tensor) -> "ConvPart":
+        """Input, output gradient and the per-sample gradients kept by :meth:`norm_sq` (if any) zeroed
+        for dropped samples."""
+        kept = copy.copy(self)
+        kept.x, kept.g = zero_rows(self.x, keep), zero_rows(self.g, keep)
+        if self._per_sample is not None:
+            kept._per_sample = zero_rows(self._per_sample, keep)
+        return kept
 
     def as_linear(self) -> Optional[LinearPart]:
         if self.groups != 1:
@@ -322,6 +357,13 @@ class RowsPart(Part):
         self.scale = scale
         self.tokens_per_sample = tokens_per_sample
 
+    def keep_samples(self, keep: torch.Tensor) -> "RowsPart":
+        """The values of dropped samples' entries zeroed (entries and rows stay, adding zeros)."""
+        values = torch.where(keep[self.samples].unsqueeze(1), self.values, self.values.new_zeros(()))
+        return RowsPart(
+            self.samples, self.rows, values, self.batch_size, self.shape, self.scale, self.tokens_per_sample
+        )
+
     def _norm_sq(self, method: str) -> torch.Tensor:
         keys = self.samples * self.shape[0] + self.rows
         unique, inverse = torch.unique(keys, return_inverse=True)
@@ -347,6 +389,10 @@ class TiedPart(Part):
         self.embedding, self.head = embedding, head
         self.shape = embedding.shape
         self.batch_size = embedding.batch_size
+
+    def keep_samples(self, keep: torch.Tensor) -> "TiedPart":
+        """Both the embedding and the head part with dropped samples zeroed."""
+        return TiedPart(self.embedding.keep_samples(keep), self.head.keep_samples(keep))
 
     def _cross(self) -> torch.Tensor:
         emb, head = self.embedding, self.head
@@ -375,8 +421,21 @@ class MaterializedPart(Part):
         self.shape = tuple(grad_sample.shape[1:])
         self.batch_size = grad_sample.shape[0]
 
+    def keep_samples(self, keep: torch.Tensor) -> "MaterializedPart":
+        """The per-sample gradients of dropped samples replaced by zeros."""
+        kept = MaterializedPart(zero_rows(self.grad_sample, keep))
+        kept.scale = self.scale
+        return kept
+
     def _materialize(self) -> torch.Tensor:
         return self.grad_sample
+
+
+def zero_rows(tensor: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (batch first) with the rows of samples where ``keep`` (bool ``(B,)``) is false set to
+    exactly zero, NaN and inf included (``torch.where``, not a product); a new tensor of the same dtype."""
+    mask = keep.to(tensor.device).view(-1, *([1] * (tensor.dim() - 1)))
+    return torch.where(mask, tensor, tensor.new_zeros(()))
 
 
 def _place(block: torch.Tensor, shape: Sequence[int], rows: Optional[slice], batched: bool = False) -> torch.Tensor:

@@ -1,0 +1,201 @@
+"""The data side of DP training inside Lightning: Poisson sampling of the training loader, the
+per-epoch sampling plan (gradient accumulation, limits, reloads) and the calibration of σ.
+
+No Lightning import: the host strategy is reached through the methods listed in
+:mod:`lightning_dp.adapter.host`.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable, Iterator, List, Optional
+
+from torch.utils.data import DataLoader
+
+from ..accounting import get_noise_multiplier_for_plan
+from ..sampling import PoissonBatchSampler, expected_batch_size_of, poisson_dataloader, poisson_dataset_size
+from .features import accumulation_for_epoch, check_windows, lightning_cap, planned_accumulations, plan_steps
+
+
+class EpochPoissonBatchSampler(PoissonBatchSampler):
+    """A :class:`~lightning_dp.PoissonBatchSampler` whose accumulation factor ``k`` is read at the start
+    of every epoch (``GradientAccumulationScheduler``, or any change of ``accumulate_grad_batches``
+    between epochs).
+
+    Each epoch yields ``chunks_per_epoch // k`` Poisson draws at rate ``q_k = min(1, k·W·B/N)`` (``B``
+    the loader's batch size per process and micro-batch, ``W`` processes), each split into ``k``
+    micro-batches: every optimizer step is one whole draw at the rate the accountant records.
+
+    Args:
+        num_samples: dataset size N.
+        batch_size: ``B``.
+        chunks_per_epoch: micro-batches one epoch may use.
+        accumulation: returns ``k`` for the epoch about to start.
+        chunks_done: returns how many micro-batches of the epoch were already trained when an iteration
+            starts (0, except in a run resumed from a checkpoint saved mid-epoch).
+        generator, rank, world_size: as for :class:`~lightning_dp.PoissonBatchSampler`.
+
+    A run resumed from a checkpoint saved inside an accumulation window (``r`` of ``k`` micro-batches
+    done, e.g. by a validation-end or time-based save) gets ``k − r`` empty micro-batches first: the
+    rest of that window is a noise-only step, accounted like every step, and every later step is again
+    one whole Poisson draw. Without them the resumed window would mix parts of two draws.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        chunks_per_epoch: int,
+        accumulation: Callable[[], int],
+        chunks_done: Callable[[], int] = lambda: 0,
+        generator: Any = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        super().__init__(num_samples, 1.0, 1, generator, rank=rank, world_size=world_size)
+        self.batch_size = batch_size
+        self.chunks_per_epoch = chunks_per_epoch
+        self._accumulation = accumulation
+        self._chunks_done = chunks_done
+        self.resumed_inside_window = 0  # empty micro-batches served to finish a resumed window
+        self._apply_plan()
+
+    def rate_for(self, k: int) -> float:
+        """The Poisson rate of one optimizer step that accumulates ``k`` micro-batches."""
+        return min(1.0, k * self.world_size * self.batch_size / self.num_samples)
+
+    def length_for(self, k: int) -> int:
+        """Micro-batches an epoch yields with accumulation ``k``."""
+        return (self.chunks_per_epoch // k) * k
+
+    def _apply_plan(self) -> None:
+        k = int(self._accumulation())
+        self.micro_batches = k
+        self.sample_rate = self.rate_for(k)
+        self.num_batches = self.chunks_per_epoch // k
+
+    def __len__(self) -> int:
+        self._apply_plan()
+        return super().__len__()
+
+    def __iter__(self) -> Iterator[List[int]]:
+        self._apply_plan()
+        return self._iterate(self.micro_batches)
+
+    def _iterate(self, k: int) -> Iterator[List[int]]:
+        inside = self._chunks_done() % k
+        if inside:
+            self.resumed_inside_window = k - inside
+            for _ in range(k - inside):
+                yield []
+        yield from super().__iter__()
+
+
+class DataMixin:
+    """Poisson sampling and the sampling plan (part of the DP strategy; see :mod:`lightning_dp.adapter`)."""
+
+    def process_dataloader(self, dataloader: object) -> object:
+        """Poisson-sample the training loader (other loaders are untouched) and configure the DP step."""
+        module = self.lightning_module
+        trainer = module.trainer if module is not None else None
+        if trainer is None or trainer.state.stage != "train":
+            return super().process_dataloader(dataloader)  # type: ignore[misc]
+        if not isinstance(dataloader, DataLoader):
+            raise self._host.trainer_error(
+                f"DP training needs the training data as a torch DataLoader, got {type(dataloader).__name__}."
+            )
+        if self.config.poisson_sampling:
+            dataloader = self._poisson_loader(trainer, dataloader)
+        else:
+            self._user_sampler_plan(trainer, dataloader)
+        self._sync_sampling_plan()
+        self._check_resumed_settings()
+        if self.config.target_epsilon is not None and self.noise_multiplier is None:
+            self.noise_multiplier = self._calibrate(trainer)
+        self.dp_optimizer.configure(noise_multiplier=self.noise_multiplier)
+        return super().process_dataloader(dataloader)  # type: ignore[misc]
+
+    def _poisson_loader(self, trainer: Any, dataloader: DataLoader) -> DataLoader:
+        host = self._host
+        try:
+            num_samples = poisson_dataset_size(dataloader.dataset)
+        except ValueError as err:
+            raise host.trainer_error(f"The DP strategy cannot serve the training loader: {err}") from err
+        limit = trainer.limit_train_batches
+        chunks = len(dataloader)
+        if isinstance(limit, int) and not isinstance(limit, bool):
+            chunks = min(chunks, limit)  # whole windows only: Lightning's own cap then never cuts one
+        sampler = EpochPoissonBatchSampler(
+            num_samples,
+            expected_batch_size_of(dataloader),
+            chunks,
+            accumulation=lambda: accumulation_for_epoch(trainer, host, trainer.current_epoch),
+            chunks_done=lambda: trainer.fit_loop.epoch_loop.batch_progress.current.ready,
+            generator=self._sampling_generator,
+            rank=self.global_rank,
+            world_size=self.world_size,
+        )
+        lengths = [(k, sampler.length_for(k)) for k in planned_accumulations(trainer, host)]
+        check_windows(trainer, host, lengths, lightning_cap(len(sampler), limit))
+        self._sampler = sampler
+        return poisson_dataloader(dataloader, batch_sampler=sampler)
+
+    def _user_sampler_plan(self, trainer: Any, dataloader: DataLoader) -> None:
+        try:
+            dataset_size = len(dataloader.dataset)  # type: ignore[arg-type]
+        except TypeError:
+            dataset_size = 0
+        if dataset_size == 0:
+            raise self._host.trainer_error(
+                "DP training needs len(train dataset) to account for privacy; the training dataset has none."
+            )
+        self._host.warn(
+            "DP strategy with poisson_sampling=False: batches come from your own sampler, so the accountant's "
+            "subsampling (amplification) assumption does not hold; ε is then an estimate."
+        )
+        self._sampler = None
+        self._user_loader = (dataset_size, expected_batch_size_of(dataloader), len(dataloader))
+
+    def _sync_sampling_plan(self) -> None:
+        """Bring the step's sample rate and expected batch size up to the current epoch's plan."""
+        trainer = self.lightning_module.trainer
+        if self._sampler is not None:
+            self._sampler._apply_plan()
+            rate, dataset_size = self._sampler.sample_rate, self._sampler.num_samples
+        else:
+            dataset_size, batch_size, _ = self._user_loader
+            rate = min(1.0, trainer.accumulate_grad_batches * self.world_size * batch_size / dataset_size)
+        self.sample_rate = rate
+        self.dataset_size = dataset_size
+        self.expected_batch_size = max(1, round(rate * dataset_size))
+        self.dp_optimizer.configure(sample_rate=rate, expected_batch_size=self.expected_batch_size)
+
+    def _planned_epochs(self, trainer: Any) -> Iterator[Any]:
+        host = self._host
+        for epoch in itertools.count(trainer.current_epoch):
+            k = accumulation_for_epoch(trainer, host, epoch)
+            if self._sampler is not None:
+                yield epoch, self._sampler.rate_for(k), self._sampler.chunks_per_epoch // k
+            else:
+                dataset_size, batch_size, length = self._user_loader
+                yield epoch, min(1.0, k * self.world_size * batch_size / dataset_size), max(1, length // k)
+
+    def _calibrate(self, trainer: Any) -> float:
+        config = self.config
+        plan = plan_steps(trainer, self._host, self._planned_epochs(trainer))
+        if not plan:
+            raise self._host.trainer_error(
+                f"DP target_epsilon={config.target_epsilon}: the Trainer's limits leave no optimizer step to plan for."
+            )
+        sigma = get_noise_multiplier_for_plan(
+            config.target_epsilon, config.delta, plan, accountant=self.accountant.mechanism,
+            history=self.accountant.history,
+        )
+        steps = sum(n for _, n in plan)
+        rates = sorted({q for q, _ in plan})
+        shown = f"{rates[0]:.5f}" if len(rates) == 1 else f"{rates[0]:.5f}–{rates[-1]:.5f}"
+        self._host.info(
+            f"DP: noise_multiplier={sigma:.4f} calibrated for ε={config.target_epsilon} at δ={config.delta} over "
+            f"{steps} steps (sample rate {shown})."
+        )
+        return sigma
+

@@ -1,0 +1,241 @@
+"""The DP strategy mixins: the pieces put together, and the two hosts' specifics (one device, DDP).
+
+:class:`DPStrategyMixin` is the DP logic (data, steps, privacy state, report); :class:`SingleDeviceDP`
+and :class:`DDPDP` add what their host strategy needs and carry the explicit, documented signatures.
+:func:`lightning_dp.adapter.bind` mixes them into a namespace's ``SingleDeviceStrategy`` and
+``DDPStrategy``. No Lightning import.
+"""
+from __future__ import annotations
+
+from typing import Any, List, Optional, Union
+
+import torch
+
+from ..config import DPConfig
+from ..grad_sample import GradSampleHooks, attach_grad_sample_hooks
+from ..validation import validate
+from .data import DataMixin
+from .features import check_trainer
+from .host import Host
+from .reporting import ReportMixin
+from .state import PrivacyStateMixin
+from .steps import StepsMixin
+
+_DEVICE = Union[torch.device, str, int]
+_D = DPConfig  # defaults of the explicit signatures below are DPConfig's: written once
+
+
+class DPStrategyMixin(StepsMixin, DataMixin, PrivacyStateMixin, ReportMixin):
+    """DP-SGD inside a Lightning strategy; the host class is the strategy it is mixed into.
+
+    Subclasses call :meth:`_init_dp` with a :class:`~lightning_dp.config.DPConfig` after the host's
+    ``__init__``; :attr:`_host` (a :class:`~lightning_dp.adapter.host.Host`) is set by
+    :func:`~lightning_dp.adapter.bind` on the concrete class.
+    """
+
+    _host: Host
+    strategy_name = ""
+    registry_description = ""
+
+    def _init_dp(self, config: DPConfig) -> None:
+        self._init_privacy_state(config)
+        self._hooks: Optional[GradSampleHooks] = None
+        self._sampler: Any = None
+        self._user_loader: Any = None
+        self._steps_at_batch_start: Optional[int] = None  # manual optimization: one step per batch
+        self._fits_started = 0
+
+    def setup(self, trainer: Any) -> None:
+        """Refuse unaccounted Trainer features, validate the model, set up as Lightning does, wrap the
+        optimizer and attach the per-sample-gradient hooks (to the LightningModule itself: no wrapper)."""
+        fitting = trainer.state.fn == "fit"
+        if fitting:
+            check_trainer(trainer, self._host, target_epsilon=self.config.target_epsilon, fits_before=self._fits_started)
+            validate(self.lightning_module, raise_error=True)
+            self._seed_generators()
+            self._fits_started += 1
+        super().setup(trainer)  # type: ignore[misc]
+        if fitting:
+            self._hooks = attach_grad_sample_hooks(self.lightning_module, loss_reduction=self.config.loss_reduction)
+            self.dp_optimizer.reset_accumulation()
+
+    def teardown(self) -> None:
+        """Remove the hooks: after ``fit`` the LightningModule is an ordinary module again."""
+        if self._hooks is not None:
+            self._hooks.remove()
+            self._hooks = None
+        super().teardown()  # type: ignore[misc]
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        """Register :attr:`strategy_name` with the namespace's strategy registry (σ = 1, C = 1)."""
+        strategy_registry.register(
+            cls.strategy_name, cls, description=cls.registry_description, override=True,
+            noise_multiplier=1.0, max_grad_norm=1.0,
+        )
+
+
+class SingleDeviceDP(DPStrategyMixin):
+    """Train any LightningModule with DP-SGD on one device: ``Trainer(strategy=DPStrategy(...))``.
+
+    At setup the Trainer's features are checked (each one that changes what feeds an optimizer step is
+    accounted exactly or refused before step 1, see the docs page "Lightning features under DP"), the
+    model is validated (layers that cannot be private raise an error naming the module and the fix),
+    per-sample-gradient hooks are attached to the LightningModule itself and its optimizer is wrapped
+    in a :class:`~lightning_dp.DPOptimizer`. The training loader is replaced by one over the same
+    dataset with Poisson sampling at rate ``q = accumulate_grad_batches · batch_size / len(dataset)``.
+    After every backward pass each sample's gradient is clipped to ``max_grad_norm`` (a sample whose
+    gradient is not finite gets clip factor 0 and is counted in the report); every optimizer step adds
+    Gaussian noise of std ``noise_multiplier * max_grad_norm`` and is recorded by the accountant. The
+    LightningModule is not changed; after ``fit`` the hooks are removed.
+
+    Works with ``import lightning as L`` and with ``pytorch_lightning`` (see ``lightning_dp.lightning``
+    and ``lightning_dp.pytorch_lightning``); also available as ``Trainer(strategy="dp_sgd")``
+    (``noise_multiplier=1.0, max_grad_norm=1.0``) once ``lightning_dp`` is imported.
+
+    Args:
+        noise_multiplier: σ ≥ 0, noise std relative to ``max_grad_norm``. Give this *or* ``target_epsilon``.
+        max_grad_norm: per-sample clipping norm C > 0.
+        target_epsilon: calibrate σ so that the whole run (the Trainer's ``max_steps`` or ``max_epochs``,
+            following a gradient accumulation schedule) spends at most this ε at ``delta``.
+        delta: δ of the (ε, δ) guarantee, in (0, 1); used for calibration and as the default of
+            :meth:`get_epsilon`. Choose δ well below ``1 / len(dataset)``.
+        poisson_sampling: replace the training sampler with Poisson sampling (default). ``False`` keeps
+            the user's loader; the accountant's subsampling analysis then does not strictly apply (warned).
+        accountant: name of the privacy accountant: ``"prv"`` (default, tight PLD/PRV bound) or ``"rdp"``.
+        loss_reduction: ``"mean"`` (Lightning's usual) or ``"sum"``: how ``training_step``'s loss
+            combines samples.
+        seed: seed for the noise and sampling generators (reproducible, not cryptographically secure;
+            refused with ``secure_mode=True``).
+        secure_mode: draw all DP noise and every Poisson sampling decision from
+            :class:`~lightning_dp.noise.SecureRNG` (ChaCha20 from vetted crypto, keyed from the OS; the key
+            is never written to a checkpoint and a resumed run re-keys). ``False`` (default) is fast and
+            reproducible under a seed, and warns once that the guarantee assumes a secure generator.
+        max_physical_batch_size: process batches larger than this in chunks inside one optimizer step
+            (bounded memory; the update is identical).
+        clipping_mode: how per-sample norms and clipped sums are computed: ``"auto"`` (default; fast
+            one-backward book-keeping, ghost or materialised norms per layer by cost), ``"ghost"`` or
+            ``"materialize"``. The update is the same in every mode.
+        clipping: ``"flat"`` (one norm per sample over all parameters, clipped to ``max_grad_norm``) or
+            ``"per_layer"`` (each of the K parameter tensors clipped to ``max_grad_norm / √K``).
+        device: the device to train on (default: the Trainer's accelerator's first device).
+        **kwargs: passed to Lightning's ``SingleDeviceStrategy``.
+
+    Example::
+
+        import lightning as L
+        from lightning_dp import DPStrategy, PrivacyBudgetCallback
+
+        trainer = L.Trainer(max_epochs=30, strategy=DPStrategy(noise_multiplier=1.1, max_grad_norm=1.0),
+                            callbacks=[PrivacyBudgetCallback(epsilon_budget=3.0, delta=1e-5)])
+        trainer.fit(model)
+        trainer.strategy.get_epsilon(1e-5)
+    """
+
+    strategy_name = "dp_sgd"
+    registry_description = "DP-SGD on one device (lightning_dp): noise_multiplier=1.0, max_grad_norm=1.0"
+
+    def __init__(
+        self,
+        noise_multiplier: Optional[float] = _D.noise_multiplier,
+        max_grad_norm: float = _D.max_grad_norm,
+        *,
+        target_epsilon: Optional[float] = _D.target_epsilon,
+        delta: float = _D.delta,
+        poisson_sampling: bool = _D.poisson_sampling,
+        accountant: str = _D.accountant,
+        loss_reduction: str = _D.loss_reduction,
+        seed: Optional[int] = _D.seed,
+        secure_mode: bool = _D.secure_mode,
+        max_physical_batch_size: Optional[int] = _D.max_physical_batch_size,
+        clipping_mode: str = _D.clipping_mode,
+        clipping: str = _D.clipping,
+        device: Optional[_DEVICE] = None,
+        **kwargs: Any,
+    ) -> None:
+        config = DPConfig.from_arguments(locals())
+        super().__init__(device=device if device is not None else "cpu", **kwargs)
+        self._device_given = device is not None
+        self._init_dp(config)
+
+    @property
+    def parallel_devices(self) -> List[torch.device]:
+        """The single device in use (Lightning's connector fills it in from the accelerator)."""
+        return [self._root_device] if self._device_given else []
+
+    @parallel_devices.setter
+    def parallel_devices(self, devices: List[_DEVICE]) -> None:
+        if devices and not self._device_given:
+            device = devices[0]
+            self._root_device = device if isinstance(device, torch.device) else torch.device(device)
+            if len(devices) > 1:
+                self._host.info(
+                    f"{type(self).__name__} trains on one device; using {self._root_device} (DPDDPStrategy: several)."
+                )
+
+
+def _local_gradients_only(state: Any, bucket: "torch.distributed.GradBucket") -> "torch.futures.Future[torch.Tensor]":
+    """DDP communication hook that does not communicate: each rank keeps its own gradients.
+
+    DP-SGD must not average raw (unclipped) gradients; the DP strategy combines the clipped, noised
+    sums itself, once per optimizer step (:meth:`DDPDP.combine_clipped_sums`).
+    """
+    future: "torch.futures.Future[torch.Tensor]" = torch.futures.Future()
+    future.set_result(bucket.buffer())
+    return future
+
+
+_local_gradients_only.__annotations__ = {  # real types, not strings: DDP checks the hook's signature
+    "state": Any, "bucket": torch.distributed.GradBucket, "return": torch.futures.Future[torch.Tensor],
+}
+
+
+class DDPDP(DPStrategyMixin):
+    """DP-SGD with data parallelism: ``Trainer(devices=N, strategy=DPDDPStrategy(...))`` (or ``"dp_ddp"``).
+
+    * **Distributed Poisson sampling**: rank ``r`` decides inclusion for examples ``r, r+W, …`` with the
+      global rate ``q = W·k·batch_size/N`` (``batch_size`` is per process, as in Lightning). The union of
+      the ranks' batches is one Poisson sample of the dataset; every example is in at most one batch.
+    * Each rank clips its own samples before any gradient leaves it. DDP's gradient all-reduce is
+      replaced by a no-op communication hook (raw gradients are never averaged).
+    * Each rank adds Gaussian noise of std ``σC/√W`` to its clipped sum; :meth:`combine_clipped_sums`
+      sums the results across ranks (``all_reduce``), so the update carries noise of total std ``σC``
+      exactly once, divided by the global expected batch size ``q·N``.
+    * Every rank's accountant records the global rate ``q``; ε is the same on every rank.
+
+    Arguments are those of :class:`~lightning_dp.DPStrategy` except ``device``; other keyword arguments
+    go to Lightning's ``DDPStrategy`` (e.g. ``start_method``, ``process_group_backend``).
+    """
+
+    strategy_name = "dp_ddp"
+    registry_description = "DP-SGD with DDP (lightning_dp): noise_multiplier=1.0, max_grad_norm=1.0"
+
+    def __init__(
+        self,
+        noise_multiplier: Optional[float] = _D.noise_multiplier,
+        max_grad_norm: float = _D.max_grad_norm,
+        *,
+        target_epsilon: Optional[float] = _D.target_epsilon,
+        delta: float = _D.delta,
+        poisson_sampling: bool = _D.poisson_sampling,
+        accountant: str = _D.accountant,
+        loss_reduction: str = _D.loss_reduction,
+        seed: Optional[int] = _D.seed,
+        secure_mode: bool = _D.secure_mode,
+        max_physical_batch_size: Optional[int] = _D.max_physical_batch_size,
+        clipping_mode: str = _D.clipping_mode,
+        clipping: str = _D.clipping,
+        **kwargs: Any,
+    ) -> None:
+        config = DPConfig.from_arguments(locals())
+        super().__init__(**kwargs)
+        self._init_dp(config)
+
+    def _register_ddp_hooks(self) -> None:
+        """Install the no-communication hook on every backend (Lightning only does so on CUDA)."""
+        self.model.register_comm_hook(state=None, hook=_local_gradients_only)  # type: ignore[union-attr]
+
+    def combine_clipped_sums(self, tensors: List[torch.Tensor]) -> None:
+        """Sum every rank's noised clipped sums (``all_reduce`` SUM), in place."""
+        for tensor in tensors:
+            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)

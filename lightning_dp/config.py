@@ -1,0 +1,114 @@
+"""DPConfig: the DP-SGD arguments, their defaults and their checks, written once.
+
+Every public entry point (:class:`~lightning_dp.DPStrategy`, :class:`~lightning_dp.DPDDPStrategy`,
+:func:`~lightning_dp.make_private`) keeps an explicit signature (LightningCLI and the docs read it) whose
+defaults are this class's fields, and builds a :class:`DPConfig` from its arguments: the checks and
+their messages live here only (torchmetrics-style: each names the argument, what was passed and what is
+allowed).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Dict, Mapping, Optional
+
+from ._checks import check_choice, check_non_negative, check_open_unit, check_positive, check_positive_int
+from .accounting import DEFAULT_ACCOUNTANT, make_accountant
+from .clipping import CLIPPINGS
+from .grad_sample.fast import CLIPPING_MODES
+
+LOSS_REDUCTIONS = ("mean", "sum")
+
+__all__ = ["DPConfig", "LOSS_REDUCTIONS"]
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    """The validated DP-SGD arguments shared by every strategy and by :func:`~lightning_dp.make_private`.
+
+    Args:
+        noise_multiplier: σ ≥ 0, noise std relative to ``max_grad_norm``. Give this *or* ``target_epsilon``.
+        max_grad_norm: per-sample clipping norm C > 0.
+        target_epsilon: calibrate σ so that the planned run spends at most this ε at ``delta``.
+        delta: δ of the (ε, δ) guarantee, in (0, 1).
+        poisson_sampling: Poisson-sample the training data (the accountant's assumption).
+        accountant: accountant name, ``"prv"`` (default) or ``"rdp"``.
+        loss_reduction: ``"mean"`` or ``"sum"``: how the training loss combines samples.
+        seed: seed of the (not secure) noise and sampling generators; refused with ``secure_mode``.
+        secure_mode: draw noise and sampling decisions from the ChaCha20 generator keyed by the OS.
+        max_physical_batch_size: split larger batches into chunks inside one optimizer step.
+        clipping_mode: ``"auto"``, ``"ghost"`` or ``"materialize"`` (same update, different cost).
+        clipping: ``"flat"`` or ``"per_layer"``.
+
+    Example::
+
+        >>> DPConfig(noise_multiplier=1.1).max_grad_norm
+        1.0
+        >>> DPConfig(noise_multiplier=-1.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: `noise_multiplier` must be a finite number >= 0, got -1.0.
+    """
+
+    noise_multiplier: Optional[float] = None
+    max_grad_norm: float = 1.0
+    target_epsilon: Optional[float] = None
+    delta: float = 1e-5
+    poisson_sampling: bool = True
+    accountant: str = DEFAULT_ACCOUNTANT
+    loss_reduction: str = "mean"
+    seed: Optional[int] = None
+    secure_mode: bool = False
+    max_physical_batch_size: Optional[int] = None
+    clipping_mode: str = "auto"
+    clipping: str = "flat"
+
+    def __post_init__(self) -> None:
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError(
+                "Give exactly one of `noise_multiplier` and `target_epsilon` (got "
+                f"noise_multiplier={self.noise_multiplier!r}, target_epsilon={self.target_epsilon!r}): the noise "
+                "multiplier is either set directly or calibrated to reach target_epsilon."
+            )
+        checked: Dict[str, Any] = {
+            "max_grad_norm": check_positive("max_grad_norm", self.max_grad_norm),
+            "delta": check_open_unit("delta", self.delta),
+            "loss_reduction": check_choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS),
+            "clipping_mode": check_choice("clipping_mode", self.clipping_mode, CLIPPING_MODES),
+            "clipping": check_choice("clipping", self.clipping, CLIPPINGS),
+        }
+        if self.noise_multiplier is not None:
+            checked["noise_multiplier"] = check_non_negative("noise_multiplier", self.noise_multiplier)
+        if self.target_epsilon is not None:
+            checked["target_epsilon"] = check_positive("target_epsilon", self.target_epsilon)
+        for name in ("poisson_sampling", "secure_mode"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
+        if self.max_physical_batch_size is not None:
+            checked["max_physical_batch_size"] = check_positive_int(
+                "max_physical_batch_size", self.max_physical_batch_size
+            )
+        seed = self.seed
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ValueError(f"`seed` must be a non-negative integer or None, got {seed!r}.")
+        if self.secure_mode and seed is not None:
+            raise ValueError(
+                f"`seed` must be None with secure_mode=True, got {seed!r}: a seeded generator is predictable, "
+                "so anyone with the seed could subtract the noise. Drop the seed, or use secure_mode=False "
+                "for a reproducible (not secure) run."
+            )
+        try:
+            make_accountant(self.accountant)
+        except ValueError as err:
+            raise ValueError(f"`accountant` must name a registered accountant: {err}") from None
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def from_arguments(cls, arguments: Mapping[str, Any]) -> "DPConfig":
+        """A config from a function's arguments (``locals()``): the names that are fields are taken,
+        everything else (``self``, ``device``, ``**kwargs``) is ignored."""
+        return cls(**{f.name: arguments[f.name] for f in fields(cls) if f.name in arguments})
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The arguments as a plain dict (for hyperparameter logging and reports)."""
+        return asdict(self)

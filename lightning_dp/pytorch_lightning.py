@@ -1,0 +1,10 @@
+"""lightning-dp for ``import pytorch_lightning as pl``.
+
+``from lightning_dp import DPStrategy`` gives these classes when ``pytorch_lightning`` is the Lightning
+package in use (see :mod:`lightning_dp`); import them from here to be explicit.
+"""
+from .adapter import bind
+
+DPStrategy, DPDDPStrategy, PrivacyBudgetCallback = bind("pytorch_lightning")
+
+__all__ = ["DPDDPStrategy", "DPStrategy", "PrivacyBudgetCallback"]
