@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import pytorch_lightning as pl
+import lightning as L
 
 from lightning_dp import DPStrategy
 from lightning_dp.audit import run_audit
@@ -28,16 +28,16 @@ import train_digits  # noqa: E402  (same folder)
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "_static" / "privacy_utility.png"
 
 
-def _trainer(epochs: int, epsilon: Optional[float], delta: float, seed: int) -> pl.Trainer:
+def _trainer(epochs: int, epsilon: Optional[float], delta: float, seed: int) -> L.Trainer:
     strategy = DPStrategy(target_epsilon=epsilon, delta=delta, seed=seed) if epsilon is not None else "auto"
-    return pl.Trainer(max_epochs=epochs, strategy=strategy, accelerator="cpu", logger=False,
-                      default_root_dir="lightning_logs/privacy_utility",  # privacy_report.json goes here
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    return L.Trainer(max_epochs=epochs, strategy=strategy, accelerator="cpu", logger=False,
+                     default_root_dir="lightning_logs/privacy_utility",  # privacy_report.json goes here
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
 
 
 def evaluate(epsilon: Optional[float], args: argparse.Namespace) -> Dict[str, float]:
     """Test accuracy at ``epsilon`` (``None``: non-private) and the audit of the same training setup."""
-    pl.seed_everything(args.seed, workers=True)
+    L.seed_everything(args.seed, workers=True)
     train, test = train_digits.digits_loaders(args.batch_size, seed=args.seed)
     model = train_digits.DigitsMLP()
     trainer = _trainer(args.epochs, epsilon, args.delta, args.seed)
@@ -129,6 +129,6 @@ def main(argv=None) -> List[Dict[str, float]]:
 
 if __name__ == "__main__":
     warnings.filterwarnings("ignore")
-    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     logging.getLogger("lightning_dp").setLevel(logging.WARNING)
     main()

@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import math
 
-import pytorch_lightning as pl
+import lightning as L
 import torch
 import torch.nn.functional as F
 import torchmetrics
-from pytorch_lightning.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import TensorBoardLogger
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_dp import DPStrategy, PrivacyBudgetCallback
 
 
-class DigitsMLP(pl.LightningModule):
+class DigitsMLP(L.LightningModule):
     """A small MLP for 8×8 digit images; nothing in it knows about privacy."""
 
     def __init__(self, hidden: int = 128, lr: float = 0.1, momentum: float = 0.9) -> None:
@@ -80,10 +80,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-progress-bar", action="store_true", help="hide the live progress bar")
     args = parser.parse_args(argv)
 
-    pl.seed_everything(args.seed, workers=True)
+    L.seed_everything(args.seed, workers=True)
     train, test = digits_loaders(args.batch_size, seed=args.seed)
     model = DigitsMLP(hidden=args.hidden, lr=args.lr, momentum=args.momentum)
-    trainer = pl.Trainer(
+    trainer = L.Trainer(
         max_epochs=args.epochs,
         strategy=DPStrategy(
             target_epsilon=args.epsilon,

@@ -20,6 +20,7 @@ NOT_COVERED = (
     "accuracy of private batches): they are computed without noise and are not covered by ε",
     "choices made by looking at training metrics (early stopping on training loss, hyperparameter "
     "search across runs): each run's ε covers that run only",
+    "the count of samples dropped for a non-finite gradient: a diagnostic computed on the training data",
 )
 """What the guarantee does not cover, said plainly in every report."""
 
@@ -112,7 +113,7 @@ class PrivacyReport:
             ("Dataset size", str(self.dataset_size)),
             ("Secure noise generator", "yes" if self.secure_mode else "no (reproducible, not cryptographically secure)"),
             ("Processes", str(self.world_size)),
-            ("Samples dropped (non-finite gradient)", str(self.dropped_samples)),
+            ("Samples dropped (non-finite gradient; not covered by ε)", str(self.dropped_samples)),
         ]
         if self.target_epsilon is not None:
             rows.append(("Target ε (calibration)", f"{self.target_epsilon:g}"))

@@ -91,7 +91,7 @@ def test_all_samples_dropped_is_a_noise_only_step_counted_and_logged(tmp_path):
     assert logged[-1] == seen and logged == sorted(logged)
     report = strategy.privacy_report()
     assert report.dropped_samples == seen
-    assert "Samples dropped (non-finite gradient)" in report.to_table()
+    assert "Samples dropped (non-finite gradient; not covered by ε)" in report.to_table()
 
 
 def test_report_and_callback_say_what_epsilon_does_not_cover(tmp_path):
