@@ -21,9 +21,12 @@ class EpochPoissonBatchSampler(PoissonBatchSampler):
     of every epoch (``GradientAccumulationScheduler``, or any change of ``accumulate_grad_batches``
     between epochs).
 
-    Each epoch yields ``chunks_per_epoch // k`` Poisson draws at rate ``q_k = min(1, k·W·B/N)`` (``B``
-    the loader's batch size per process and micro-batch, ``W`` processes), each split into ``k``
-    micro-batches: every optimizer step is one whole draw at the rate the accountant records.
+    Each epoch yields ``min(chunks_per_epoch, epoch_cap) // k`` Poisson draws at rate
+    ``q_k = min(1, k·W·B/N)`` (``B`` the loader's batch size per process and micro-batch, ``W``
+    processes), each split into ``k`` micro-batches: every optimizer step is one whole draw at the rate
+    the accountant records. ``epoch_cap`` is the epoch length Lightning fixed when it set the loader up
+    (its ``num_training_batches``, read once from this sampler's length then): a later epoch with a
+    smaller ``k`` runs at most that many micro-batches, and the plan counts exactly those.
 
     Args:
         num_samples: dataset size N.
@@ -57,21 +60,26 @@ class EpochPoissonBatchSampler(PoissonBatchSampler):
         self._accumulation = accumulation
         self._chunks_done = chunks_done
         self.resumed_inside_window = 0  # empty micro-batches served to finish a resumed window
+        self.epoch_cap = chunks_per_epoch  # set to Lightning's fixed epoch length once it has read it
         self._apply_plan()
 
     def rate_for(self, k: int) -> float:
         """The Poisson rate of one optimizer step that accumulates ``k`` micro-batches."""
         return min(1.0, k * self.world_size * self.batch_size / self.num_samples)
 
+    def draws_for(self, k: int) -> int:
+        """Poisson draws (optimizer steps) an epoch yields with accumulation ``k``."""
+        return min(self.chunks_per_epoch, self.epoch_cap) // k
+
     def length_for(self, k: int) -> int:
         """Micro-batches an epoch yields with accumulation ``k``."""
-        return (self.chunks_per_epoch // k) * k
+        return self.draws_for(k) * k
 
     def _apply_plan(self) -> None:
         k = int(self._accumulation())
         self.micro_batches = k
         self.sample_rate = self.rate_for(k)
-        self.num_batches = self.chunks_per_epoch // k
+        self.num_batches = self.draws_for(k)
 
     def __len__(self) -> int:
         self._apply_plan()
@@ -134,8 +142,9 @@ class DataMixin:
             rank=self.global_rank,
             world_size=self.world_size,
         )
+        sampler.epoch_cap = len(sampler)  # what Lightning reads now and keeps as the epoch's length
         lengths = [(k, sampler.length_for(k)) for k in planned_accumulations(trainer, host)]
-        check_windows(trainer, host, lengths, lightning_cap(len(sampler), limit))
+        check_windows(trainer, host, lengths, lightning_cap(sampler.epoch_cap, limit))
         self._sampler = sampler
         return poisson_dataloader(dataloader, batch_sampler=sampler)
 
@@ -174,10 +183,26 @@ class DataMixin:
         for epoch in itertools.count(trainer.current_epoch):
             k = accumulation_for_epoch(trainer, host, epoch)
             if self._sampler is not None:
-                yield epoch, self._sampler.rate_for(k), self._sampler.chunks_per_epoch // k
+                yield epoch, self._sampler.rate_for(k), self._sampler.draws_for(k)
             else:
                 dataset_size, batch_size, length = self._user_loader
                 yield epoch, min(1.0, k * self.world_size * batch_size / dataset_size), max(1, length // k)
+
+    def _planned_accumulation(self, trainer: Any, epochs: int) -> Iterator[Any]:
+        for epoch in range(trainer.current_epoch, trainer.current_epoch + max(epochs, 1) + 1):
+            yield epoch, accumulation_for_epoch(trainer, self._host, epoch)
+
+    def _check_calibrated_plan(self, trainer: Any) -> None:
+        """Refuse a step whose accumulation differs from the one σ was calibrated for (a change the plan
+        could not foresee, e.g. by a callback other than ``GradientAccumulationScheduler``)."""
+        planned = self._calibrated_accumulation.get(trainer.current_epoch) if self._calibrated_accumulation else None
+        if planned is not None and planned != trainer.accumulate_grad_batches:
+            raise self._host.trainer_error(
+                f"Not available under DP: accumulate_grad_batches changed to {trainer.accumulate_grad_batches} in "
+                f"epoch {trainer.current_epoch}, but σ was calibrated for target_epsilon={self.config.target_epsilon} "
+                f"with {planned} there; more micro-batches per step would spend more than the target. Change "
+                "it with GradientAccumulationScheduler (planned for), or give noise_multiplier instead."
+            )
 
     def _calibrate(self, trainer: Any) -> float:
         config = self.config
@@ -186,6 +211,7 @@ class DataMixin:
             raise self._host.trainer_error(
                 f"DP target_epsilon={config.target_epsilon}: the Trainer's limits leave no optimizer step to plan for."
             )
+        self._calibrated_accumulation = {epoch: k for epoch, k in self._planned_accumulation(trainer, len(plan))}
         sigma = get_noise_multiplier_for_plan(
             config.target_epsilon, config.delta, plan, accountant=self.accountant.mechanism,
             history=self.accountant.history,

@@ -10,6 +10,8 @@ feature                                     under DP
 ``GradientAccumulationScheduler``           accounted: the draw's rate follows ``k`` of each epoch
 ``accumulate_grad_batches`` changed inside  refused at the first micro-batch after the change
 an epoch
+``accumulate_grad_batches`` changed between accounted (each epoch's draws at their rate); refused
+epochs by another callback                  with ``target_epsilon`` (σ did not plan for it)
 ``reload_dataloaders_every_n_epochs``       accounted (rate recomputed per reload); refused with
                                             ``target_epsilon`` (future rates are unknown)
 ``limit_train_batches``                     accounted (fewer full draws per epoch); refused when the

@@ -118,6 +118,7 @@ class StepsMixin:
                 f"{sampler.micro_batches} micro-batches per optimizer step. Change it between epochs only, "
                 "with GradientAccumulationScheduler (accounted exactly)."
             )
+        self._check_calibrated_plan(trainer)
         self._sync_sampling_plan()
         self._steps_at_batch_start = self.dp_optimizer.steps_taken
         super().on_train_batch_start(batch, batch_idx)  # type: ignore[misc]

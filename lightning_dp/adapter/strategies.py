@@ -44,6 +44,7 @@ class DPStrategyMixin(StepsMixin, DataMixin, PrivacyStateMixin, ReportMixin):
         self._user_loader: Any = None
         self._steps_at_batch_start: Optional[int] = None  # manual optimization: one step per batch
         self._fits_started = 0
+        self._calibrated_accumulation: Optional[dict] = None  # epoch → k that σ was calibrated for
 
     def setup(self, trainer: Any) -> None:
         """Refuse unaccounted Trainer features, validate the model, set up as Lightning does, wrap the
