@@ -14,7 +14,7 @@ $(PY):
 
 $(STAMP): setup.cfg setup.py pyproject.toml lightning_dp/noise/_boxmuller.c | $(PY)
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[test,examples,docs]"
+	$(PY) -m pip install --quiet -e ".[test,examples,docs,hf]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -28,7 +28,7 @@ def _python(code: str) -> dict:
 
 
 _FIT = """
-import json, torch
+import json, tempfile, torch
 from torch.utils.data import DataLoader, TensorDataset
 class Model({pl}.LightningModule):
     def __init__(self):
@@ -41,7 +41,8 @@ class Model({pl}.LightningModule):
 data = DataLoader(TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,))), batch_size=8)
 trainer = {pl}.Trainer(max_steps=3, strategy=DPStrategy(noise_multiplier=1.0, seed=0), accelerator="cpu",
                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                       enable_model_summary=False, callbacks=[PrivacyBudgetCallback(epsilon_budget=50.0)])
+                       enable_model_summary=False, callbacks=[PrivacyBudgetCallback(epsilon_budget=50.0)],
+                       default_root_dir=tempfile.mkdtemp())
 trainer.fit(Model(), data)
 print(json.dumps({{"namespace": lightning_dp.LIGHTNING_NAMESPACE, "steps": trainer.strategy.accountant.total_steps,
                   "module": type(trainer.strategy).__module__}}))
