@@ -4,12 +4,12 @@
 with DP-SGD; :class:`PrivacyBudgetCallback` logs ε and stops before the budget. The plain-PyTorch core
 (:func:`make_private`, :class:`DPOptimizer`, accountants, samplers) needs no Lightning.
 
-Both Lightning packages are served: ``DPStrategy``, ``DPDDPStrategy`` and ``PrivacyBudgetCallback`` here
+Both Lightning packages are served: ``DPStrategy``, ``DPDDPStrategy``, ``DPFSDPStrategy`` and ``PrivacyBudgetCallback`` here
 are the classes of the package you use — ``lightning`` (``import lightning as L``) or
 ``pytorch_lightning``, whichever is installed. With both installed they are ``lightning``'s, unless
 ``pytorch_lightning`` alone was imported before ``lightning_dp``; ``lightning_dp.lightning`` and
 ``lightning_dp.pytorch_lightning`` give either set explicitly. Importing ``lightning_dp`` registers
-``"dp_sgd"`` and ``"dp_ddp"`` with every installed package's strategy registry.
+``"dp_sgd"``, ``"dp_ddp"`` and ``"dp_fsdp"`` with every installed package's strategy registry.
 """
 import importlib
 import importlib.util
@@ -46,11 +46,12 @@ LIGHTNING_NAMESPACE = _default_namespace(_installed, _imported_before) if _insta
 if LIGHTNING_NAMESPACE is not None:
     DPStrategy = _bound[LIGHTNING_NAMESPACE].DPStrategy
     DPDDPStrategy = _bound[LIGHTNING_NAMESPACE].DPDDPStrategy
+    DPFSDPStrategy = _bound[LIGHTNING_NAMESPACE].DPFSDPStrategy
     PrivacyBudgetCallback = _bound[LIGHTNING_NAMESPACE].PrivacyBudgetCallback
 
 
 def __getattr__(name: str):  # only reached when no Lightning package is installed
-    if name in ("DPStrategy", "DPDDPStrategy", "PrivacyBudgetCallback"):
+    if name in ("DPStrategy", "DPDDPStrategy", "DPFSDPStrategy", "PrivacyBudgetCallback"):
         raise ImportError(
             f"lightning_dp.{name} needs Lightning: install `lightning` (import lightning as L) or "
             "`pytorch-lightning`. The plain-PyTorch core (make_private, DPOptimizer) works without it."
@@ -62,6 +63,7 @@ __all__ = [
     "AppliedFix",
     "DPConfig",
     "DPDDPStrategy",
+    "DPFSDPStrategy",
     "DPOptimizer",
     "DPStrategy",
     "LIGHTNING_NAMESPACE",

@@ -36,7 +36,7 @@ overflow must reach the gradients so that the scaler skips the step and lowers i
 from __future__ import annotations
 
 import math
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -101,6 +101,7 @@ def clip_and_sum(
     release: bool = False,
     sum_scale: float = 1.0,
     non_finite: str = "drop",
+    on_sum: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
 ) -> ClipResult:
     """Clip every sample and sum over the batch: ``([t·Σ_b c_b·s·g_b per param], per-sample norms,
     dropped samples)``.
@@ -122,6 +123,10 @@ def clip_and_sum(
             per-parameter norm (per layer), gets ``c_b = 0`` and its rows of every part are zeroed, so it
             adds exactly nothing to any sum (see the module docstring); ``"propagate"``: no check, a
             non-finite sample makes the sums non-finite.
+        on_sum: called as ``on_sum(k, clipped_sum)`` with each parameter's clipped sum as soon as it is
+            made (in ``params`` order); the returned tensor is kept in its place, so the full-size sum can
+            be freed before the next one is made (sharded training keeps only this rank's shard of the sum
+            over ranks, see :class:`~lightning_dp.optimizer.GradientShards`).
 
     Returns a :class:`ClipResult`: the clipped sums, each sample's norm over all parameters (before
     clipping, after ``s``) and the mask of dropped samples (``None`` when none was dropped).
@@ -174,7 +179,7 @@ def clip_and_sum(
             contributions.append(part.clipped_sum(scaled[key], scaled=False))
         if release:
             parts[k] = None  # type: ignore[index]
-        sums.append(_sum(contributions))
+        sums.append(_sum(contributions) if on_sum is None else on_sum(k, _sum(contributions)))
     return ClipResult(sums, total, None if keep is None else ~keep)
 
 

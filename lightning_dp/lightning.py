@@ -5,6 +5,6 @@ them from here to be explicit (e.g. with both Lightning packages installed).
 """
 from .adapter import bind
 
-DPStrategy, DPDDPStrategy, PrivacyBudgetCallback = bind("lightning.pytorch")
+DPStrategy, DPDDPStrategy, DPFSDPStrategy, PrivacyBudgetCallback = bind("lightning.pytorch")
 
-__all__ = ["DPDDPStrategy", "DPStrategy", "PrivacyBudgetCallback"]
+__all__ = ["DPDDPStrategy", "DPFSDPStrategy", "DPStrategy", "PrivacyBudgetCallback"]

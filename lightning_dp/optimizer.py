@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 import torch
 from torch import nn
@@ -23,8 +23,9 @@ added to the clipped sum at once: the step never holds a second parameter-sized 
 @torch.no_grad()
 def add_noise_(noise: Any, tensors: List[torch.Tensor], std: float) -> None:
     """Add i.i.d. ``N(0, std²)`` from ``noise`` to every element of ``tensors`` (contiguous), in place:
-    through ``noise.add_normal_`` when the source has one (:class:`~lightning_dp.noise.GaussianNoise`),
-    else ``NOISE_PIECE`` draws of ``noise.normal`` at a time (:class:`~lightning_dp.noise.SecureRNG`)."""
+    through ``noise.add_normal_`` when the source has one (:class:`~lightning_dp.noise.GaussianNoise`,
+    :class:`~lightning_dp.noise.SecureRNG`: one draw for all of the step's tensors), else ``NOISE_PIECE``
+    draws of ``noise.normal`` at a time (a user's source with only ``normal``)."""
     add_normal = getattr(noise, "add_normal_", None)
     if add_normal is not None:
         add_normal(tensors, std)
@@ -35,6 +36,27 @@ def add_noise_(noise: Any, tensors: List[torch.Tensor], std: float) -> None:
         for start in range(0, flat.numel(), piece_size):
             piece = flat[start : start + piece_size]
             piece.add_(noise.normal(piece.shape, std=std, device=tensor.device, dtype=tensor.dtype))
+
+
+class GradientShards(Protocol):
+    """How a sharded host (FSDP2) keeps the DP gradient: each rank holds only its shard of each parameter.
+
+    With ``DPOptimizer(shards=...)`` every clipped sum goes to :meth:`reduce` as soon as it is made, after
+    each backward pass, for every trainable parameter in the same order on every rank (a parameter without
+    per-sample gradients on this rank contributes zeros); the optimizer keeps the shard it returns, adds
+    the noise of std ``σC`` to that shard only (each element of the gradient is noised once, by the rank
+    that owns it) and sets ``param.grad = to_grad(param, shard)``.
+    """
+
+    def reduce(self, param: nn.Parameter, clipped_sum: torch.Tensor) -> torch.Tensor:
+        """This rank's shard of the sum over ranks of ``clipped_sum`` (full size: this rank's samples);
+        a collective, called by every rank."""
+
+    def zeros(self, param: nn.Parameter) -> torch.Tensor:
+        """A zero tensor shaped like this rank's shard of ``param`` (a step without per-sample gradients)."""
+
+    def to_grad(self, param: nn.Parameter, shard: torch.Tensor) -> torch.Tensor:
+        """The value of ``param.grad`` for this rank's noised ``shard`` (FSDP2: a DTensor over it)."""
 
 
 class DPOptimizer(Optimizer):
@@ -92,6 +114,9 @@ class DPOptimizer(Optimizer):
             (DDP: ``all_reduce`` SUM). ``None``: one process.
         noise_shares: how many processes' noise ``combine`` adds up (each adds std ``σC/√noise_shares``,
             so the combined gradient carries noise of std ``σC`` exactly once). ``1`` for one process.
+        shards: for a sharded model (FSDP2), how each rank keeps only its shard of the gradient (see
+            :class:`GradientShards`): clipped sums are reduced into shards after every backward pass and
+            each rank noises its own shard with std ``σC``. Excludes ``combine`` and ``noise_shares``.
 
     Attributes:
         per_sample_grad_scale: factor applied to per-sample gradients before clipping, to undo loss
@@ -125,6 +150,7 @@ class DPOptimizer(Optimizer):
         step_guard: Optional[Callable[[], bool]] = None,
         combine: Optional[Callable[[List[torch.Tensor]], None]] = None,
         noise_shares: int = 1,
+        shards: Optional[GradientShards] = None,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
@@ -145,6 +171,12 @@ class DPOptimizer(Optimizer):
         self.step_guard = step_guard
         self.combine = combine
         self.noise_shares = check_positive_int("noise_shares", noise_shares)
+        if shards is not None and (combine is not None or noise_shares != 1):
+            raise ValueError(
+                f"`shards` reduces the clipped sums and noises each rank's shard itself; got also combine={combine!r}, "
+                f"noise_shares={noise_shares!r}. Pass `shards` alone (sharded model) or `combine` and `noise_shares`."
+            )
+        self.shards = shards
         self.per_sample_grad_scale = 1.0
         self.samples_in_step = 0
         self.steps_taken = 0
@@ -306,6 +338,7 @@ class DPOptimizer(Optimizer):
                     delattr(p, attr)
         if self.samples_in_step == 0:  # the first micro-batch of a step
             self.dropped_in_step = 0
+        on_sum, unsampled = self._reduce_in_order(params, with_samples) if self.shards is not None else (None, None)
         sums, norms, dropped = clip_and_sum(
             with_samples,
             parts,
@@ -317,12 +350,14 @@ class DPOptimizer(Optimizer):
             release=True,
             sum_scale=1.0 / self._sum_divisor(),
             non_finite=self.non_finite,
+            on_sum=on_sum,
         )
         if dropped is not None:  # only when a norm was not finite: the common step counts nothing
             count = int(dropped.sum())
             self.dropped_samples += count
             self.dropped_in_step += count
-        for p, clipped in zip(with_samples, sums):
+        received = list(zip(with_samples, sums)) + (unsampled() if unsampled is not None else [])
+        for p, clipped in received:
             clipped = clipped.to(p.dtype)
             previous = getattr(p, "summed_grad", None)
             p.summed_grad = clipped if previous is None else previous.add_(clipped)
@@ -359,7 +394,7 @@ class DPOptimizer(Optimizer):
         for p in params:
             summed = getattr(p, "summed_grad", None)
             if summed is None:
-                grads.append(torch.zeros(p.shape, device=p.device, dtype=p.dtype))  # pure noise, below
+                grads.append(self._zero_grad_of(p))  # pure noise, below
                 continue
             del p.summed_grad
             grad = summed.to(p.dtype).contiguous()  # the clipped sum is ours: noise goes into it
@@ -373,7 +408,41 @@ class DPOptimizer(Optimizer):
         if self.combine is not None:
             self.combine(grads)
         for p, grad in zip(params, grads):
-            p.grad = grad
+            p.grad = grad if self.shards is None else self.shards.to_grad(p, grad)
+
+    def _zero_grad_of(self, p: nn.Parameter) -> torch.Tensor:
+        if self.shards is not None:
+            return self.shards.zeros(p)
+        return torch.zeros(p.shape, device=p.device, dtype=p.dtype)
+
+    def _reduce_in_order(
+        self, params: List[nn.Parameter], with_samples: List[nn.Parameter]
+    ) -> Tuple[Callable[[int, torch.Tensor], torch.Tensor], Callable[[], List[Tuple[nn.Parameter, torch.Tensor]]]]:
+        """``on_sum`` for :func:`clip_and_sum` with :attr:`shards`, and a function that finishes the pass.
+
+        Every trainable parameter is reduced once per backward pass in ``params`` order, on every rank
+        alike (each reduction is a collective): before a parameter's clipped sum, the parameters before it
+        that have no per-sample gradient on this rank are reduced with zeros (other ranks may have some);
+        the finishing function does the same for the rest and returns those ``(param, shard)`` pairs.
+        """
+        shards, pending = self.shards, iter(params)
+        unsampled: List[Tuple[nn.Parameter, torch.Tensor]] = []
+
+        def reduce_zeros_until(target: Optional[nn.Parameter]) -> None:
+            for p in pending:
+                if p is target:
+                    return
+                unsampled.append((p, shards.reduce(p, torch.zeros(p.shape, device=p.device, dtype=p.dtype))))
+
+        def on_sum(k: int, clipped: torch.Tensor) -> torch.Tensor:
+            reduce_zeros_until(with_samples[k])
+            return shards.reduce(with_samples[k], clipped.to(with_samples[k].dtype))
+
+        def finish() -> List[Tuple[nn.Parameter, torch.Tensor]]:
+            reduce_zeros_until(None)
+            return unsampled
+
+        return on_sum, finish
 
     def _sum_divisor(self) -> float:
         """The divisor this step's clipped sums are made with: ``expected_batch_size`` (1 while unset) as

@@ -5,6 +5,6 @@ package in use (see :mod:`lightning_dp`); import them from here to be explicit.
 """
 from .adapter import bind
 
-DPStrategy, DPDDPStrategy, PrivacyBudgetCallback = bind("pytorch_lightning")
+DPStrategy, DPDDPStrategy, DPFSDPStrategy, PrivacyBudgetCallback = bind("pytorch_lightning")
 
-__all__ = ["DPDDPStrategy", "DPStrategy", "PrivacyBudgetCallback"]
+__all__ = ["DPDDPStrategy", "DPFSDPStrategy", "DPStrategy", "PrivacyBudgetCallback"]

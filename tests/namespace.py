@@ -19,6 +19,7 @@ pl = importlib.import_module(NAME)
 _ours = importlib.import_module(_OURS[NAME])
 DPStrategy = _ours.DPStrategy
 DPDDPStrategy = _ours.DPDDPStrategy
+DPFSDPStrategy = _ours.DPFSDPStrategy
 PrivacyBudgetCallback = _ours.PrivacyBudgetCallback
 
 callbacks = importlib.import_module(f"{NAME}.callbacks")

@@ -6,17 +6,19 @@
 * :mod:`~lightning_dp.adapter.reporting` — the privacy report;
 * :mod:`~lightning_dp.adapter.features` — Trainer features: accounted exactly or refused before step 1;
 * :mod:`~lightning_dp.adapter.strategies` — the pieces together, for one device and for DDP;
+* :mod:`~lightning_dp.adapter.fsdp` — a sharded model (FSDP2): clipped sums reduce-scattered into shards;
 * :mod:`~lightning_dp.adapter.callback` — PrivacyBudgetCallback's logic;
 * :mod:`~lightning_dp.adapter.host` — what the adapter needs from a namespace.
 
 A namespace is then one small file: ``lightning_dp/lightning.py`` is
-``DPStrategy, DPDDPStrategy, PrivacyBudgetCallback = bind("lightning.pytorch")``.
+``DPStrategy, DPDDPStrategy, DPFSDPStrategy, PrivacyBudgetCallback = bind("lightning.pytorch")``.
 """
 from __future__ import annotations
 
 from typing import NamedTuple
 
 from .callback import PrivacyBudget
+from .fsdp import FSDPDP
 from .host import NAMESPACES, Host, host_bases, load_host
 from .strategies import DDPDP, DPStrategyMixin, SingleDeviceDP
 
@@ -28,13 +30,14 @@ class Bound(NamedTuple):
 
     DPStrategy: type
     DPDDPStrategy: type
+    DPFSDPStrategy: type
     PrivacyBudgetCallback: type
 
 
 def bind(namespace: str) -> Bound:
-    """Make ``DPStrategy``, ``DPDDPStrategy`` and ``PrivacyBudgetCallback`` for ``namespace``
-    (``"lightning.pytorch"`` or ``"pytorch_lightning"``) and register ``"dp_sgd"``/``"dp_ddp"`` with
-    its strategy registry. The classes live in ``lightning_dp.lightning`` or
+    """Make ``DPStrategy``, ``DPDDPStrategy``, ``DPFSDPStrategy`` and ``PrivacyBudgetCallback`` for
+    ``namespace`` (``"lightning.pytorch"`` or ``"pytorch_lightning"``) and register ``"dp_sgd"``,
+    ``"dp_ddp"`` and ``"dp_fsdp"`` with its strategy registry. The classes live in ``lightning_dp.lightning`` or
     ``lightning_dp.pytorch_lightning`` (their ``__module__``), so they pickle and LightningCLI's
     ``class_path`` finds them."""
     host = load_host(namespace)
@@ -48,8 +51,10 @@ def bind(namespace: str) -> Bound:
     bound = Bound(
         make("DPStrategy", SingleDeviceDP, strategies.SingleDeviceStrategy),
         make("DPDDPStrategy", DDPDP, strategies.DDPStrategy),
+        make("DPFSDPStrategy", FSDPDP, strategies.ModelParallelStrategy),
         make("PrivacyBudgetCallback", PrivacyBudget, callbacks.Callback),
     )
     bound.DPStrategy.register_strategies(strategies.StrategyRegistry)
     bound.DPDDPStrategy.register_strategies(strategies.StrategyRegistry)
+    bound.DPFSDPStrategy.register_strategies(strategies.StrategyRegistry)
     return bound

@@ -2,9 +2,10 @@
 the budgets, and how they travel in checkpoints. No Lightning import."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
+import torch.distributed as dist
 
 from .._checks import check_open_unit
 from ..accounting import Accountant, make_accountant
@@ -38,6 +39,7 @@ class PrivacyStateMixin:
         self._refused_steps = 0  # steps the budget guard refused
         self._dropped_before = 0  # non-finite samples dropped before a resumed checkpoint
         self._seeded_rank: Optional[int] = None
+        self._rank_states: Optional[List[Dict[str, Any]]] = None  # set while a checkpoint is saved
         if config.noise_multiplier is not None:
             warn_if_no_noise(config.noise_multiplier)
 
@@ -119,7 +121,7 @@ class PrivacyStateMixin:
         checkpoints regenerate and subtract the noise.
         """
         seeded = self.noise.seeded and not self.config.secure_mode
-        return {
+        state = {
             "accountant": self.accountant.state_dict(),
             "noise": self.noise.state_dict(),
             "sampler": self._sampling_generator.get_state() if seeded else None,
@@ -129,6 +131,9 @@ class PrivacyStateMixin:
             "dropped_samples": self.dropped_samples,
             "report": self.privacy_report().to_dict(),
         }
+        if self._rank_states is not None:
+            state["ranks"] = self._rank_states  # every rank's generators (seeded, several processes)
+        return state
 
     def load_privacy_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore :meth:`privacy_state_dict`: the accountant's history becomes the checkpoint's (privacy
@@ -142,6 +147,36 @@ class PrivacyStateMixin:
             self._sampling_generator.set_state(state["sampler"])
         self._dropped_before = int(state.get("dropped_samples", 0) or 0)
         self._settings_of_checkpoint = {k: state.get(k) for k in _RESUMED_SETTINGS}
+        self._load_rank_states(state.get("ranks"))
+
+    def _load_rank_states(self, ranks: Optional[List[Dict[str, Any]]]) -> None:
+        """Each rank continues its own seeded streams (the top-level ``noise``/``sampler`` are rank 0's)."""
+        if self.world_size == 1 or self.config.secure_mode or not self.noise.seeded:
+            return
+        if not ranks or len(ranks) != self.world_size:
+            self._host.warn(
+                f"DP: the checkpoint holds no generator states for this run's {self.world_size} processes: every "
+                "rank restarts its seeded streams from seed + rank (privacy spent is kept)."
+            )
+            self._seeded_rank = None
+            self._seed_generators()
+            return
+        own = ranks[self.global_rank]
+        self.noise.load_state_dict(own["noise"])
+        if own.get("sampler") is not None:
+            self._sampling_generator.set_state(own["sampler"])
+
+    def _gather_rank_states(self) -> Optional[List[Dict[str, Any]]]:
+        """Every rank's seeded generator states, gathered on every rank (a collective; ``None`` for one
+        process or OS-keyed generators, which are never written)."""
+        if self.world_size == 1 or not self.noise.seeded or self.config.secure_mode:
+            return None
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        own = {"noise": self.noise.state_dict(), "sampler": self._sampling_generator.get_state()}
+        gathered: List[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, own)
+        return gathered
 
     def _check_resumed_settings(self) -> None:
         old = self._settings_of_checkpoint
@@ -165,9 +200,14 @@ class PrivacyStateMixin:
     def save_checkpoint(
         self, checkpoint: Dict[str, Any], filepath: Any, storage_options: Optional[Any] = None
     ) -> None:
-        """Save the checkpoint with the privacy state under the key ``"lightning_dp"``."""
-        checkpoint[CHECKPOINT_KEY] = self.privacy_state_dict()
-        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)  # type: ignore[misc]
+        """Save the checkpoint with the privacy state under the key ``"lightning_dp"`` (every rank calls
+        this; in seeded multi-process runs every rank's generator states go in)."""
+        self._rank_states = self._gather_rank_states()
+        try:
+            checkpoint[CHECKPOINT_KEY] = self.privacy_state_dict()
+            super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)  # type: ignore[misc]
+        finally:
+            self._rank_states = None
 
     def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Dict[str, Any]:
         """Load a checkpoint and restore the privacy state saved in it."""

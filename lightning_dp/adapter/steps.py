@@ -40,11 +40,16 @@ class StepsMixin:
                 clipping_mode=config.clipping_mode,
                 clipping=config.clipping,
                 step_guard=self._step_allowed,
-                combine=self.combine_clipped_sums,
-                noise_shares=self.world_size,
+                **self._gradient_exchange(),
                 non_finite="propagate" if self._grad_scaler() is not None else "drop",
             )
         ]
+
+    def _gradient_exchange(self) -> Dict[str, Any]:
+        """How the ranks' clipped sums become one gradient: the DPOptimizer's ``combine``/``noise_shares``
+        (each rank noises its full clipped sum, :meth:`combine_clipped_sums` adds them up), or ``shards``
+        for a sharded model (the FSDP strategy)."""
+        return {"combine": self.combine_clipped_sums, "noise_shares": self.world_size}
 
     def combine_clipped_sums(self, tensors: List[torch.Tensor]) -> None:
         """Combine, in place, each rank's noised clipped sums into the step's gradient (one process:
