@@ -13,12 +13,14 @@ gradient (``output_padding`` only adds positions that no window reads).
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from .registry import register_grad_sampler
+from . import fast
+from .bookkeeping import BiasPart, ConvPart, Part
+from .registry import Factored, register_factored, register_grad_sampler
 from .utils import conv_weight_grad, pad_input, sum_per_channel
 
 
@@ -56,3 +58,31 @@ def conv_transpose_grad_sample(
         )
     _bias_grad(module, backprops, grads)
     return grads
+
+
+@register_factored(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+class ConvFactors(Factored):
+    """A convolution's weight gradient from its (padded) input and output gradient
+    (:class:`~lightning_dp.grad_sample.bookkeeping.ConvPart`); the bias gradient sums the output
+    gradient over positions."""
+
+    batch_dim = 0
+
+    def forward(
+        self, module: nn.Module, x: torch.Tensor, record: Optional[Callable[[torch.Tensor, torch.Tensor], None]]
+    ) -> torch.Tensor:
+        if fast.conv_padding(module) is None:  # padding the convolution cannot apply itself
+            x = pad_input(x, module._reversed_padding_repeated_twice, module.padding_mode)
+        return fast.conv_forward(module, x, record)
+
+    def parts(
+        self, module: nn.Module, x: torch.Tensor, grad: torch.Tensor, scale: float
+    ) -> List[Tuple[nn.Parameter, Part]]:
+        parts: List[Tuple[nn.Parameter, Part]] = []
+        if module.weight.requires_grad:
+            padding = fast.conv_padding(module) or [0] * len(module.kernel_size)
+            parts.append((module.weight, ConvPart(module, x, grad, padding, scale)))
+        bias = module.bias
+        if bias is not None and bias.requires_grad:
+            parts.append((bias, BiasPart(grad.flatten(2).transpose(1, 2).to(bias.dtype), bias.shape, scale=scale)))
+        return parts

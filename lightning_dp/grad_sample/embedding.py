@@ -7,12 +7,14 @@ signal from any sample.
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from .registry import register_grad_sampler
+from . import fast
+from .bookkeeping import Part, RowsPart
+from .registry import Factored, register_factored, register_grad_sampler
 from .utils import per_sample_rows
 
 _BAG_MODES = {"sum": 0, "mean": 1, "max": 2}
@@ -38,6 +40,36 @@ def embedding_grad_sample(
             batch_ids, flat_idx.reshape(-1), flat_grad.reshape(-1, dim), batch_size, module.num_embeddings
         )
     }
+
+
+@register_factored(nn.Embedding)
+class EmbeddingFactors(Factored):
+    """An embedding's gradient as the rows it looked up and the output gradient of each lookup
+    (:class:`~lightning_dp.grad_sample.bookkeeping.RowsPart`); not for ``max_norm``,
+    ``scale_grad_by_freq`` or sparse embeddings (their rule runs)."""
+
+    def applies(self, module: nn.Module) -> bool:
+        return fast.embedding_fast_ok(module)
+
+    def forward(
+        self, module: nn.Module, x: torch.Tensor, record: Optional[Callable[[torch.Tensor, torch.Tensor], None]]
+    ) -> torch.Tensor:
+        return fast.embedding_forward(module, x, record)
+
+    def parts(
+        self, module: nn.Module, x: torch.Tensor, grad: torch.Tensor, scale: float
+    ) -> List[Tuple[nn.Parameter, Part]]:
+        weight = module.weight
+        if not weight.requires_grad:
+            return []
+        batch_size = grad.shape[0]
+        rows = x.reshape(-1)
+        values = grad.reshape(-1, weight.shape[1])
+        if module.padding_idx is not None:
+            values = values * (rows != module.padding_idx).unsqueeze(1).to(values.dtype)
+        tokens = rows.numel() // batch_size
+        samples = torch.arange(batch_size, device=rows.device).repeat_interleave(tokens)
+        return [(weight, RowsPart(samples, rows, values, batch_size, weight.shape, scale, tokens))]
 
 
 def _bags(

@@ -138,19 +138,22 @@ class _EmbeddingNoGrad(torch.autograd.Function):
         return None, _unused_grad(ctx.weight, ctx.needs_input_grad[1]), None, None
 
 
-def skips_weight_grads(x: torch.Tensor) -> bool:
-    """Whether the forwards below skip autograd's weight gradients (and call ``record``) for input ``x``;
-    if not (under autocast), they are the usual ops and the caller records from a tensor hook."""
-    return _skip_weight_grads(x)
+def _record_from_hook(out: torch.Tensor, x: torch.Tensor, record: Record) -> torch.Tensor:
+    """The usual op ran (autocast): ``record`` is called from a hook on its output instead."""
+    if record is not None and out.requires_grad:
+        saved = x.detach()
+        out.register_hook(lambda grad: record(saved, grad))
+    return out
 
 
 def linear_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], record: Record = None
 ) -> torch.Tensor:
-    """``F.linear`` without autograd's weight and bias gradients (when allowed, see module docstring)."""
+    """``F.linear`` without autograd's weight and bias gradients (when allowed, see module docstring);
+    ``record(x, grad)`` is called once in the backward pass either way."""
     if _skip_weight_grads(x):
         return _LinearInputGrad.apply(x, weight, bias, record)
-    return F.linear(x, weight, bias)
+    return _record_from_hook(F.linear(x, weight, bias), x, record)
 
 
 def conv_padding(module: nn.modules.conv._ConvNd) -> Optional[List[int]]:
@@ -162,16 +165,18 @@ def conv_padding(module: nn.modules.conv._ConvNd) -> Optional[List[int]]:
 
 
 def conv_forward(module: nn.modules.conv._ConvNd, x: torch.Tensor, record: Record = None) -> torch.Tensor:
-    """The module's convolution of the (already padded, when ``conv_padding`` is ``None``) ``x``."""
+    """The module's convolution of the (already padded, when ``conv_padding`` is ``None``) ``x``;
+    ``record(x, grad)`` as in :func:`linear_forward`."""
     padding = conv_padding(module) or [0] * len(module.kernel_size)
     if _skip_weight_grads(x):
         return _ConvInputGrad.apply(
             x, module.weight, module.bias, module.stride, padding, module.dilation, module.groups, record
         )
-    return torch.convolution(
+    out = torch.convolution(
         x, module.weight, module.bias, module.stride, padding, module.dilation, False,
         [0] * len(module.kernel_size), module.groups,
     )
+    return _record_from_hook(out, x, record)
 
 
 def embedding_fast_ok(module: nn.Embedding) -> bool:
@@ -180,7 +185,8 @@ def embedding_fast_ok(module: nn.Embedding) -> bool:
 
 
 def embedding_forward(module: nn.Embedding, indices: torch.Tensor, record: Record = None) -> torch.Tensor:
-    """``module(indices)`` without autograd's weight gradient (when allowed)."""
+    """``module(indices)`` without autograd's weight gradient (when allowed); ``record(indices, grad)`` as
+    in :func:`linear_forward`."""
     if _skip_weight_grads(module.weight):
         return _EmbeddingNoGrad.apply(indices, module.weight, module.padding_idx, record)
-    return F.embedding(indices, module.weight, module.padding_idx)
+    return _record_from_hook(F.embedding(indices, module.weight, module.padding_idx), indices, record)

@@ -2,11 +2,13 @@
 
 Every submodule that owns trainable parameters gets one of three treatments:
 
-* a **rule** (``linear.py``, ``conv.py``...): a forward hook keeps the layer's inputs and registers a
-  hook on its output tensor; when autograd delivers the gradient of the loss with respect to that
-  output, the rule turns (inputs, output gradient) into per-sample gradients. Linear, Conv1/2/3d and
-  Embedding get no module hook: their forward is patched, records factors itself in the fast modes
-  (from the backward of its weight-gradient-free function) and otherwise runs the same forward hook;
+* a **rule** (``linear.py``, ``conv.py``...): the layer's forward is patched (no module hook: it would
+  slow every call); it runs the usual forward, keeps the layer's inputs and registers a hook on its
+  output tensor; when autograd delivers the gradient of the loss with respect to that output, the rule
+  turns (inputs, output gradient) into per-sample gradients. A layer type that declares its
+  **factors** (``registry.Factored``: Linear, Conv1/2/3d, Embedding, Hugging Face's ``Conv1D``) instead
+  runs, in the fast modes, a forward that records the factors from the backward of its
+  weight-gradient-free function;
 * a **DP forward** (``attention.py``, ``rnn.py``): fused modules whose internals hooks cannot see run an
   equivalent forward built from recorded linear maps (:meth:`GradSampleHooks.linear`), with the
   module's own parameters; the original forward is restored by :meth:`GradSampleHooks.remove`;
@@ -14,10 +16,11 @@ Every submodule that owns trainable parameters gets one of three treatments:
   (a user's custom layer); per-sample gradients by ``vmap`` over samples of a ``vjp`` of its forward.
 
 Per-sample gradients are accumulated in ``param.grad_sample`` (shape ``(batch, *param.shape)``). In the
-fast clipping modes (``clipping_mode`` ``"auto"``/``"ghost"``, see ``fast.py``) Linear, Conv1/2/3d and
-Embedding layers, and the projections of DP forwards, store the factors of their weight gradients in
-``param.grad_parts`` instead (``bookkeeping.py``) and run forwards whose backward skips autograd's weight
-gradient.
+fast clipping modes (``clipping_mode`` ``"auto"``/``"ghost"``, see ``fast.py``) factored layers and the
+projections of DP forwards store the factors of their weight gradients in ``param.grad_parts`` instead
+(``bookkeeping.py``) and run forwards whose backward skips autograd's weight gradient. Only modules with
+trainable parameters of their own are touched: a frozen base model (LoRA) runs its own code, and the
+per-sample work scales with the trainable adapter.
 
 Design notes:
 
@@ -32,7 +35,12 @@ Design notes:
 * Batch dimension: layers that fix it (convolutions, channel norms, RNN/attention through their
   ``batch_first``) use it; layers that take any leading dims (Linear, Embedding, LayerNorm...) use the
   dimension, 0 or 1, whose size is the batch size seen by the last batch-aware layer of this forward,
-  and ``batch_first`` when that is ambiguous or unknown.
+  and ``batch_first`` when that is ambiguous or unknown (``batch.py``).
+* Shared inputs: a layer that takes any leading dims and whose input has no batch dimension of the
+  forward's batch size (position ids ``(1, T)``, T5's relative buckets ``(q, k)``; see ``batch.py``) is
+  shared by the batch: its output is handed on as a
+  :class:`~lightning_dp.grad_sample.shared.SharedTensor`, and its per-sample gradients are made where
+  the value meets the batch (``shared.py``).
 """
 from __future__ import annotations
 
@@ -46,15 +54,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fast
-from .bookkeeping import BiasPart, ConvPart, LinearPart, Part, RowsPart, SharedSquares
+from . import fast, shared
+from .batch import PER_SAMPLE, ForwardBatch, infer_batch_first
+from .bookkeeping import BiasPart, LinearPart, Part
 from .functional import check_fallback, fallback_grad_sample
 from .linear import linear_param_grads
-from .registry import get_dp_forward, get_grad_sampler, get_rule_batch_dim, trainable_parameters
-from .utils import flatten_middle, pad_input, place_rows
+from .registry import (
+    Factored,
+    get_dp_forward,
+    get_factored,
+    get_grad_sampler,
+    get_rule_batch_dim,
+    trainable_parameters,
+)
+from .utils import flatten_middle, place_rows
 
 _LOSS_REDUCTIONS = ("mean", "sum")
-_FACTORED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, GradSampleHooks]" = weakref.WeakKeyDictionary()
 log = logging.getLogger("lightning_dp")
 
@@ -78,6 +93,7 @@ class GradSampleHooks:
         loss_scale: factor multiplying every recovered per-sample gradient (default ``1.0``), e.g. the
             inverse of the factor a trainer applied to the loss (gradient accumulation, AMP scaling).
         fallback_modules: paths of the modules handled by the ``torch.func`` fallback.
+        patched_modules: paths of the modules whose forward runs a rule or records factors.
     """
 
     def __init__(
@@ -96,17 +112,18 @@ class GradSampleHooks:
         self.module = module
         self.loss_reduction = loss_reduction
         self.clipping_mode = clipping_mode
-        self.batch_first = _infer_batch_first(module) if batch_first is None else batch_first
+        self.batch_first = infer_batch_first(module) if batch_first is None else batch_first
         self.loss_scale: float = 1.0
         self.enabled = True
         self.fallback_modules: List[str] = []
         self._suspended = 0  # > 0 while the fallback re-runs a forward under torch.func
-        self._batch_size: Optional[int] = None  # batch size seen by the last batch-aware layer
+        self.batch = ForwardBatch(self.batch_first, lambda: self.recording)
         self._paths: Dict[int, str] = {}
         self._checked: set = set()
         self._handles: List[torch.utils.hooks.RemovableHandle] = []
         self._patched: List[Tuple[nn.Module, Any]] = []
         self._patched_ids: set = set()  # modules whose forward this object patched (not their copies)
+        self.patched_modules: List[str] = []
         covered: List[str] = []
         for path, submodule in module.named_modules():
             if any(not prefix or path.startswith(prefix + ".") for prefix in covered):
@@ -119,10 +136,9 @@ class GradSampleHooks:
                 covered.append(path)
             elif not trainable_parameters(submodule):
                 continue
-            elif type(submodule) in _FACTORED_TYPES:  # the patched forward also runs the rule's hook
-                self._patch_forward(submodule, _factored_forward)
-            elif get_grad_sampler(submodule) is not None:
-                self._handles.append(submodule.register_forward_hook(self._forward_hook, with_kwargs=True))
+            elif get_grad_sampler(submodule) is not None:  # a rule, or declared factors
+                self._patch_forward(submodule, _layer_forward)
+                self.patched_modules.append(path or "<root module>")
             else:
                 self.fallback_modules.append(path or "<root module>")
                 log.info(
@@ -130,7 +146,9 @@ class GradSampleHooks:
                     path or "<root module>",
                     type(submodule).__name__,
                 )
+                self._handles.append(submodule.register_forward_pre_hook(self._fallback_inputs, with_kwargs=True))
                 self._handles.append(submodule.register_forward_hook(self._fallback_hook, with_kwargs=True))
+        self._handles.extend(self.batch.attach(module))
 
     @property
     def parameters(self) -> List[nn.Parameter]:
@@ -150,17 +168,25 @@ class GradSampleHooks:
     # --- batch dimension and scaling ------------------------------------------------------------------
     def note_batch_size(self, batch_size: int) -> None:
         """Called by batch-aware layers (RNN, attention): the batch size of the current forward."""
-        self._batch_size = batch_size
+        self.batch.aware_size = batch_size
 
     def find_batch_dim(self, shape: Sequence[int]) -> int:
         """Batch dimension (0 or 1) of a tensor of ``shape`` from a layer that takes any leading dims."""
-        if len(shape) < 2:
-            return 0
-        if self._batch_size is not None:
-            hits = [d for d in (0, 1) if shape[d] == self._batch_size]
-            if len(hits) == 1:
-                return hits[0]
-        return 0 if self.batch_first else 1
+        return self.batch.find_batch_dim(shape)
+
+    def shared_call(self, module: nn.Module, x: torch.Tensor, kind: str) -> Any:
+        """A call of a layer whose input is shared by the batch or undecided (``batch.py``): its output as a
+        shared tensor whose per-sample copies carry each sample's gradient to the layer (``shared.py``)."""
+        factored = self.factored(module, x)
+
+        def run(inp: torch.Tensor) -> Any:
+            return factored.forward(module, inp, None) if factored else type(module).forward(module, inp)
+
+        def record(inp: torch.Tensor, grad: torch.Tensor, copies: bool) -> None:
+            self._record(module, factored, (inp,), grad, batch_dim=0 if copies else None)
+
+        where = f"{self._path(module)} ({type(module).__name__})"
+        return shared.layer_call(x, kind, self.batch.size, where, run, record)
 
     def scale_factor(self, batch_size: int) -> float:
         """The factor from the output gradient of the batch loss to that of the per-sample losses, times
@@ -188,8 +214,26 @@ class GradSampleHooks:
 
         output.register_hook(on_output_grad)
 
-    def _apply_rule(self, module: nn.Module, activations: Tuple[Any, ...], grad: torch.Tensor) -> None:
-        batch_dim = get_rule_batch_dim(module)
+    def _record(
+        self,
+        module: nn.Module,
+        factored: Optional[Factored],
+        activations: Tuple[Any, ...],
+        grad: torch.Tensor,
+        batch_dim: Optional[int] = None,
+    ) -> None:
+        """Per-sample gradients of a layer call from its inputs and output gradient: factored parts
+        (fast modes) or the rule's ``grad_sample`` (``batch_dim=0``: both already batch first)."""
+        if factored is not None:
+            self._record_factors(module, factored, activations[0], grad, batch_dim)
+        else:
+            self._apply_rule(module, activations, grad, batch_dim)
+
+    def _apply_rule(
+        self, module: nn.Module, activations: Tuple[Any, ...], grad: torch.Tensor, batch_dim: Optional[int] = None
+    ) -> None:
+        if batch_dim is None:
+            batch_dim = get_rule_batch_dim(module)
         if batch_dim is None:  # any leading dims: find the batch and hand the rule batch-first tensors
             found = self.find_batch_dim(grad.shape)
             if found != 0:
@@ -233,72 +277,28 @@ class GradSampleHooks:
         else:
             parts.append(part)
 
-    # --- factored layers: Linear, Conv, Embedding -------------------------------------------------
-    def factored(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> bool:
-        """Whether this call of a Linear/Conv/Embedding layer records factors (else its rule runs)."""
-        if len(args) + len(kwargs) != 1 or not isinstance(args[0] if args else next(iter(kwargs.values())), torch.Tensor):
-            return False
-        if isinstance(module, nn.Embedding) and not fast.embedding_fast_ok(module):
-            return False
-        return self.fast_mode(module.weight if module.weight.requires_grad else getattr(module, "bias", None))
+    # --- factored layers: Linear, Conv, Embedding, Conv1D... ----------------------------------------
+    def factored(self, module: nn.Module, x: Optional[torch.Tensor]) -> Optional[Factored]:
+        """The factors a call of ``module`` on the single input ``x`` records (fast modes), else ``None``
+        (its rule runs)."""
+        factored = get_factored(module)
+        if factored is None or x is None or not factored.applies(module):
+            return None
+        first = next(iter(trainable_parameters(module).values()), None)
+        return factored if self.fast_mode(first) else None
 
-    def factored_forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Forward of a Linear/Conv/Embedding layer that records its weight gradient's factors: from the
-        backward of its weight-gradient-free function, or (under autocast) from a hook on its output."""
-        record = functools.partial(self._record_factors, module)
-        if isinstance(module, nn.Linear):
-            out = fast.linear_forward(x, module.weight, module.bias, record)
-        elif isinstance(module, nn.Embedding):
-            out = fast.embedding_forward(module, x, record)
-        else:
-            if fast.conv_padding(module) is None:
-                x = pad_input(x, module._reversed_padding_repeated_twice, module.padding_mode)
-            out = fast.conv_forward(module, x, record)
-        recorded = fast.skips_weight_grads(module.weight if isinstance(module, nn.Embedding) else x)
-        if out.requires_grad and not recorded:
-            saved = x.detach()
-            out.register_hook(lambda grad: self._record_factors(module, saved, grad))
-        return out
-
-    def _record_factors(self, module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
-        if isinstance(module, nn.modules.conv._ConvNd):
-            batch_size = grad.shape[0]
-        else:
+    def _record_factors(
+        self, module: nn.Module, factored: Factored, x: torch.Tensor, grad: torch.Tensor,
+        batch_dim: Optional[int] = None,
+    ) -> None:
+        if batch_dim is None and factored.batch_dim is None:
             found = self.find_batch_dim(grad.shape)
             if found != 0:
                 grad = grad.movedim(found, 0)
                 x = x.movedim(found, 0) if x.dim() > found else x
-            batch_size = grad.shape[0]
-        scale = self.scale_factor(batch_size)
-        weight, bias = module.weight, getattr(module, "bias", None)
-        grad, (x,) = _common_dtype(module, grad, (x,), dtype=weight.dtype)
-        if isinstance(module, nn.Embedding):
-            if weight.requires_grad:
-                rows = x.reshape(-1)
-                values = grad.reshape(-1, weight.shape[1])
-                if module.padding_idx is not None:
-                    values = values * (rows != module.padding_idx).unsqueeze(1).to(values.dtype)
-                samples = torch.arange(batch_size, device=rows.device).repeat_interleave(rows.numel() // batch_size)
-                self.add_part(
-                    weight, RowsPart(samples, rows, values, batch_size, weight.shape, scale, rows.numel() // batch_size)
-                )
-            return
-        if isinstance(module, nn.Linear):
-            g = flatten_middle(grad)
-            need_bias = bias is not None and bias.requires_grad
-            # one position per sample and a bias in the same dtype: ‖g_b‖² serves both parts
-            shared = SharedSquares(g) if need_bias and weight.requires_grad and g.shape[1] == 1 and (
-                bias.dtype == g.dtype) else None
-            if weight.requires_grad:
-                self.add_part(weight, LinearPart(flatten_middle(x), g, weight.shape, scale=scale, g_squares=shared))
-            if need_bias:
-                self.add_part(bias, BiasPart(g.to(bias.dtype), bias.shape, scale=scale, g_squares=shared))
-            return
-        if weight.requires_grad:
-            padding = fast.conv_padding(module) or [0] * len(module.kernel_size)
-            self.add_part(weight, ConvPart(module, x, grad, padding, scale))
-        if bias is not None and bias.requires_grad:
-            self.add_part(bias, BiasPart(grad.flatten(2).transpose(1, 2).to(bias.dtype), bias.shape, scale=scale))
+        grad, (x,) = _common_dtype(module, grad, (x,))
+        for param, part in factored.parts(module, x, grad, self.scale_factor(grad.shape[0])):
+            self.add_part(param, part)
 
     # --- DP forwards ----------------------------------------------------------------------------------
     def _patch_forward(self, module: nn.Module, dp_forward: Any) -> None:
@@ -385,6 +385,27 @@ class GradSampleHooks:
         # the handle lives on the output tensors and is freed with the graph
         torch.autograd.graph.register_multi_grad_hook([outputs[i] for i in live], on_output_grads)
 
+    def per_sample_inputs(
+        self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]
+    ) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
+        """The call's arguments with shared tensors made per-sample (``shared.as_per_sample``), for a
+        module that needs the batch in its inputs; unchanged (the same objects) when there are none."""
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        if not any(isinstance(t, shared.SharedTensor) for t in leaves):
+            return args, kwargs
+        where = f"{self._path(module)} ({type(module).__name__})"
+        return torch.utils._pytree.tree_map_only(
+            shared.SharedTensor, lambda t: shared.as_per_sample(t, where), (args, kwargs)
+        )
+
+    def _fallback_inputs(
+        self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]
+    ) -> Optional[Tuple[Tuple[Any, ...], Dict[str, Any]]]:
+        if not self.recording:
+            return None
+        new = self.per_sample_inputs(module, args, kwargs)
+        return None if new[0] is args and new[1] is kwargs else new
+
     def _suspend(self) -> "_Suspend":
         return _Suspend(self)
 
@@ -405,6 +426,7 @@ class GradSampleHooks:
                 module.forward = previous
         self._patched.clear()
         self._patched_ids.clear()
+        self.batch.detach()
         clear_grad_samples(self.module)
         if _ATTACHED.get(self.module) is self:
             del _ATTACHED[self.module]
@@ -421,14 +443,38 @@ class _Suspend:
         self.hooks._suspended -= 1
 
 
-def _factored_forward(module: nn.Module, hooks: "GradSampleHooks", *args: Any, **kwargs: Any) -> Any:
-    """Patched forward of Linear/Conv/Embedding: factored in the fast modes, else the usual forward
-    followed by what the rule's forward hook does (no module hook: it would slow every call)."""
-    if hooks.factored(module, args, kwargs):
-        return hooks.factored_forward(module, args[0] if args else next(iter(kwargs.values())))
+def _layer_forward(module: nn.Module, hooks: "GradSampleHooks", *args: Any, **kwargs: Any) -> Any:
+    """Patched forward of a layer with a rule or factors. One tensor input, any leading dims: an input
+    shared by the batch goes to ``shared_call``; else the call records per-sample gradients directly."""
+    x = _single_tensor(args, kwargs)
+    if x is not None and get_rule_batch_dim(module) is None:
+        kind = hooks.batch.input_kind(x)
+        if kind != PER_SAMPLE:
+            return hooks.shared_call(module, x, kind)
+        x = shared.plain(x)
+        return _unshared_forward(module, hooks, *((x,) if args else ()), **{k: x for k in kwargs})
+    args, kwargs = hooks.per_sample_inputs(module, args, kwargs)
+    return _unshared_forward(module, hooks, *args, **kwargs)
+
+
+def _unshared_forward(module: nn.Module, hooks: "GradSampleHooks", *args: Any, **kwargs: Any) -> Any:
+    """A per-sample call: in the fast modes a factored layer records its factors from its backward; else
+    the usual forward, and the rule's hook on its output."""
+    x = _single_tensor(args, kwargs)
+    factored = hooks.factored(module, x)
+    if factored is not None:
+        return factored.forward(module, x, functools.partial(hooks._record_factors, module, factored))
     output = type(module).forward(module, *args, **kwargs)
     hooks._forward_hook(module, args, kwargs, output)
     return output
+
+
+def _single_tensor(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[torch.Tensor]:
+    """The input of a call with exactly one argument, a tensor; else ``None``."""
+    if len(args) + len(kwargs) != 1:
+        return None
+    x = args[0] if args else next(iter(kwargs.values()))
+    return x if isinstance(x, torch.Tensor) else None
 
 
 def _dp_forward_call(dp_forward: Any, module: nn.Module, hooks_ref: Any, *args: Any, **kwargs: Any) -> Any:
@@ -437,6 +483,8 @@ def _dp_forward_call(dp_forward: Any, module: nn.Module, hooks_ref: Any, *args: 
     # is not hooked: it runs its class's forward and gets ordinary gradients.
     if hooks is None or not hooks.recording or id(module) not in hooks._patched_ids:
         return type(module).forward(module, *args, **kwargs)
+    if dp_forward is not _layer_forward:  # a fused layer (attention, RNN) needs the batch in its inputs
+        args, kwargs = hooks.per_sample_inputs(module, args, kwargs)
     return dp_forward(module, hooks, *args, **kwargs)
 
 
@@ -445,11 +493,6 @@ def _positional(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]
     bound = inspect.signature(type(module).forward).bind(module, *args, **kwargs)
     bound.apply_defaults()
     return tuple(bound.arguments.values())[1:]
-
-
-def _infer_batch_first(module: nn.Module) -> bool:
-    flags = [m.batch_first for m in module.modules() if isinstance(getattr(m, "batch_first", None), bool)]
-    return not flags or any(flags)
 
 
 def _common_dtype(

@@ -1,12 +1,15 @@
-"""Per-sample gradients of :class:`torch.nn.Linear` (any number of leading dimensions)."""
+"""Per-sample gradients of :class:`torch.nn.Linear` (any number of leading dimensions), and the factors
+of every linear map ``y = x Wᵀ + b`` (:class:`LinearFactors`: the fast clipping path)."""
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from .registry import register_grad_sampler
+from . import fast
+from .bookkeeping import BiasPart, LinearPart, Part, SharedSquares
+from .registry import Factored, register_factored, register_grad_sampler
 from .utils import flatten_middle, sum_outer, sum_over_middle
 
 
@@ -37,3 +40,44 @@ def linear_grad_sample(
     if gb is not None:
         grads["bias"] = gb
     return grads
+
+
+class LinearFactors(Factored):
+    """``y = x Wᵀ + b`` over the last dimension of ``x``: ``∇W_b = Σ_t g_{b,t} a_{b,t}ᵀ`` from the input
+    ``a`` and output gradient ``g`` (:class:`~lightning_dp.grad_sample.bookkeeping.LinearPart`),
+    ``∇b_b = Σ_t g_{b,t}``.
+
+    Args:
+        transposed: the weight is stored ``(in, out)``, ``y = x W + b`` (Hugging Face's ``Conv1D``): its
+            gradient ``Σ_t a_{b,t} g_{b,t}ᵀ`` is the same part with the two factors in swapped roles.
+    """
+
+    def __init__(self, transposed: bool = False) -> None:
+        self.transposed = transposed
+
+    def forward(
+        self, module: nn.Module, x: torch.Tensor, record: Optional[Callable[[torch.Tensor, torch.Tensor], None]]
+    ) -> torch.Tensor:
+        weight = module.weight.t() if self.transposed else module.weight
+        return fast.linear_forward(x, weight, module.bias, record)
+
+    def parts(
+        self, module: nn.Module, x: torch.Tensor, grad: torch.Tensor, scale: float
+    ) -> List[Tuple[nn.Parameter, Part]]:
+        weight, bias = module.weight, module.bias
+        a, g = flatten_middle(x), flatten_middle(grad)
+        need_bias = bias is not None and bias.requires_grad
+        # one position per sample and a bias in the same dtype: ‖g_b‖² serves both parts
+        shared = SharedSquares(g) if (
+            need_bias and weight.requires_grad and g.shape[1] == 1 and bias.dtype == g.dtype and not self.transposed
+        ) else None
+        parts: List[Tuple[nn.Parameter, Part]] = []
+        if weight.requires_grad:
+            factors = (g, a) if self.transposed else (a, g)
+            parts.append((weight, LinearPart(*factors, weight.shape, scale=scale, g_squares=shared)))
+        if need_bias:
+            parts.append((bias, BiasPart(g.to(bias.dtype), bias.shape, scale=scale, g_squares=shared)))
+        return parts
+
+
+register_factored(nn.Linear)(LinearFactors())
