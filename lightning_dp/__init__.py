@@ -17,6 +17,7 @@ import sys
 
 from .__about__ import __version__
 from .accounting import PRVAccountant, RDPAccountant, compute_epsilon, get_noise_multiplier, make_accountant
+from .averaging import ExponentialMovingAverage
 from .config import DPConfig
 from .engine import make_private
 from .optimizer import DPOptimizer
@@ -66,6 +67,7 @@ __all__ = [
     "DPFSDPStrategy",
     "DPOptimizer",
     "DPStrategy",
+    "ExponentialMovingAverage",
     "LIGHTNING_NAMESPACE",
     "PRVAccountant",
     "PoissonBatchSampler",

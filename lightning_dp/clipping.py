@@ -8,6 +8,14 @@ through the same two questions: every sample's squared norm, and the sum weighte
 * **per_layer**: parameter tensor ``k`` (of ``K``) is clipped on its own to ``C_k = C/√K``, so a
   sample's whole clipped gradient still has norm at most ``√(Σ C_k²) = C``: the same sensitivity,
   hence the same noise ``σC`` and the same privacy guarantee as flat clipping.
+* **automatic** (Bu et al. 2023, "Automatic Clipping: Differentially Private Deep Learning Made Easier
+  and Stronger", their AUTO-S): every sample is *normalised* rather than clipped,
+  ``c_b = C / (‖g_b‖ + γ)`` with the stability constant ``γ = AUTOMATIC_STABILITY = 0.01``. Then
+  ``‖c_b g_b‖ = C‖g_b‖/(‖g_b‖+γ) < C``: the sensitivity is still ``C``, the noise ``σC`` and the
+  accounting are those of flat clipping. Every sample's contribution has (almost) the same norm ``C``,
+  so ``C`` only scales the update (together with the learning rate) and needs no tuning; small
+  gradients are scaled *up*, which is what makes the method work late in training.
+* **automatic_per_layer**: the same per parameter tensor, ``c_{b,k} = (C/√K) / (‖g_{b,k}‖ + γ)``.
 
 **Non-finite samples** (``non_finite="drop"``, the default). A sample whose gradient contains a NaN or an
 inf (a NaN feature, a loss that is ``log 0`` for that sample...) gets clip factor ``c_b = 0`` and
@@ -43,7 +51,9 @@ import torch
 from ._checks import check_choice
 from .grad_sample.bookkeeping import MaterializedPart, Part, merge
 
-CLIPPINGS = ("flat", "per_layer")
+CLIPPINGS = ("flat", "per_layer", "automatic", "automatic_per_layer")
+AUTOMATIC_STABILITY = 0.01
+"""``γ`` of automatic clipping, ``c_b = C / (‖g_b‖ + γ)`` (Bu et al. 2023 use 0.01)."""
 NON_FINITE = ("drop", "propagate")
 """What :func:`clip_and_sum` does with a sample whose gradient is not finite: ``"drop"`` it (clip factor
 0, exactly zero contribution), or ``"propagate"`` the NaN/inf into the sums (plain arithmetic)."""
@@ -72,6 +82,15 @@ def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
     """``min(1, C / ‖g_b‖)`` for each sample, computed as ``C / max(‖g_b‖, C)`` (safe at norm 0; a NaN
     norm gives a NaN factor: :func:`clip_and_sum` replaces it by 0 and drops the sample)."""
     return max_grad_norm / norms.clamp(min=max_grad_norm)
+
+
+def automatic_factors(
+    norms: torch.Tensor, max_grad_norm: float, stability: float = AUTOMATIC_STABILITY
+) -> torch.Tensor:
+    """``C / (‖g_b‖ + γ)`` for each sample (automatic clipping, Bu et al. 2023): the normalised gradient
+    has norm ``C‖g_b‖/(‖g_b‖+γ) < C``. A NaN norm gives a NaN factor (dropped by :func:`clip_and_sum`),
+    an infinite one 0."""
+    return max_grad_norm / (norms + stability)
 
 
 def clipped_sum(grad_sample: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
@@ -109,7 +128,8 @@ def clip_and_sum(
     Args:
         params: the parameters (``parts[k]`` is the per-sample gradient of ``params[k]``).
         max_grad_norm: ``C`` (flat), or the total ``C`` split as ``C/√K`` over the ``K`` parameters.
-        clipping: ``"flat"`` or ``"per_layer"``.
+        clipping: ``"flat"``, ``"per_layer"``, ``"automatic"`` or ``"automatic_per_layer"`` (see the
+            module docstring).
         scale: ``s > 0``, multiplies every per-sample gradient before clipping.
         norm_method: ``"auto"``, ``"ghost"`` or ``"materialize"`` (how factored parts compute norms).
         num_layers: ``K`` for per-layer clipping (default ``len(params)``): the number of trainable
@@ -132,9 +152,10 @@ def clip_and_sum(
     clipping, after ``s``) and the mask of dropped samples (``None`` when none was dropped).
     """
     check_choice("non_finite", non_finite, NON_FINITE)
+    factor_of = automatic_factors if clipping.startswith("automatic") else clip_factors
     # Parts keep their own scale (the loss reduction's batch size) as a number; it is applied to the
     # (B,) norms and factors once per distinct value, not once per part.
-    if clipping == "flat":
+    if clipping in ("flat", "automatic"):
         groups: Dict[float, List[torch.Tensor]] = {}
         for ps in parts:
             for part in ps:
@@ -147,7 +168,7 @@ def clip_and_sum(
             total_sq = summed if total_sq is None else total_sq + summed
         total = total_sq.sqrt()
         keep = _finite(total) if non_finite == "drop" else None
-        factors = [clip_factors(total, max_grad_norm)] * len(params)
+        factors = [factor_of(total, max_grad_norm)] * len(params)
     else:
         squared = [_sum([part.norm_sq(norm_method) for part in ps]) for ps in parts]
         if scale != 1.0:
@@ -158,7 +179,7 @@ def clip_and_sum(
         if non_finite == "drop" and not bool(torch.isfinite(total).all()):
             keep = torch.isfinite(stacked).all(0)  # any parameter's norm non-finite: the whole sample out
         bound = max_grad_norm / math.sqrt(num_layers or len(params))
-        factors = [clip_factors(sq.sqrt(), bound) for sq in squared]
+        factors = [factor_of(sq.sqrt(), bound) for sq in squared]
     if keep is not None:  # some sample is not finite: factor 0, and its rows zeroed in every part below
         zeroed: Dict[int, torch.Tensor] = {}
         for f in factors:
@@ -195,3 +216,89 @@ def _sum(tensors: List[torch.Tensor]) -> torch.Tensor:
     for more in tensors[1:]:
         total = total + more
     return total
+
+
+class AdaptiveClipping:
+    """Quantile-based adaptive clipping norm (Andrew et al. 2021, "Differentially Private Learning with
+    Adaptive Clipping", NeurIPS), for :class:`~lightning_dp.DPOptimizer` ``(adaptive_clipping=...)``.
+
+    After each step the clipping norm follows a private estimate of the ``target_quantile`` of the
+    per-sample gradient norms by the geometric update ``C ← C · exp(−η (b̃ − γ))``, where
+    ``b̃ = (Σ_b (1[‖g_b‖ ≤ C] − ½) + N(0, σ_b²)) / B + ½`` is the noised fraction of samples that were not
+    clipped (``B`` the expected batch size, ``γ`` the target quantile, ``η`` the learning rate). The
+    centred indicators ``± ½`` make the count's sensitivity ½, so the count is a Gaussian mechanism of
+    noise multiplier ``2σ_b`` on the same Poisson sample as the gradient.
+
+    **Privacy, exactly.** The gradient (multiplier ``σ_Δ``) and the count (``2σ_b``) of one step are one
+    Gaussian mechanism on the concatenated query, of multiplier ``σ`` with ``σ⁻² = σ_Δ⁻² + (2σ_b)⁻²``
+    (Theorem 1 of the paper). So the optimizer keeps the accountant's record at ``σ = noise_multiplier``
+    (calibrated or given as usual: the whole step costs what DP-SGD with ``σ`` costs) and noises the
+    gradient with the larger ``σ_Δ = (σ⁻² − (2σ_b)⁻²)^(−½)`` (:meth:`gradient_noise_multiplier`); this
+    needs ``2σ_b > σ``. The paper's default ``σ_b = B/20`` makes ``σ_Δ`` only a little above ``σ``.
+
+    Args:
+        target_quantile: ``γ`` in ``[0, 1]``, the fraction of samples meant to be left unclipped.
+        learning_rate: ``η > 0`` of the geometric update.
+        count_noise_multiplier: ``σ_b > 0``, std of the noise on the count; ``None``: ``B/20``.
+    """
+
+    def __init__(
+        self, target_quantile: float = 0.5, learning_rate: float = 0.2, count_noise_multiplier: Optional[float] = None
+    ) -> None:
+        if isinstance(target_quantile, bool) or not isinstance(target_quantile, (int, float)) or not (
+            0.0 <= target_quantile <= 1.0
+        ):
+            raise ValueError(
+                f"`target_quantile` of adaptive clipping must be a number in [0, 1], got {target_quantile!r}."
+            )
+        for name, value in (("learning_rate", learning_rate), ("count_noise_multiplier", count_noise_multiplier)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0
+            ):
+                raise ValueError(f"`{name}` of adaptive clipping must be a finite number > 0, got {value!r}.")
+        self.target_quantile = float(target_quantile)
+        self.learning_rate = float(learning_rate)
+        self.count_noise_multiplier = None if count_noise_multiplier is None else float(count_noise_multiplier)
+
+    @classmethod
+    def from_config(cls, value: "AdaptiveClipping | Dict[str, float] | None") -> "Optional[AdaptiveClipping]":
+        """``None``, an :class:`AdaptiveClipping`, or a dict of its arguments (as ``DPConfig`` holds it)."""
+        if value is None or isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"`adaptive_clipping` must be None, a dict or an AdaptiveClipping, got {value!r}.")
+        unknown = sorted(set(value) - {"target_quantile", "learning_rate", "count_noise_multiplier"})
+        if unknown:
+            raise ValueError(
+                f"`adaptive_clipping` has unknown keys {unknown}; allowed: target_quantile, learning_rate, "
+                "count_noise_multiplier."
+            )
+        return cls(**value)
+
+    def count_std(self, expected_batch_size: float) -> float:
+        """``σ_b``: the given one, or ``B/20``."""
+        return self.count_noise_multiplier if self.count_noise_multiplier is not None else expected_batch_size / 20.0
+
+    def gradient_noise_multiplier(self, noise_multiplier: float, expected_batch_size: float) -> float:
+        """``σ_Δ = (σ⁻² − (2σ_b)⁻²)^(−½)``: the gradient's noise multiplier that makes gradient and count
+        together cost exactly what one Gaussian step of multiplier ``σ`` costs (``0`` stays ``0``)."""
+        if noise_multiplier == 0:
+            return 0.0
+        count = 2.0 * self.count_std(expected_batch_size)
+        if count <= noise_multiplier:
+            raise ValueError(
+                f"Adaptive clipping needs 2·count_noise_multiplier > noise_multiplier, got 2·{count / 2} <= "
+                f"{noise_multiplier}: raise count_noise_multiplier (default expected_batch_size/20)."
+            )
+        return (noise_multiplier ** -2 - count ** -2) ** -0.5
+
+    def next_norm(self, max_grad_norm: float, noised_centred_count: float, expected_batch_size: float) -> float:
+        """``C · exp(−η (b̃ − γ))`` with ``b̃ = noised_centred_count / B + ½``."""
+        unclipped = noised_centred_count / expected_batch_size + 0.5
+        return max_grad_norm * math.exp(-self.learning_rate * (unclipped - self.target_quantile))
+
+    def __repr__(self) -> str:
+        return (
+            f"AdaptiveClipping(target_quantile={self.target_quantile}, learning_rate={self.learning_rate}, "
+            f"count_noise_multiplier={self.count_noise_multiplier})"
+        )

@@ -13,7 +13,7 @@ from typing import Any, Dict, Mapping, Optional
 
 from ._checks import check_choice, check_non_negative, check_open_unit, check_positive, check_positive_int
 from .accounting import DEFAULT_ACCOUNTANT, make_accountant
-from .clipping import CLIPPINGS
+from .clipping import CLIPPINGS, AdaptiveClipping
 from .grad_sample.fast import CLIPPING_MODES
 
 LOSS_REDUCTIONS = ("mean", "sum")
@@ -37,7 +37,9 @@ class DPConfig:
         secure_mode: draw noise and sampling decisions from the ChaCha20 generator keyed by the OS.
         max_physical_batch_size: split larger batches into chunks inside one optimizer step.
         clipping_mode: ``"auto"``, ``"ghost"`` or ``"materialize"`` (same update, different cost).
-        clipping: ``"flat"`` or ``"per_layer"``.
+        clipping: ``"flat"``, ``"per_layer"``, ``"automatic"`` or ``"automatic_per_layer"``.
+        adaptive_clipping: ``None``, or the arguments of :class:`~lightning_dp.clipping.AdaptiveClipping`
+            as a dict (``target_quantile``, ``learning_rate``, ``count_noise_multiplier``).
 
     Example::
 
@@ -61,6 +63,7 @@ class DPConfig:
     max_physical_batch_size: Optional[int] = None
     clipping_mode: str = "auto"
     clipping: str = "flat"
+    adaptive_clipping: Optional[Dict[str, float]] = None
 
     def __post_init__(self) -> None:
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
@@ -76,6 +79,15 @@ class DPConfig:
             "clipping_mode": check_choice("clipping_mode", self.clipping_mode, CLIPPING_MODES),
             "clipping": check_choice("clipping", self.clipping, CLIPPINGS),
         }
+        if self.adaptive_clipping is not None:
+            AdaptiveClipping.from_config(self.adaptive_clipping)  # checks the keys and values
+            if self.clipping.startswith("automatic"):
+                raise ValueError(
+                    f"`adaptive_clipping` needs clipping='flat' or 'per_layer', got clipping={self.clipping!r}: "
+                    "automatic clipping normalises every sample and has no norm to adapt."
+                )
+            if isinstance(self.adaptive_clipping, dict):
+                checked["adaptive_clipping"] = dict(self.adaptive_clipping)
         if self.noise_multiplier is not None:
             checked["noise_multiplier"] = check_non_negative("noise_multiplier", self.noise_multiplier)
         if self.target_epsilon is not None:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Optional
+from typing import Dict, Optional
 
 from torch import nn
 from torch.optim import Optimizer
@@ -63,6 +63,7 @@ def make_private(
     secure_mode: bool = _D.secure_mode,
     clipping_mode: str = _D.clipping_mode,
     clipping: str = _D.clipping,
+    adaptive_clipping: Optional[Dict[str, float]] = _D.adaptive_clipping,
 ) -> DPOptimizer:
     """Make ``loss.backward(); optimizer.step()`` a DP-SGD step, in place.
 
@@ -90,7 +91,12 @@ def make_private(
         clipping_mode: ``"auto"`` (default: one backward pass, ghost norms or per-sample gradients per
             layer, no weight-gradient GEMM from autograd), ``"ghost"`` or ``"materialize"`` (the plain
             path); the update is the same. See :class:`~lightning_dp.DPOptimizer`.
-        clipping: ``"flat"`` (default) or ``"per_layer"`` (each parameter tensor to ``C/√K``).
+        clipping: ``"flat"`` (default), ``"per_layer"`` (each parameter tensor to ``C/√K``),
+            ``"automatic"`` or ``"automatic_per_layer"`` (each sample normalised to norm just under ``C``,
+            Bu et al. 2023; ``C`` then only scales the update with the learning rate).
+        adaptive_clipping: ``None`` (default) or a dict of :class:`~lightning_dp.clipping.AdaptiveClipping`'s
+            arguments: ``max_grad_norm`` becomes the starting norm of a private quantile estimate (Andrew et
+            al. 2021), accounted exactly at the same ``noise_multiplier``.
 
     Example::
 
@@ -123,4 +129,5 @@ def make_private(
         sample_rate=sample_rate,
         clipping_mode=config.clipping_mode,
         clipping=config.clipping,
+        adaptive_clipping=config.adaptive_clipping,
     )

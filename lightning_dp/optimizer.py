@@ -10,7 +10,7 @@ from torch.optim import Optimizer
 
 from .accounting import Accountant
 from ._checks import check_choice, check_non_negative, check_positive, check_positive_int, check_rate
-from .clipping import CLIPPINGS, NON_FINITE, clip_and_sum, parts_of
+from .clipping import CLIPPINGS, NON_FINITE, AdaptiveClipping, clip_and_sum, parts_of
 from .grad_sample.fast import CLIPPING_MODES, set_clipping_mode
 from .noise import GaussianNoise
 
@@ -96,7 +96,9 @@ class DPOptimizer(Optimizer):
             See ``docs/clipping.rst``.
         clipping: ``"flat"`` (default): one norm per sample over all parameters, clipped to ``C``;
             ``"per_layer"``: each of the ``K`` trainable parameter tensors clipped to ``C/√K`` on its
-            own (total sensitivity still ``C``, noise std still ``σC``).
+            own (total sensitivity still ``C``, noise std still ``σC``); ``"automatic"`` /
+            ``"automatic_per_layer"``: each sample normalised, ``c_b = C/(‖g_b‖ + 0.01)`` (Bu et al. 2023;
+            sensitivity still ``C``), so ``C`` needs no tuning.
         non_finite: what a sample whose per-sample gradient (or loss) is NaN or inf does to the step:
             ``"drop"`` (default): it gets clip factor 0 and contributes exactly nothing (its rows are
             zeroed in every factor of the clipped sum); the step goes on with the other samples, still
@@ -117,6 +119,11 @@ class DPOptimizer(Optimizer):
         shards: for a sharded model (FSDP2), how each rank keeps only its shard of the gradient (see
             :class:`GradientShards`): clipped sums are reduced into shards after every backward pass and
             each rank noises its own shard with std ``σC``. Excludes ``combine`` and ``noise_shares``.
+        adaptive_clipping: ``None``, an :class:`~lightning_dp.clipping.AdaptiveClipping` or a dict of its
+            arguments: after each step ``max_grad_norm`` moves towards a private estimate of a quantile of
+            the per-sample norms (Andrew et al. 2021). The accountant still records ``noise_multiplier``
+            (σ); the gradient gets the larger :attr:`gradient_noise_multiplier` so that gradient and count
+            together cost exactly σ. Flat or per-layer clipping, without ``shards``.
 
     Attributes:
         per_sample_grad_scale: factor applied to per-sample gradients before clipping, to undo loss
@@ -151,6 +158,7 @@ class DPOptimizer(Optimizer):
         combine: Optional[Callable[[List[torch.Tensor]], None]] = None,
         noise_shares: int = 1,
         shards: Optional[GradientShards] = None,
+        adaptive_clipping: "AdaptiveClipping | Dict[str, float] | None" = None,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
@@ -177,6 +185,7 @@ class DPOptimizer(Optimizer):
                 f"noise_shares={noise_shares!r}. Pass `shards` alone (sharded model) or `combine` and `noise_shares`."
             )
         self.shards = shards
+        self._init_adaptive_clipping(adaptive_clipping)
         self.per_sample_grad_scale = 1.0
         self.samples_in_step = 0
         self.steps_taken = 0
@@ -218,6 +227,7 @@ class DPOptimizer(Optimizer):
             self.sample_rate = check_rate("sample_rate", sample_rate)
         if expected_batch_size is not None:
             self.expected_batch_size = check_positive_int("expected_batch_size", expected_batch_size)
+        self._check_adaptive_clipping()
 
     @property
     def non_finite(self) -> str:
@@ -303,6 +313,7 @@ class DPOptimizer(Optimizer):
                     delattr(p, attr)
         self.samples_in_step = 0
         self.dropped_in_step = 0
+        self._unclipped_in_step = 0.0
 
     @torch.no_grad()
     def accumulate_micro_batch(self) -> torch.Tensor:
@@ -362,6 +373,8 @@ class DPOptimizer(Optimizer):
             previous = getattr(p, "summed_grad", None)
             p.summed_grad = clipped if previous is None else previous.add_(clipped)
         self.samples_in_step += next(iter(batch_sizes))
+        if self.adaptive_clipping is not None:  # centred count of unclipped samples (a NaN norm counts −½)
+            self._unclipped_in_step += float((norms <= self.max_grad_norm).sum()) - 0.5 * norms.numel()
         return norms
 
     def clip_and_accumulate(self) -> torch.Tensor:
@@ -389,7 +402,7 @@ class DPOptimizer(Optimizer):
         # The clipped sums are already divided by the batch size (folded into the clip factors): the
         # noise is drawn with std σC/B and added to them, so no pass divides the gradients.
         divisor = float(self.expected_batch_size)
-        std = self.noise_multiplier * self.max_grad_norm / math.sqrt(self.noise_shares) / divisor
+        std = self.gradient_noise_multiplier * self.max_grad_norm / math.sqrt(self.noise_shares) / divisor
         params, grads, rescale = self.params, [], []
         for p in params:
             summed = getattr(p, "summed_grad", None)
@@ -457,6 +470,8 @@ class DPOptimizer(Optimizer):
         if self.samples_in_step == 0:  # no micro-batch in this step: none of its samples was dropped
             self.dropped_in_step = 0
         self.add_noise()
+        if self.adaptive_clipping is not None:
+            self._adapt_clipping_norm()
         self.samples_in_step = 0
 
     def record_step(self) -> None:
@@ -483,6 +498,45 @@ class DPOptimizer(Optimizer):
         self.original_optimizer.step()
         self.record_step()
         return loss
+
+    # --- adaptive clipping (Andrew et al. 2021; see lightning_dp.clipping.AdaptiveClipping) --------------
+    def _init_adaptive_clipping(self, adaptive_clipping: "AdaptiveClipping | Dict[str, float] | None") -> None:
+        self.adaptive_clipping = AdaptiveClipping.from_config(adaptive_clipping)
+        self._unclipped_in_step = 0.0
+        if self.adaptive_clipping is not None and (self.shards is not None or self.clipping.startswith("automatic")):
+            raise ValueError(
+                f"`adaptive_clipping` works with flat or per-layer clipping and without `shards`, got "
+                f"clipping={self.clipping!r}, shards={self.shards!r}: automatic clipping needs no tuned norm."
+            )
+        self._check_adaptive_clipping()
+
+    def _check_adaptive_clipping(self) -> None:
+        """Refuse, before any step, settings where the count's noise leaves no room (``2σ_b ≤ σ``)."""
+        if self.adaptive_clipping is not None and self.noise_multiplier and self.expected_batch_size:
+            self.gradient_noise_multiplier  # raises ValueError naming count_noise_multiplier
+
+    @property
+    def gradient_noise_multiplier(self) -> float:
+        """The multiplier of the noise added to the gradient: ``noise_multiplier`` (σ, what the
+        accountant records), or with adaptive clipping the larger ``σ_Δ = (σ⁻² − (2σ_b)⁻²)^(−½)`` that
+        leaves room for the noised count at the same total cost."""
+        if self.adaptive_clipping is None or self.noise_multiplier is None:
+            return self.noise_multiplier
+        return self.adaptive_clipping.gradient_noise_multiplier(self.noise_multiplier, float(self.expected_batch_size))
+
+    @torch.no_grad()
+    def _adapt_clipping_norm(self) -> None:
+        """Release the step's centred count of unclipped samples with noise ``N(0, σ_b²)`` (shared over
+        ranks like the gradient noise) and move ``max_grad_norm`` towards the target quantile."""
+        rule, batch = self.adaptive_clipping, float(self.expected_batch_size)
+        device = self.params[0].device if self.params else None
+        count = torch.tensor([self._unclipped_in_step], dtype=torch.float64, device=device)
+        self._unclipped_in_step = 0.0
+        if self.noise_multiplier > 0:
+            add_noise_(self.noise, [count], rule.count_std(batch) / math.sqrt(self.noise_shares))
+        if self.combine is not None:
+            self.combine([count])
+        self.max_grad_norm = rule.next_norm(self.max_grad_norm, float(count), batch)
 
     def get_epsilon(self, delta: float) -> float:
         """Privacy spent so far according to the accountant (``inf`` with zero noise)."""

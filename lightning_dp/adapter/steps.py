@@ -39,6 +39,7 @@ class StepsMixin:
                 sample_rate=self.sample_rate,
                 clipping_mode=config.clipping_mode,
                 clipping=config.clipping,
+                adaptive_clipping=config.adaptive_clipping,
                 step_guard=self._step_allowed,
                 **self._gradient_exchange(),
                 non_finite="propagate" if self._grad_scaler() is not None else "drop",

@@ -7,7 +7,7 @@ and :class:`DDPDP` add what their host strategy needs and carry the explicit, do
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 
@@ -117,8 +117,14 @@ class SingleDeviceDP(DPStrategyMixin):
         clipping_mode: how per-sample norms and clipped sums are computed: ``"auto"`` (default; fast
             one-backward book-keeping, ghost or materialised norms per layer by cost), ``"ghost"`` or
             ``"materialize"``. The update is the same in every mode.
-        clipping: ``"flat"`` (one norm per sample over all parameters, clipped to ``max_grad_norm``) or
-            ``"per_layer"`` (each of the K parameter tensors clipped to ``max_grad_norm / √K``).
+        clipping: ``"flat"`` (one norm per sample over all parameters, clipped to ``max_grad_norm``),
+            ``"per_layer"`` (each of the K parameter tensors clipped to ``max_grad_norm / √K``),
+            ``"automatic"`` or ``"automatic_per_layer"`` (every sample normalised to norm just under
+            ``max_grad_norm``, Bu et al. 2023: the norm then needs no tuning; see ``docs/utility.rst``).
+        adaptive_clipping: ``None`` (default), or a dict ``target_quantile`` (0.5), ``learning_rate``
+            (0.2), ``count_noise_multiplier`` (``expected_batch_size/20``): ``max_grad_norm`` is then only
+            the starting norm, which follows a private estimate of that quantile of the per-sample norms
+            (Andrew et al. 2021) at no extra privacy cost: see :class:`~lightning_dp.clipping.AdaptiveClipping`.
         device: the device to train on (default: the Trainer's accelerator's first device).
         **kwargs: passed to Lightning's ``SingleDeviceStrategy``.
 
@@ -151,6 +157,7 @@ class SingleDeviceDP(DPStrategyMixin):
         max_physical_batch_size: Optional[int] = _D.max_physical_batch_size,
         clipping_mode: str = _D.clipping_mode,
         clipping: str = _D.clipping,
+        adaptive_clipping: Optional[Dict[str, float]] = _D.adaptive_clipping,
         device: Optional[_DEVICE] = None,
         **kwargs: Any,
     ) -> None:
@@ -226,6 +233,7 @@ class DDPDP(DPStrategyMixin):
         max_physical_batch_size: Optional[int] = _D.max_physical_batch_size,
         clipping_mode: str = _D.clipping_mode,
         clipping: str = _D.clipping,
+        adaptive_clipping: Optional[Dict[str, float]] = _D.adaptive_clipping,
         **kwargs: Any,
     ) -> None:
         config = DPConfig.from_arguments(locals())
