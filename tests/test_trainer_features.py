@@ -552,3 +552,22 @@ def test_weight_averaging_is_post_processing(tmp_path, make_callback):
         averaged = callback._average_model.module
     for p, q in zip(averaged.parameters(), model.parameters()):
         torch.testing.assert_close(p.detach().cpu(), q.detach().cpu())
+
+
+# --- configure_optimizers sizing a schedule with trainer.estimated_stepping_batches --------------------
+class ScheduledClassifier(TinyClassifier):
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr)
+        total = self.trainer.estimated_stepping_batches  # sets the training loader up before the optimizer
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.1, total),
+                                 "interval": "step"}}
+
+
+def test_estimated_stepping_batches_in_configure_optimizers(tmp_path):
+    B, sigma = 8, 1.0
+    trainer, model = fit(tmp_path, model=ScheduledClassifier(), max_epochs=2, accumulate_grad_batches=2)
+    assert trainer.estimated_stepping_batches == 2 * (8 // 2)
+    expected = [(sigma, 2 * B / N, 2 * (8 // 2))]
+    assert_history(trainer.strategy, expected)
+    assert_epsilon_matches_pld(trainer.strategy, per_step(*expected))

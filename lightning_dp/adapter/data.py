@@ -119,7 +119,8 @@ class DataMixin:
         self._check_resumed_settings()
         if self.config.target_epsilon is not None and self.noise_multiplier is None:
             self.noise_multiplier = self._calibrate(trainer)
-        self.dp_optimizer.configure(noise_multiplier=self.noise_multiplier)
+        if self._has_dp_optimizer():  # not yet when configure_optimizers asks for estimated_stepping_batches
+            self.dp_optimizer.configure(noise_multiplier=self.noise_multiplier)
         return super().process_dataloader(dataloader)  # type: ignore[misc]
 
     def _poisson_loader(self, trainer: Any, dataloader: DataLoader) -> DataLoader:
@@ -176,7 +177,8 @@ class DataMixin:
         self.sample_rate = rate
         self.dataset_size = dataset_size
         self.expected_batch_size = max(1, round(rate * dataset_size))
-        self.dp_optimizer.configure(sample_rate=rate, expected_batch_size=self.expected_batch_size)
+        if self._has_dp_optimizer():  # else setup_optimizers builds it with these settings
+            self.dp_optimizer.configure(sample_rate=rate, expected_batch_size=self.expected_batch_size)
 
     def _planned_epochs(self, trainer: Any) -> Iterator[Any]:
         host = self._host

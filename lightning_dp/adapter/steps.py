@@ -56,6 +56,10 @@ class StepsMixin:
         """Combine, in place, each rank's noised clipped sums into the step's gradient (one process:
         nothing to do). Multi-process strategies override this (DDP: ``all_reduce`` SUM)."""
 
+    def _has_dp_optimizer(self) -> bool:
+        optimizers = getattr(self, "optimizers", [])
+        return bool(optimizers) and isinstance(optimizers[0], DPOptimizer)
+
     @property
     def dp_optimizer(self) -> DPOptimizer:
         """The wrapped optimizer (available after setup)."""
