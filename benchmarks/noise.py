@@ -1,14 +1,16 @@
-"""Throughput of secure Gaussian noise vs ``torch.normal``, and of the fast seeded generator's two
-Box–Muller kernels.
+"""Throughput of secure Gaussian noise vs ``torch.normal``, and of both generators' Box–Muller kernels.
 
 Usage::
 
     python benchmarks/noise.py                     # 1e7 float32 samples on CPU (and CUDA if present)
     python benchmarks/noise.py --samples 1e6 --repeats 9 --device cpu
+    python benchmarks/noise.py --only-step --rounds 5  # the second table only, 5 times
 
-The second table adds ``--fast-samples`` (default: the step benchmark's MLP, 669,706 parameters)
-normals into a float32 tensor with :class:`~lightning_dp.noise.GaussianNoise` (native kernel, then
-torch ops) and with ``torch.randn`` + ``add_``, interleaved, on CPU.
+The second table (the optimizer's noise call) adds ``--fast-samples`` (default: the step benchmark's
+MLP, 669,706 parameters) normals into float32 tensors shaped like that MLP's parameters, interleaved, on
+CPU: ``torch.normal`` (a new tensor) and ``torch.randn`` + ``add_`` for reference,
+:class:`~lightning_dp.noise.GaussianNoise` (seeded) and :class:`~lightning_dp.noise.SecureRNG`
+``.add_normal_``, each with its native kernel and with torch ops; ratios are to ``torch.normal``.
 
 Each line is the median wall time of ``--repeats`` runs (after one warm-up), the two contenders run
 interleaved so that machine load affects both alike; ``ratio`` = secure / ``torch.normal``. The CPU
@@ -24,7 +26,7 @@ from typing import Callable, Dict, List
 import torch
 
 import lightning_dp.noise.gaussian as gaussian
-from lightning_dp.noise import GaussianNoise, SecureRNG, chacha20_keystream
+from lightning_dp.noise import GaussianNoise, SecureRNG, chacha20_keystream, secure_normal
 
 
 def _sync(device: torch.device) -> None:
@@ -64,22 +66,36 @@ def bench(samples: int, repeats: int, device: torch.device, dtype: torch.dtype) 
     return result
 
 
-def fast_bench(samples: int, repeats: int) -> Dict[str, float]:
-    """Median seconds to add ``samples`` normals into a CPU float32 tensor, per generator."""
-    target, noise, native = torch.zeros(samples), GaussianNoise(seed=0), gaussian._native
+def _mlp_shaped(samples: int) -> List[torch.Tensor]:
+    """Zero float32 tensors shaped like the step benchmark's MLP parameters (their sizes scaled to ``samples``)."""
+    sizes = [784 * 512, 512, 512 * 512, 512, 512 * 10, 10]
+    scaled = [max(1, size * samples // 669706) for size in sizes]
+    scaled[0] += samples - sum(scaled)
+    return [torch.zeros(size) for size in scaled]
 
-    def with_kernel(kernel: object) -> Callable[[], None]:
+
+def fast_bench(samples: int, repeats: int) -> Dict[str, float]:
+    """Median seconds to add ``samples`` normals into CPU float32 tensors, per generator and kernel."""
+    targets, seeded, secure = _mlp_shaped(samples), GaussianNoise(seed=0), SecureRNG()
+    modules = {gaussian: gaussian._native, secure_normal: secure_normal._native}
+
+    def with_kernel(noise: object, module: object, native: bool) -> Callable[[], None]:
         def draw() -> None:
-            gaussian._native = kernel
+            module._native = modules[module] if native else None  # type: ignore[attr-defined]
             try:
-                noise.add_normal_([target], std=1.0)
+                noise.add_normal_(targets, std=1.0)  # type: ignore[attr-defined]
             finally:
-                gaussian._native = native
+                module._native = modules[module]  # type: ignore[attr-defined]
         return draw
 
-    contenders = {"torch.randn + add_": lambda: target.add_(torch.randn(samples)), "torch ops": with_kernel(None)}
-    if native is not None:
-        contenders["native"] = with_kernel(native)
+    contenders = {
+        "torch.normal": lambda: torch.normal(0.0, 1.0, size=(samples,)),
+        "torch.randn + add_": lambda: targets[0].add_(torch.randn(targets[0].shape)),
+    }
+    for name, noise, module in (("seeded", seeded, gaussian), ("secure", secure, secure_normal)):
+        if modules[module] is not None:
+            contenders[f"{name} native"] = with_kernel(noise, module, True)
+        contenders[f"{name} torch ops"] = with_kernel(noise, module, False)
     for fn in contenders.values():
         fn()
     times: Dict[str, List[float]] = {name: [] for name in contenders}
@@ -106,17 +122,22 @@ def main() -> None:
     parser.add_argument("--device", action="append", help="cpu / cuda (repeatable; default: cpu and cuda if present)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--fast-samples", type=float, default=669706)
+    parser.add_argument("--only-step", action="store_true", help="only the second table (the optimizer's call)")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the second table (median per round)")
     args = parser.parse_args()
     samples = int(args.samples)
     dtype = getattr(torch, args.dtype)
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {samples:.0e} {args.dtype} samples, "
-          f"median of {args.repeats}, SecureRNG num_normals=2")
-    print("| device | torch.normal (ms) | SecureRNG.normal (ms) | ratio | CPU ms torch | CPU ms secure | CPU ratio "
-          "| keystream (GB/s) |")
-    print("|--------|------------------:|----------------------:|------:|-------------:|--------------:|----------:"
-          "|-----------------:|")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, SecureRNG num_normals=2")
+    if args.only_step:
+        devices = []
+    else:
+        print(f"\nSecureRNG.normal vs torch.normal, {samples:.0e} {args.dtype} samples, median of {args.repeats}")
+        print("| device | torch.normal (ms) | SecureRNG.normal (ms) | ratio | CPU ms torch | CPU ms secure "
+              "| CPU ratio | keystream (GB/s) |")
+        print("|--------|------------------:|----------------------:|------:|-------------:|--------------:"
+              "|----------:|-----------------:|")
     for name in devices:
         device = torch.device(name)
         result = bench(samples, args.repeats, device, dtype)
@@ -127,12 +148,16 @@ def main() -> None:
             f"| {name:6} | {1e3 * baseline:17.1f} | {1e3 * secure:21.1f} | {secure / baseline:5.2f} "
             f"| {1e3 * cpu_base:12.1f} | {1e3 * cpu_secure:13.1f} | {cpu_secure / cpu_base:9.2f} | {rate:16.2f} |"
         )
-    fast = fast_bench(int(args.fast_samples), max(args.repeats, 21))
-    print(f"\nGaussianNoise.add_normal_, {int(args.fast_samples)} float32 normals on CPU (median ms; "
-          f"native kernel built: {gaussian.native_kernel()})")
-    print("| " + " | ".join(fast) + " |")
-    print("|" + "---:|" * len(fast))
-    print("| " + " | ".join(f"{1e3 * t:.2f}" for t in fast.values()) + " |")
+    print(f"\nadd_normal_ of {int(args.fast_samples)} float32 normals into MLP-shaped tensors on CPU (median ms of "
+          f"{max(args.repeats, 21)}, interleaved; ratio to torch.normal; native kernels built: seeded "
+          f"{gaussian.native_kernel()}, secure {secure_normal.native_kernel()})")
+    for round_ in range(args.rounds):
+        fast = fast_bench(int(args.fast_samples), max(args.repeats, 21))
+        if round_ == 0:
+            print("| " + " | ".join(fast) + " |")
+            print("|" + "---:|" * len(fast))
+        base = fast["torch.normal"]
+        print("| " + " | ".join(f"{1e3 * t:.2f} ({t / base:.2f}×)" for t in fast.values()) + " |", flush=True)
 
 
 if __name__ == "__main__":

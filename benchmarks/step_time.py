@@ -1,6 +1,6 @@
 """Step time and peak memory of DP-SGD: non-private, lightning_dp (auto, materialize), Opacus 1.6.
 
-    python benchmarks/step_time.py [--repeats 15] [--models cnn,mlp,tf64,tf256] [--methods ...]
+    python benchmarks/step_time.py [--repeats 15] [--models cnn,mlp,tf64,tf256,gpt2,gpt2-lora] [--methods ...]
                                    [--no-memory] [--device cuda]
 
 Times: every method's training step (zero_grad, forward, loss, backward, optimizer step incl. noise)
@@ -10,7 +10,9 @@ the second is timed: the first after another method's step pays for the allocato
 left (glibc returns freed gigabytes to the OS, so a step right after Opacus's can spend more than its
 own compute on page faults: a non-private transformer step measured 2.2 s there, 0.9 s otherwise). ``ours-auto-no-noise`` is our default with σ = 0:
 the same step without the Gaussian draw, to show how much of the overhead is clipping and how much is
-noise (which every DP-SGD implementation pays: one normal per parameter per step).
+noise (which every DP-SGD implementation pays: one normal per parameter per step). ``ours-auto-secure``
+is our default with ``secure_mode=True`` (noise from :class:`~lightning_dp.noise.SecureRNG`); after the
+table, its time is also given as a ratio to the seeded ``ours-auto`` step.
 
 Memory: each method runs in a fresh subprocess that tracks every tensor allocation and free
 (``torch.profiler``, ``profile_memory=True``) from before the model is built; "peak MB" is the most tensor
@@ -50,6 +52,30 @@ class TinyTransformer(nn.Module):
         return self.head(self.block(self.emb(idx)))
 
 
+class GPT2Logits(nn.Module):
+    """A GPT-2-shaped causal LM built from a config (random init, offline): 6 layers, d=384, 6 heads,
+    vocabulary 8192, tied input/output embeddings; ``lora=True`` freezes it and adds PEFT LoRA (r=8) to the
+    attention and MLP projections. Returns the logits."""
+
+    def __init__(self, lora: bool = False) -> None:
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        config = GPT2Config(n_layer=6, n_embd=384, n_head=6, vocab_size=8192, n_positions=128,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
+                            eos_token_id=0)
+        model = GPT2LMHeadModel(config)
+        if lora:
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, fan_in_fan_out=True,
+                                                     target_modules=["c_attn", "c_proj", "c_fc"]))
+        self.lm = model
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=idx).logits
+
+
 def models() -> Dict[str, Tuple[str, Callable[[], nn.Module], Callable[[], tuple]]]:
     def cnn() -> nn.Module:  # the Opacus MNIST tutorial CNN
         return nn.Sequential(
@@ -64,7 +90,13 @@ def models() -> Dict[str, Tuple[str, Callable[[], nn.Module], Callable[[], tuple
     def lm_batch(b: int) -> Callable[[], tuple]:
         return lambda: (torch.randint(0, 5000, (b, 64)), torch.randint(0, 5000, (b, 64)))
 
+    def gpt2_batch() -> tuple:
+        return torch.randint(0, 8192, (8, 128)), torch.randint(0, 8192, (8, 128))
+
     return {
+        "gpt2": ("GPT-2-shaped LM (6×384, V=8192), full fine-tuning, T=128, B=8", GPT2Logits, gpt2_batch),
+        "gpt2-lora": ("GPT-2-shaped LM (6×384, V=8192), LoRA r=8, T=128, B=8", lambda: GPT2Logits(lora=True),
+                      gpt2_batch),
         "cnn": ("tutorial CNN, MNIST, B=256", cnn, lambda: (torch.randn(256, 1, 28, 28), torch.randint(0, 10, (256,)))),
         "mlp": ("MLP 784-512-512-10, B=256", mlp, lambda: (torch.randn(256, 784), torch.randint(0, 10, (256,)))),
         "tf64": ("1-block transformer, T=64, B=64", TinyTransformer, lm_batch(64)),
@@ -98,8 +130,9 @@ def make_step(method: str, model: nn.Module, batch: tuple, device: str = "cpu") 
 
         mode = method.split("-")[1]
         sigma = 0.0 if method.endswith("-no-noise") else SIGMA  # σ = 0: the clipping alone, no noise draw
+        secure = method.endswith("-secure")  # SecureRNG, keyed from the OS: no seed
         opt = make_private(model, base, noise_multiplier=sigma, max_grad_norm=C, expected_batch_size=n,
-                           seed=0, clipping_mode=mode)
+                           seed=None if secure else 0, secure_mode=secure, clipping_mode=mode)
 
         def step() -> None:
             opt.zero_grad()
@@ -133,7 +166,7 @@ def make_step(method: str, model: nn.Module, batch: tuple, device: str = "cpu") 
 
 
 def available_methods() -> List[str]:
-    methods = ["non-private", "ours-auto", "ours-auto-no-noise", "ours-materialize"]
+    methods = ["non-private", "ours-auto", "ours-auto-secure", "ours-auto-no-noise", "ours-materialize"]
     try:
         import opacus  # noqa: F401
 
@@ -230,7 +263,7 @@ def peak_memory(key: str, method: str, device: str = "cpu") -> Tuple[float, floa
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--models", default="cnn,mlp,tf64,tf256")
+    parser.add_argument("--models", default="cnn,mlp,tf64,tf256,gpt2,gpt2-lora")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--methods", default=None, help="comma-separated subset of the methods (default: all)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (CUDA: times synchronised, "
@@ -248,15 +281,18 @@ def main() -> None:
         methods = ["non-private"] + [m for m in methods if m in args.methods.split(",") and m != "non-private"]
     where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else (
         f"CPU, {torch.get_num_threads()} threads")
+    from lightning_dp.noise import secure_normal
     from lightning_dp.noise.gaussian import native_kernel
 
     kernel = "native" if native_kernel() else "torch ops"
+    kernel += ", secure: " + ("native" if secure_normal.native_kernel() else "torch ops")
     print(f"torch {torch.__version__}, {where}; noise Box–Muller: {kernel}; median of {args.repeats} steps; "
           "each timed step follows an untimed step of the same method; "
           "peak MB = most tensor memory live during a step (allocator-tracked, fresh process per method)")
     header = f"| model | {' | '.join(methods)} |"
     print(header)
     print("|" + "---|" * (len(methods) + 1))
+    secure_ratios = []
     for key in args.models.split(","):
         title = models()[key][0]
         med = time_model(key, methods, args.repeats, args.device)
@@ -274,6 +310,10 @@ def main() -> None:
                 cell += f", {peak:.1f} MB ({peak / mem['non-private'][0]:.2f}×; step +{rise:.1f} MB)"
             cells.append(cell)
         print(f"| {title} | {' | '.join(cells)} |", flush=True)
+        if "ours-auto-secure" in med and "ours-auto" in med:
+            secure_ratios.append(f"{key} {med['ours-auto-secure'] / med['ours-auto']:.2f}×")
+    if secure_ratios:
+        print("secure / seeded step (ours-auto-secure / ours-auto): " + ", ".join(secure_ratios))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""SecureRNG: law of its draws, backends, nonce schedule, and that the key never leaves the object."""
+"""SecureRNG: law of its draws (both ciphers, both Box–Muller kernels: native and torch ops), the
+documented stream, backends and thread counts, add_normal_, the nonce schedule, and that the keys never
+leave the object. AES-256-CTR itself and the cipher choice: tests/test_noise_aes.py."""
 from __future__ import annotations
 
 import copy
@@ -7,32 +9,52 @@ import io
 import math
 import os
 import pickle
+import sys
+import types
 from fractions import Fraction
 
 import pytest
 import torch
 from scipy import stats
 
-from lightning_dp.noise import GaussianNoise, SecureRNG, chacha20_keystream
-from lightning_dp.noise.secure import (
-    _KEY_DOMAIN,
-    _binary_words,
-    _pairs_per_chunk,
-    bernoulli_from_words,
-)
+from lightning_dp.noise import GaussianNoise, SecureRNG, chacha20_keystream, secure_normal
+from lightning_dp.noise.secure import _KEY_DOMAINS, _binary_words, bernoulli_from_words
+from lightning_dp.noise.secure_normal import pairs_per_chunk
 
 SEED = b"lightning_dp tests"
+NATIVE = secure_normal._native
 
 
 def _rng(**kwargs) -> SecureRNG:
     return SecureRNG(SEED, **kwargs)
 
 
+@pytest.fixture(params=["chacha20", "aes256-ctr"])
+def cipher(request):
+    """The test runs with both keystreams: ChaCha20 (the original stream) and AES-256-CTR."""
+    return request.param
+
+
+@pytest.fixture(params=["native", "native-pool", "torch"])
+def kernel(request, monkeypatch):
+    """The test runs with the native float64 kernel (the whole draw in one call on torch's OpenMP threads,
+    and chunk by chunk on the Python thread pool, as where it was built without OpenMP) and with the
+    torch-ops one."""
+    if request.param.startswith("native") and NATIVE is None:
+        pytest.skip("native kernel not built")
+    if request.param == "native-pool":
+        kernel = types.SimpleNamespace(sum_normals_=NATIVE.sum_normals_, openmp=0)
+    else:
+        kernel = NATIVE if request.param == "native" else None
+    monkeypatch.setattr(secure_normal, "_native", kernel)
+    return request.param
+
+
 # ------------------------------------------------------------------------------------------------- law
 @pytest.mark.parametrize("num_normals", [2, 4])
-def test_normal_law_ks_moments_tails(num_normals):
+def test_normal_law_ks_moments_tails(num_normals, kernel, cipher):
     std = 2.5
-    z = _rng(num_normals=num_normals).normal((1_000_000,), std=std, dtype=torch.float64) / std
+    z = _rng(num_normals=num_normals, cipher=cipher).normal((1_000_000,), std=std, dtype=torch.float64) / std
     n = z.numel()
     assert stats.kstest(z[:200_000].numpy(), "norm").pvalue > 1e-3
     assert abs(z.mean().item()) < 5 / math.sqrt(n)
@@ -44,10 +66,28 @@ def test_normal_law_ks_moments_tails(num_normals):
         p = 2 * stats.norm.sf(threshold)
         observed = (z.abs() > threshold).double().mean().item()
         assert abs(observed - p) < 5 * math.sqrt(p * (1 - p) / n) + 1 / n, threshold
+    assert z.abs().max().item() <= math.sqrt(106 * math.log(2)) * math.sqrt(num_normals)  # 2⁻⁵³ grid bound
 
 
-def test_normal_pairs_are_uncorrelated():
-    chunk = _pairs_per_chunk(2)
+def test_add_normal_law_float32(kernel, cipher):
+    """The optimizer's path: noise added in place into float32 tensors (several, a chunk straddling them)."""
+    std = 0.7
+    tensors = [torch.zeros(300_001), torch.zeros(7), torch.zeros(400, 500)]
+    _rng(cipher=cipher).add_normal_(tensors, std=std)
+    z = torch.cat([t.reshape(-1) for t in tensors]).double() / std
+    n = z.numel()
+    assert stats.kstest(z[::3].numpy(), "norm").pvalue > 1e-3
+    assert abs(z.mean().item()) < 5 / math.sqrt(n)
+    assert abs(z.var().item() - 1) < 5 * math.sqrt(2 / n)
+    assert abs(stats.kurtosis(z.numpy())) < 5 * math.sqrt(24 / n)
+    for threshold in (2.0, 3.0, 4.0):
+        p = 2 * stats.norm.sf(threshold)
+        observed = (z.abs() > threshold).double().mean().item()
+        assert abs(observed - p) < 5 * math.sqrt(p * (1 - p) / n) + 1 / n, threshold
+
+
+def test_normal_pairs_are_uncorrelated(kernel):
+    chunk = pairs_per_chunk(2)
     z = _rng().normal((20 * chunk,), std=1.0, dtype=torch.float64).view(10, 2, chunk)
     cos_part, sin_part = z[:, 0].flatten(), z[:, 1].flatten()  # outputs sharing their uniforms
     bound = 5 / math.sqrt(10 * chunk)
@@ -55,23 +95,100 @@ def test_normal_pairs_are_uncorrelated():
     assert abs(torch.corrcoef(torch.stack([cos_part**2, sin_part**2]))[0, 1].item()) < bound
 
 
-def test_normal_matches_documented_construction():
-    """Keystream words → uniforms (2j+1)·2⁻⁵³ → sum of k Box–Muller normals / √k, layout (2, k, pairs)."""
-    n, k, std = 5, 2, 3.0
-    z = _rng().normal((n,), std=std, dtype=torch.float64)
-    key = hashlib.sha256(_KEY_DOMAIN + SEED).digest()
-    pairs = 3
-    stream = chacha20_keystream(key, (0).to_bytes(12, "little"), 0, 8 * 2 * k * pairs, backend="openssl")
-    words = [int.from_bytes(bytes(stream[8 * i : 8 * i + 8].tolist()), "little") for i in range(2 * k * pairs)]
-    uniforms = [((w & ((1 << 52) - 1)) * 2 + 1) / 2.0**53 for w in words]
-    u = [uniforms[i * pairs : (i + 1) * pairs] for i in range(k)]
-    v = [uniforms[(k + i) * pairs : (k + i + 1) * pairs] for i in range(k)]
-    expected = []
-    for trig in (math.cos, math.sin):
-        for j in range(pairs):
-            expected.append(sum(math.sqrt(-2 * math.log(u[i][j])) * trig(2 * math.pi * v[i][j]) for i in range(k)))
-    expected = torch.tensor(expected[:n], dtype=torch.float64) * std / math.sqrt(k)
-    torch.testing.assert_close(z, expected, rtol=1e-12, atol=1e-12)
+def _keystream(cipher: str, nonce: int, num_bytes: int) -> bytes:
+    """Draw ``nonce``'s keystream as documented: ChaCha20 (RFC 8439, 12-byte little-endian nonce, block
+    counter from 0) or AES-256-CTR (counter block: 8-byte big-endian nonce, 8-byte counter from 0), under
+    SHA-256(domain ‖ seed), straight from OpenSSL through ``cryptography``."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    key = hashlib.sha256(_KEY_DOMAINS[cipher] + SEED).digest()
+    if cipher == "chacha20":
+        return bytes(chacha20_keystream(key, nonce.to_bytes(12, "little"), 0, num_bytes, backend="openssl").tolist())
+    encryptor = Cipher(algorithms.AES(key), modes.CTR(nonce.to_bytes(8, "big") + bytes(8))).encryptor()
+    return encryptor.update(bytes(num_bytes))
+
+
+def _documented(k: int, n: int, std: float, nonce: int = 0, chunk: int = 0, cipher: str = "chacha20") -> list:
+    """The first ``n`` outputs of draw ``nonce`` in plain Python, from the documented construction and in
+    exact arithmetic (mpmath, 40 digits): keystream → little-endian 64-bit words → uniforms (2j+1)·2⁻⁵³ →
+    per chunk of ``chunk`` pairs (default: one chunk) words laid out (2, k, size), cosine sums then sine
+    sums of k Box–Muller normals, times std/√k."""
+    import mpmath
+
+    mpmath.mp.dps = 40
+    pairs = -(-n // 2)
+    chunk = chunk or pairs
+    raw = _keystream(cipher, nonce, 16 * k * pairs)
+    words = [int.from_bytes(raw[8 * i : 8 * i + 8], "little") for i in range(2 * k * pairs)]
+    uniforms = [mpmath.mpf((w & ((1 << 52) - 1)) * 2 + 1) / 2**53 for w in words]
+    out = []
+    for start in range(0, pairs, chunk):
+        size = min(chunk, pairs - start)
+        block = uniforms[2 * k * start : 2 * k * (start + size)]
+        u = [block[i * size : (i + 1) * size] for i in range(k)]
+        v = [block[(k + i) * size : (k + i + 1) * size] for i in range(k)]
+        for trig in (mpmath.cos, mpmath.sin):
+            for j in range(size):
+                total = sum(mpmath.sqrt(-2 * mpmath.log(u[i][j])) * trig(2 * mpmath.pi * v[i][j]) for i in range(k))
+                out.append(total * std / mpmath.sqrt(k))
+    return out[:n]
+
+
+@pytest.mark.parametrize("k, n", [(2, 5), (2, 300), (3, 41)])
+def test_normal_matches_documented_construction(kernel, cipher, k, n):
+    """Both kernels reproduce the construction to a few ulp of the exact values (float64): measured at most
+    2 (native) and 5 (torch ops) units of 2⁻⁵²·(std + |z|), median under 0.5; allowed 16, median 2."""
+    std = 3.0
+    rng = _rng(num_normals=k, cipher=cipher)
+    rng.normal((3,), std=std)  # the second draw: nonce 1
+    z = rng.normal((n,), std=std, dtype=torch.float64)
+    expected = torch.tensor([float(e) for e in _documented(k, n, std, nonce=1, cipher=cipher)], dtype=torch.float64)
+    errors = (z - expected).abs() / (2.0**-52 * std * (1 + expected.abs() / std))
+    assert errors.max().item() <= 16 and errors.median().item() <= 2, errors.max().item()
+
+
+def test_chunk_layout_matches_documented_construction(kernel, cipher, monkeypatch):
+    monkeypatch.setattr(secure_normal, "_CHUNK_WORDS", 64)  # 12-pair chunks (k = 2): 5 chunks, the last short
+    chunk = pairs_per_chunk(2)
+    assert chunk == 12
+    n, std = 105, 1.0
+    z = _rng(cipher=cipher).normal((n,), std=std, dtype=torch.float64)
+    expected = torch.tensor([float(e) for e in _documented(2, n, std, chunk=chunk, cipher=cipher)], dtype=torch.float64)
+    torch.testing.assert_close(z, expected, rtol=2.0**-48, atol=2.0**-48)
+
+
+def test_native_and_torch_kernels_agree(monkeypatch):
+    """The native kernel against the torch-ops path it replaces, on the same stream: float64 to a few
+    ulp; float32 outputs (rounded once from float64) identical but for rare last-bit ties."""
+    if NATIVE is None:
+        pytest.skip("native kernel not built")
+    count = 3 * pairs_per_chunk(2) * 2 + 12345
+    results = {}
+    for name, kernel in (("native", NATIVE), ("torch", None)):
+        monkeypatch.setattr(secure_normal, "_native", kernel)
+        results[name] = (
+            _rng().normal((count,), std=1.3, dtype=torch.float64),
+            _rng().normal((count,), std=1.3, dtype=torch.float32),
+        )
+    (native64, native32), (torch64, torch32) = results["native"], results["torch"]
+    torch.testing.assert_close(native64, torch64, rtol=0, atol=1e-14)
+    assert (native32 != torch32).double().mean().item() < 1e-4
+    torch.testing.assert_close(native32, torch32, rtol=2**-23, atol=0)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3, 5])
+def test_cpu_draw_does_not_depend_on_the_thread_count(kernel, cipher, workers, monkeypatch):
+    """Chunks are split over threads at keystream counter offsets: the bits are those of one thread."""
+    monkeypatch.setattr(secure_normal, "_CHUNK_WORDS", 256)  # 60-pair chunks: many chunks, uneven runs
+    monkeypatch.setattr(secure_normal, "_CPU_WORKERS", 1)
+    single = _rng(cipher=cipher).normal((2345,), std=1.0)
+    single_added = [torch.ones(1000), torch.ones(33, 41)]
+    _rng(cipher=cipher).add_normal_(single_added, std=1.0)
+    monkeypatch.setattr(secure_normal, "_CPU_WORKERS", workers)
+    assert torch.equal(_rng(cipher=cipher).normal((2345,), std=1.0), single)
+    added = [torch.ones(1000), torch.ones(33, 41)]
+    _rng(cipher=cipher).add_normal_(added, std=1.0)
+    assert all(torch.equal(a, b) for a, b in zip(added, single_added))
 
 
 def test_uniform_law_and_grid():
@@ -137,12 +254,10 @@ def test_bernoulli_ties_draw_more_words():
 # --------------------------------------------------------------------------------------------- backends
 @pytest.mark.parametrize("n", [1, 2, 7, 16, 37, 1000])
 @pytest.mark.parametrize("num_normals", [2, 3])
-def test_openssl_and_torch_backends_give_the_same_draws(n, num_normals, monkeypatch):
-    from lightning_dp.noise import secure
-
-    monkeypatch.setattr(secure, "_CHUNK_WORDS", 64)  # several chunks, threads and a partial chunk at small n
-    a = _rng(num_normals=num_normals, backend="openssl")
-    b = _rng(num_normals=num_normals, backend="torch")
+def test_openssl_and_torch_backends_give_the_same_draws(n, num_normals, kernel, monkeypatch):
+    monkeypatch.setattr(secure_normal, "_CHUNK_WORDS", 64)  # several chunks, threads and a partial chunk at small n
+    a = _rng(num_normals=num_normals, backend="openssl", cipher="chacha20")
+    b = _rng(num_normals=num_normals, backend="torch")  # "auto": ChaCha20, the only tensor keystream
     assert torch.equal(a.normal((n,), std=1.7), b.normal((n,), std=1.7))
     assert torch.equal(a.uniform((n,)), b.uniform((n,)))
     assert torch.equal(a.bernoulli(n, 0.25), b.bernoulli(n, 0.25))
@@ -150,7 +265,7 @@ def test_openssl_and_torch_backends_give_the_same_draws(n, num_normals, monkeypa
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
-def test_normal_shapes_dtypes_and_std(dtype):
+def test_normal_shapes_dtypes_and_std(dtype, kernel):
     rng = _rng()
     z = rng.normal(torch.Size([3, 4, 5]), std=0.5, device="cpu", dtype=dtype)
     assert z.shape == (3, 4, 5) and z.dtype == dtype and z.is_contiguous()
@@ -158,7 +273,139 @@ def test_normal_shapes_dtypes_and_std(dtype):
     assert torch.equal(rng.normal((2, 2), 0.0), torch.zeros(2, 2))
     assert rng.normal((0, 3), 1.0).shape == (0, 3)
     reference = _rng().normal((3, 4, 5), std=0.5, dtype=torch.float64)
-    torch.testing.assert_close(z.double(), reference, rtol=1e-2, atol=1e-2)  # one rounding of the same draw
+    assert torch.equal(z, reference.to(dtype))  # one rounding of the same draw
+
+
+# ------------------------------------------------------------------------------------------ add_normal_
+def test_add_normal_is_one_draw_over_the_concatenation(kernel, monkeypatch):
+    """One nonce for all tensors; their concatenation (in order, each in its logical element order) is the
+    stream ``normal`` gives for the total, each value rounded once to its tensor's dtype and then added."""
+    monkeypatch.setattr(secure_normal, "_CHUNK_WORDS", 256)  # chunks straddle tensor boundaries
+    shapes_dtypes = [
+        ((5,), torch.float32), ((0,), torch.float32), ((70, 3), torch.float64), ((3, 1), torch.float32),
+        ((301,), torch.bfloat16), ((8,), torch.float16), ((1,), torch.float32),
+    ]
+    base = [torch.randn(shape).to(dtype) for shape, dtype in shapes_dtypes]
+    base.append(torch.randn(40, 30).t())  # not contiguous
+    tensors = [t.clone() for t in base]
+    rng = _rng()
+    rng.add_normal_(tensors, std=2.0)
+    assert rng.state_dict() == {"calls": 1}
+    total = sum(t.numel() for t in tensors)
+    stream = _rng().normal((total,), std=2.0, dtype=torch.float64)
+    position = 0
+    for before, after in zip(base, tensors):
+        noise = stream[position : position + before.numel()].view(before.shape)
+        position += before.numel()
+        assert after.dtype == before.dtype and after.shape == before.shape
+        assert torch.equal(after, before + noise.to(before.dtype)), before.dtype
+
+
+def test_add_normal_std_zero_empty_and_errors():
+    rng = _rng()
+    tensors = [torch.ones(3), torch.zeros(0)]
+    rng.add_normal_(tensors, std=0.0)
+    rng.add_normal_([torch.zeros(0)], std=1.0)
+    rng.add_normal_([], std=1.0)
+    assert torch.equal(tensors[0], torch.ones(3)) and rng.state_dict() == {"calls": 0}
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="std"):
+            rng.add_normal_([torch.zeros(3)], std=bad)
+
+
+def test_add_normal_tensors_requiring_grad():
+    weight = torch.zeros(4, 3, requires_grad=True)
+    _rng().add_normal_([weight], std=1.0)
+    assert weight.requires_grad and weight.grad_fn is None and bool((weight != 0).all())
+
+
+def test_optimizer_noise_call_is_one_draw_per_step():
+    """``add_noise_`` (the optimizer's noise call) uses ``add_normal_``: one nonce per step, not one per piece."""
+    from lightning_dp.optimizer import NOISE_PIECE, add_noise_
+
+    rng = _rng()
+    grads = [torch.zeros(3 * NOISE_PIECE + 5), torch.zeros(300, 300)]
+    add_noise_(rng, grads, std=1.5)
+    assert rng.state_dict() == {"calls": 1}
+    expected = _rng().normal((sum(g.numel() for g in grads),), std=1.5)
+    assert torch.equal(torch.cat([g.reshape(-1) for g in grads]), expected)
+
+
+def test_large_draws_take_one_nonce_per_counter_range(monkeypatch):
+    """A draw past ChaCha20's 2³² blocks continues on the next nonce (here with the limit made small)."""
+    from lightning_dp.noise import secure
+
+    monkeypatch.setattr(secure, "_MAX_BYTES_PER_CALL", 64 * 100)  # 200 pairs, 400 outputs per nonce (k = 2)
+    rng = _rng()
+    tensors = [torch.zeros(250), torch.zeros(731)]
+    rng.add_normal_(tensors, std=1.0)
+    assert rng.state_dict() == {"calls": 3}
+    reference = _rng()
+    parts = [reference.normal((400,), 1.0), reference.normal((400,), 1.0), reference.normal((181,), 1.0)]
+    assert torch.equal(torch.cat([t.reshape(-1) for t in tensors]), torch.cat(parts))
+
+
+def test_device_path_groups_chunks_like_the_cpu_path(cipher, monkeypatch):
+    """The off-CPU path (CUDA: a group of chunks at a time in torch ops; ChaCha20's keystream from the tensor
+    implementation, AES-256-CTR's from OpenSSL then copied), run here on CPU tensors: the same outputs as
+    the CPU path, groups and chunks cut where the stream's layout says."""
+    monkeypatch.setattr(secure_normal, "_CHUNK_WORDS", 64)
+    monkeypatch.setattr(secure_normal, "_DEVICE_GROUP_CHUNKS", 3)
+    monkeypatch.setattr(secure_normal, "_native", None)
+    pairs, k = 12 * 7 + 5, 2
+    key = bytes(range(32))
+    nonce = (4).to_bytes(12, "little") if cipher == "chacha20" else (4).to_bytes(8, "big")
+    expected = torch.zeros(2 * pairs, dtype=torch.float64)
+    cpu_stream = secure_normal.Keystream(cipher, key, nonce)
+    secure_normal.fill(cpu_stream, k, pairs, 1.5, secure_normal.Targets([(expected, False)]))
+    out = [torch.ones(100), torch.ones(2 * pairs - 100)]
+    device_stream = secure_normal.Keystream(cipher, key, nonce, "torch" if cipher == "chacha20" else "openssl")
+    secure_normal._fill_device(device_stream, k, pairs, 1.5, secure_normal.Targets([(t, True) for t in out]))
+    assert torch.equal(torch.cat(out), 1 + expected.float())  # rounded once to float32, then added
+
+
+def test_keystream_errors_reach_the_caller(kernel, monkeypatch):
+    """An error while making a chunk's keystream (on any thread) is raised by the draw, once."""
+    monkeypatch.setattr(secure_normal, "_CHUNK_WORDS", 256)
+    calls = []
+
+    def broken(self, offset):
+        calls.append(offset)
+        raise RuntimeError("no keystream")
+
+    monkeypatch.setattr(secure_normal.Keystream, "encryptor", broken)
+    with pytest.raises(RuntimeError, match="no keystream"):
+        _rng().add_normal_([torch.zeros(5000)], std=1.0)
+    assert 1 <= len(calls) <= 5000 // 120 + 1
+    monkeypatch.undo()
+    assert _rng().normal((10,), 1.0).abs().sum() > 0  # and the next draw works
+
+
+def test_native_kernel_uses_torchs_openmp_runtime():
+    """Built with OpenMP on Linux, the kernel shares torch's libgomp (one OpenMP runtime in the process)."""
+    if NATIVE is None or not sys.platform.startswith("linux"):
+        pytest.skip("native kernel (Linux) only")
+    assert NATIVE.openmp == 1
+    with open("/proc/self/maps") as maps:
+        runtimes = {line.split()[-1] for line in maps if "libgomp" in line or "libiomp" in line}
+    assert len(runtimes) == 1, runtimes
+
+
+def test_native_kernel_checks_its_arguments():
+    if NATIVE is None:
+        pytest.skip("native kernel not built")
+    words = torch.zeros(16 * 2 * 4, dtype=torch.uint8).numpy()
+    out = torch.zeros(8).numpy()
+    NATIVE.sum_normals_(words, 2, 4, 1.0, [(out, 0)])
+    assert bool((out != 0).all())
+    with pytest.raises(ValueError, match="exactly 2\\*size"):
+        NATIVE.sum_normals_(words, 2, 4, 1.0, [(out[:7], 0)])
+    with pytest.raises(ValueError, match="16\\*k\\*size bytes"):
+        NATIVE.sum_normals_(words, 2, 5, 1.0, [(torch.zeros(10).numpy(), 0)])
+    with pytest.raises(ValueError, match="kind must be"):
+        NATIVE.sum_normals_(words, 2, 4, 1.0, [(out, 4)])
+    with pytest.raises(BufferError):
+        NATIVE.sum_normals_(words, 2, 4, 1.0, [(bytes(32), 0)])  # not writable
 
 
 def test_same_call_as_gaussian_noise():
@@ -171,15 +418,25 @@ def test_same_call_as_gaussian_noise():
 def test_no_key_nonce_pair_is_used_twice(monkeypatch):
     rng = _rng()
     seen = []
-    original = rng._reserve
-    monkeypatch.setattr(rng, "_reserve", lambda nbytes: seen.append(original(nbytes)) or seen[-1])
+    original = rng._stream
+
+    def record(num_bytes, device):
+        stream = original(num_bytes, device)
+        seen.append((stream.cipher, stream.key, stream.nonce))
+        return stream
+
+    monkeypatch.setattr(rng, "_stream", record)
     rng.normal((10,), 1.0)
-    rng.normal((3 * _pairs_per_chunk(2) + 1,), 1.0)
+    rng.normal((3 * pairs_per_chunk(2) + 1,), 1.0)
     rng.uniform((5,))
     rng.bernoulli(100, 0.5)
+    rng.add_normal_([torch.zeros(10), torch.zeros(3)], 1.0)
+    rng.cipher = "chacha20"  # the other cipher continues the same call counter, under its own key
     rng.normal((10,), 1.0)
-    assert len(seen) == 5 and len(set(seen)) == 5
-    assert rng.state_dict() == {"calls": 5}
+    rng.uniform((5,))
+    assert len(seen) == 7 and len(set(seen)) == 7
+    assert len({key for _, key, _ in seen}) == 2  # one key per cipher, never shared
+    assert rng.state_dict() == {"calls": 7}
 
 
 def test_consecutive_draws_differ_and_stream_advances():
@@ -216,24 +473,26 @@ def test_state_dict_never_contains_the_key():
     state = seeded.state_dict()
     assert state == {"calls": 1}
     for generator, dumped in ((rng, _serialised(rng.state_dict())), (seeded, _serialised(state))):
-        assert generator._key not in dumped
+        assert len(generator._keys) == 2 and all(key not in dumped for key in generator._keys.values())
     assert SEED not in _serialised(state)
 
 
 def test_pickle_and_deepcopy_drop_an_os_key():
     rng = SecureRNG()
-    assert rng._key not in pickle.dumps(rng) and rng._key.hex() not in repr(rng)
+    for key in rng._keys.values():
+        assert key not in pickle.dumps(rng) and key.hex() not in repr(rng)
     clone = copy.deepcopy(rng)
-    assert clone._key != rng._key and not torch.equal(clone.normal((20,), 1.0), rng.normal((20,), 1.0))
+    assert all(clone._keys[name] != key for name, key in rng._keys.items())
+    assert not torch.equal(clone.normal((20,), 1.0), rng.normal((20,), 1.0))
     seeded_clone = pickle.loads(pickle.dumps(_rng()))
     assert torch.equal(seeded_clone.normal((20,), 1.0), _rng().normal((20,), 1.0))
 
 
 def test_load_state_dict_rekeys_from_the_os_or_resumes_seeded_schedule():
     rng = SecureRNG()
-    key = rng._key
+    keys = dict(rng._keys)
     rng.load_state_dict({})
-    assert rng._key != key
+    assert all(rng._keys[name] != key for name, key in keys.items())
     rng.load_state_dict({"calls": 3})
     assert rng.state_dict() == {}
 
@@ -269,6 +528,8 @@ def test_forked_child_rekeys():
         (dict(seed=b""), "`seed` must be non-empty bytes"),
         (dict(num_normals=1), "`num_normals` must be an integer >= 2"),
         (dict(backend="mt"), "`backend` must be one of"),
+        (dict(cipher="aes128"), "`cipher` must be one of"),
+        (dict(cipher="aes256-ctr", backend="torch"), "needs OpenSSL's keystream"),
     ],
 )
 def test_constructor_errors(kwargs, match):
@@ -289,16 +550,16 @@ def test_draw_argument_errors():
 
 
 def test_cpu_draw_restores_torch_thread_count(monkeypatch):
-    from lightning_dp.noise import secure
-
+    """The torch-ops path runs single-threaded torch ops on its own threads, and restores the setting."""
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        monkeypatch.setattr(secure, "_CHUNK_WORDS", 64)
+        monkeypatch.setattr(secure_normal, "_CHUNK_WORDS", 64)
+        monkeypatch.setattr(secure_normal, "_native", None)
         rng = _rng()
         rng.normal((1000,), 1.0)
         assert torch.get_num_threads() == 2
-        monkeypatch.setattr(secure, "_box_muller_sum_", lambda *args: 1 / 0)
+        monkeypatch.setattr(secure_normal, "box_muller_sum_", lambda *args: 1 / 0)
         with pytest.raises(ZeroDivisionError):
             rng.normal((1000,), 1.0)
         assert torch.get_num_threads() == 2

@@ -16,7 +16,6 @@ guarantee matters.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import hashlib
 import math
@@ -27,20 +26,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 from .._checks import check_non_negative
+from ._parallel import load_native, run_parallel
 
 
-def _load_native() -> Any:
-    """The native Box–Muller kernel, or ``None`` when it was not built (or ``LIGHTNING_DP_NATIVE_NOISE=0``)."""
-    if os.environ.get("LIGHTNING_DP_NATIVE_NOISE", "1") == "0":
-        return None
-    try:
-        from . import _boxmuller
-    except ImportError:
-        return None
-    return _boxmuller
-
-
-_native = _load_native()
+_native = load_native()
 """``lightning_dp.noise._boxmuller`` when available (see :func:`native_kernel`)."""
 
 
@@ -51,35 +40,19 @@ def native_kernel() -> bool:
 
 _MIN_PAIRS_PER_THREAD = 1 << 14
 _KERNEL_BLOCK = 512  # BLOCK in _boxmuller.c
-_pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
-_pool_key: tuple = ()
-_pool_lock = threading.Lock()
 
 
 def _native_box_muller(kernel: Any, raw: Any, half: int, std: float) -> None:
     """Run the native ``kernel`` over the ``half`` pairs of a piece on ``torch.get_num_threads()`` threads
-    (the kernel releases the GIL; each thread takes its own range of pairs, so the result does not
-    depend on the thread count)."""
-    global _pool, _pool_key
+    (the kernel releases the GIL; each range of pairs gives the same bits on any thread, so the result
+    does not depend on the thread count)."""
     threads = max(1, min(torch.get_num_threads(), half // _MIN_PAIRS_PER_THREAD))
-    if threads == 1:
-        kernel.box_muller_(raw, half, 0, half, std)
-        return
-    key = (os.getpid(), threads)  # a forked child (a DataLoader worker) must not reuse its parent's pool
-    with _pool_lock:
-        if _pool is None or _pool_key != key:
-            if _pool is not None and _pool_key[0] == key[0]:
-                _pool.shutdown(wait=False)  # the thread count changed: let the old workers exit
-            _pool = concurrent.futures.ThreadPoolExecutor(threads - 1, thread_name_prefix="lightning_dp-noise")
-            _pool_key = key
-        pool = _pool
-    # Ranges start on multiples of the kernel's block (512 pairs): each pair then goes through the same
-    # vector or scalar code path whatever the thread count, so the bits do not depend on it.
-    bounds = [half * k // threads // _KERNEL_BLOCK * _KERNEL_BLOCK for k in range(threads)] + [half]
-    futures = [pool.submit(kernel.box_muller_, raw, half, bounds[k], bounds[k + 1], std) for k in range(1, threads)]
-    kernel.box_muller_(raw, half, bounds[0], bounds[1], std)
-    for future in futures:
-        future.result()
+    # Four ranges per thread, taken as the threads come free. Ranges start on multiples of the kernel's
+    # block (512 pairs): each pair then goes through the same vector or scalar code path whatever the
+    # thread count, so the bits do not depend on it.
+    parts = 4 * threads if threads > 1 else 1
+    bounds = [half * k // parts // _KERNEL_BLOCK * _KERNEL_BLOCK for k in range(parts)] + [half]
+    run_parallel(lambda k: kernel.box_muller_(raw, half, bounds[k], bounds[k + 1], std), range(parts), threads)
 
 
 _STREAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

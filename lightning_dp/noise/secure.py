@@ -1,81 +1,43 @@
-"""A cryptographically secure generator for DP noise and Poisson sampling, built on ChaCha20.
+"""A cryptographically secure generator for DP noise and Poisson sampling, built on ChaCha20 and, on CPUs
+with AES instructions, AES-256-CTR.
 
 Keystream → 64-bit words → uniforms → Gaussians (Box–Muller, summed) or Bernoullis (exact threshold).
-The keystream is OpenSSL's on CPU and the tensor implementation on CUDA (see :mod:`.chacha`), so noise is
-generated on the device where the gradients live.
+The keystream is OpenSSL's on CPU and ChaCha20's tensor implementation on CUDA (see :mod:`.chacha`,
+:mod:`.aes`), so noise is generated on the device where the gradients live; the Gaussian stream's
+layout and its CPU kernels are in :mod:`.secure_normal`.
 """
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import threading
+from collections import defaultdict
 from fractions import Fraction
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .._checks import check_choice, check_int, check_non_negative, check_rate
-from .chacha import (
-    BACKENDS,
-    BLOCK_BYTES,
-    MAX_BLOCKS,
-    chacha20_keystream,
-    openssl_encryptor,
-    resolve_backend,
-)
+from . import secure_normal
+from .aes import cpu_has_aes
+from .chacha import BACKENDS, BLOCK_BYTES, MAX_BLOCKS, resolve_backend
+from .secure_normal import Keystream, Targets, stage, uniform_from_words_
 
 DeviceLike = Union[torch.device, str]
 ShapeLike = Union[torch.Size, Sequence[int], int]
 
-# Uniforms: 52 random bits of a 64-bit word become the mantissa of x in [1, 2); x - (1 - 2**-53) is then
-# exactly (2j + 1) * 2**-53, j in [0, 2**52): the midpoints of a 2**-52 grid, never 0 nor 1.
-_MANTISSA = (1 << 52) - 1
-_ONE_BITS = 0x3FF0000000000000  # bit pattern of the double 1.0
-_TO_MIDPOINT = 1.0 - 2.0**-53
-# Box–Muller pairs per chunk (the stream's layout unit): a multiple of 4 (so every chunk starts at a
-# 64-byte block boundary) with 2·k·pairs < _CHUNK_WORDS words, about 1 MiB of keystream: cache-sized.
-_CHUNK_WORDS = 1 << 17
-_CPU_WORKERS: Optional[int] = None  # threads for CPU normals (None: torch.get_num_threads())
-
-
-def _pairs_per_chunk(k: int) -> int:
-    return max(4, 4 * ((_CHUNK_WORDS // (2 * k) - 1) // 4))
-_MAX_BYTES_PER_CALL = MAX_BLOCKS * BLOCK_BYTES
-_KEY_DOMAIN = b"lightning_dp.SecureRNG/v1\x00"
+_MAX_BYTES_PER_CALL = MAX_BLOCKS * BLOCK_BYTES  # per draw, whatever the cipher (ChaCha20's 32-bit counter)
+CIPHERS = ("auto", "chacha20", "aes256-ctr")
+# Seeded keys: SHA-256(domain ‖ seed), one domain per cipher (the ChaCha20 one is the original, v1).
+_KEY_DOMAINS = {
+    "chacha20": b"lightning_dp.SecureRNG/v1\x00",
+    "aes256-ctr": b"lightning_dp.SecureRNG/aes256-ctr/v1\x00",
+}
+_KEY_DOMAIN = _KEY_DOMAINS["chacha20"]
 
 
 def _shape_of(shape: ShapeLike) -> torch.Size:
     return torch.Size((shape,) if isinstance(shape, int) else tuple(shape))
-
-
-def _uniform_from_words_(words: torch.Tensor) -> torch.Tensor:
-    """In place: int64 words → float64 uniforms ``(2j + 1)·2⁻⁵³`` in (0, 1); returns the float64 view."""
-    return words.bitwise_and_(_MANTISSA).bitwise_or_(_ONE_BITS).view(torch.float64).sub_(_TO_MIDPOINT)
-
-
-def _box_muller_sum_(words: torch.Tensor, scale: float, out: torch.Tensor) -> None:
-    """Gaussians from ``words`` of shape ``(C, 2, k, s)`` (destroyed) into ``out`` of shape ``(C, 2, s)``.
-
-    For each of the ``C·s`` pairs, ``k`` independent Box–Muller pairs ``r_i (cos θ_i, sin θ_i)`` with
-    ``r_i = sqrt(-2 ln u_i)`` and ``θ_i = 2π v_i`` (``u_i = words[:, 0, i]``, ``v_i = words[:, 1, i]``) are
-    summed and scaled by ``scale / sqrt(k)``: ``out[:, 0]`` gets the cosine sums, ``out[:, 1]`` the sine sums.
-    All arithmetic is float64; ``out`` (any floating dtype) is rounded once at the end.
-    """
-    uniforms = _uniform_from_words_(words)
-    k = words.shape[2]
-    radius, angle = uniforms[:, 0], uniforms[:, 1]  # (C, k, s) views
-    radius.log_().mul_(-2.0).sqrt_().mul_(scale / math.sqrt(k))
-    angle.mul_(2.0 * math.pi)
-    for part, trig in ((0, torch.cos), (1, torch.sin)):
-        terms = trig(angle).mul_(radius)
-        if k == 2:
-            torch.add(terms[:, 0], terms[:, 1], out=out[:, part])
-        else:
-            total = terms[:, 0].clone()
-            for i in range(1, k):
-                total.add_(terms[:, i])
-            out[:, part].copy_(total)
 
 
 def _binary_words(p: float) -> List[int]:
@@ -117,13 +79,27 @@ def bernoulli_from_words(
     return result
 
 
-class SecureRNG:
-    """Cryptographically secure Gaussian, uniform and Bernoulli draws from a ChaCha20 keystream.
+def _window(flats: List[Tuple[torch.Tensor, bool]], start: int, count: int) -> List[Tuple[torch.Tensor, bool]]:
+    """Views of ``flats`` (concatenated) covering positions ``start .. start + count - 1``."""
+    window, position = [], 0
+    for flat, add in flats:
+        lo, hi = max(start - position, 0), min(start + count - position, flat.numel())
+        if lo < hi:
+            window.append((flat[lo:hi], add))
+        position += flat.numel()
+    return window
 
-    The key comes from ``os.urandom(32)``; every call takes a fresh 96-bit nonce (a call counter) and
-    walks that nonce's block counter from 0, so no ``(key, nonce, counter)`` is ever used twice. The
-    keystream is OpenSSL's (through ``cryptography``) on CPU and the tensor implementation of
-    :func:`~lightning_dp.noise.chacha20_keystream` on CUDA; both give the same bytes.
+
+class SecureRNG:
+    """Cryptographically secure Gaussian, uniform and Bernoulli draws from a ChaCha20 or AES-256-CTR keystream.
+
+    The keys (one per cipher) come from ``os.urandom(32)``; every call takes a fresh nonce (a call
+    counter) and walks that nonce's block counter from 0, so no ``(key, nonce, counter)`` is ever used
+    twice. The cipher of a draw (:meth:`cipher_for`): AES-256-CTR from OpenSSL for CPU draws on a CPU with
+    AES instructions, where it is the faster constant-time cipher (:mod:`lightning_dp.noise.aes`);
+    ChaCha20 (RFC 8439) otherwise, from OpenSSL on CPU and from the tensor implementation of
+    :func:`~lightning_dp.noise.chacha20_keystream` on CUDA (the same bytes). Both are OpenSSL's or tested
+    byte for byte against it and the standards' vectors; the rest of the construction is the same.
 
     **Gaussian.** :meth:`normal` resists the floating-point inversion attack of Holohan & Braghin (2021),
     *Secure Random Sampling in Differential Privacy* (ESORICS 2021, arXiv:2107.10138), which recovers the
@@ -133,6 +109,13 @@ class SecureRNG:
     (3) the mitigation of Holohan & Braghin §5: each output is the sum of ``num_normals = k ≥ 2``
     independent Box–Muller normals scaled by ``1/√k``, so an output no longer determines the uniforms it
     came from. The result is rounded once to the requested dtype.
+
+    **Speed.** :meth:`add_normal_` (the optimizer's call) draws all of a step's noise at once, straight
+    into the tensors. On CPU the keystream is generated chunk by chunk on ``torch.get_num_threads()``
+    threads, each at its own block-counter offset, and turned into normals by a native float64 kernel
+    (:func:`~lightning_dp.noise.secure_normal.native_kernel`; float64 torch ops where it was not built).
+    The bits do not depend on the thread count; the two kernels agree to a few float64 ulp. See
+    :mod:`lightning_dp.noise.secure_normal` for the stream's exact layout.
 
     **Known remaining weaknesses** (read before claiming more than the accountant's ε):
 
@@ -154,19 +137,25 @@ class SecureRNG:
     Args:
         seed: bytes for a reproducible, insecure generator (tests only); ``None`` (default) keys from the OS.
         num_normals: ``k``, the number of normals summed per Gaussian output (``>= 2``; Opacus uses 4).
-        backend: keystream backend, ``"auto"`` (OpenSSL on CPU, tensor ops on CUDA), ``"openssl"`` or
-            ``"torch"``. The draws are the same for all three on CPU.
+        backend: ChaCha20's keystream backend, ``"auto"`` (OpenSSL on CPU, tensor ops on CUDA),
+            ``"openssl"`` or ``"torch"``. The draws are the same for all three on CPU.
+        cipher: ``"auto"`` (default: see above), ``"chacha20"`` (the original stream, on every device) or
+            ``"aes256-ctr"`` (OpenSSL on the CPU, copied to other devices).
 
     Example::
 
         >>> rng = SecureRNG()
         >>> rng.normal((2, 3), std=1.5).shape
         torch.Size([2, 3])
+        >>> grads = [torch.zeros(4, 5), torch.zeros(5)]
+        >>> rng.add_normal_(grads, std=0.5)  # in place, one draw for all tensors
         >>> rng.bernoulli(5, 0.5).dtype
         torch.bool
     """
 
-    def __init__(self, seed: Optional[bytes] = None, *, num_normals: int = 2, backend: str = "auto") -> None:
+    def __init__(
+        self, seed: Optional[bytes] = None, *, num_normals: int = 2, backend: str = "auto", cipher: str = "auto"
+    ) -> None:
         if seed is not None and (not isinstance(seed, (bytes, bytearray)) or len(seed) == 0):
             raise ValueError(
                 f"`seed` must be non-empty bytes (tests only) or None (key from the OS), got {seed!r}. "
@@ -174,6 +163,12 @@ class SecureRNG:
             )
         self.num_normals = check_int("num_normals", num_normals, 2)
         self.backend = check_choice("backend", backend, BACKENDS)
+        self.cipher = check_choice("cipher", cipher, CIPHERS)
+        if self.cipher == "aes256-ctr" and self.backend == "torch":
+            raise ValueError(
+                "`cipher`='aes256-ctr' needs OpenSSL's keystream, got backend='torch' (the tensor keystream "
+                "is ChaCha20's): use cipher='chacha20' or 'auto', or backend='auto'."
+            )
         self.seeded = seed is not None
         self._seed = bytes(seed) if seed is not None else None
         self._lock = threading.Lock()
@@ -181,15 +176,32 @@ class SecureRNG:
 
     # ----------------------------------------------------------------------------------------- keying
     def _rekey(self) -> None:
+        """One key per cipher (never the same key under two ciphers): from the seed, or from the OS."""
         if self._seed is not None:
-            self._key = hashlib.sha256(_KEY_DOMAIN + self._seed).digest()
+            self._keys = {name: hashlib.sha256(domain + self._seed).digest() for name, domain in _KEY_DOMAINS.items()}
         else:
-            self._key = os.urandom(32)
+            self._keys = {name: os.urandom(32) for name in _KEY_DOMAINS}
         self._calls = 0
         self._pid = os.getpid()
 
-    def _reserve(self, num_bytes: int) -> Tuple[bytes, bytes]:
-        """A ``(key, nonce)`` used by nobody before; the caller reads blocks ``0, 1, ...`` of it."""
+    @property
+    def _key(self) -> bytes:
+        """The key of CPU draws (of :meth:`cipher_for` ``"cpu"``); ``_keys`` holds one per cipher."""
+        return self._keys[self.cipher_for("cpu")]
+
+    def cipher_for(self, device: DeviceLike = "cpu") -> str:
+        """The cipher of draws on ``device``: ``cipher`` when it was given, else (``"auto"``) AES-256-CTR
+        for CPU draws on a CPU with AES instructions (:func:`~lightning_dp.noise.aes.cpu_has_aes`) and
+        ChaCha20 otherwise (other devices, CPUs without them, ``backend="torch"``)."""
+        if self.cipher != "auto":
+            return self.cipher
+        device = torch.device(device)
+        if device.type == "cpu" and self.backend != "torch" and cpu_has_aes():
+            return "aes256-ctr"
+        return "chacha20"
+
+    def _reserve(self, num_bytes: int) -> int:
+        """A call number used by nobody before: the nonce of a draw, which reads blocks ``0, 1, ...``."""
         if num_bytes > _MAX_BYTES_PER_CALL:
             raise ValueError(
                 f"One draw may use at most {_MAX_BYTES_PER_CALL} keystream bytes (ChaCha20's 32-bit block "
@@ -198,18 +210,22 @@ class SecureRNG:
         with self._lock:
             if os.getpid() != self._pid and not self.seeded:
                 self._rekey()  # a forked child must not replay its parent's stream
-            nonce = self._calls.to_bytes(12, "little")
+            call = self._calls
             self._calls += 1
-            return self._key, nonce
+            return call
 
-    def _backend_for(self, device: torch.device) -> str:
-        return resolve_backend(self.backend, device)
+    def _stream(self, num_bytes: int, device: torch.device) -> Keystream:
+        """A fresh draw's keystream for ``device``: the cipher's key and the next call number as nonce
+        (ChaCha20: 12 bytes little-endian; AES-256-CTR: 8 bytes big-endian, then the block counter)."""
+        call = self._reserve(num_bytes)
+        cipher = self.cipher_for(device)
+        if cipher == "aes256-ctr":
+            return Keystream(cipher, self._keys[cipher], call.to_bytes(8, "big"))
+        return Keystream(cipher, self._keys[cipher], call.to_bytes(12, "little"), resolve_backend(self.backend, device))
 
     def _words(self, count: int, device: torch.device) -> torch.Tensor:
         """``count`` fresh 64-bit keystream words (little-endian) as ``int64`` on ``device``."""
-        key, nonce = self._reserve(8 * count)
-        stream = chacha20_keystream(key, nonce, 0, 8 * count, device=device, backend=self._backend_for(device))
-        return stream.view(torch.int64)
+        return self._stream(8 * count, device).read(0, 8 * count, device=device).view(torch.int64)
 
     # ------------------------------------------------------------------------------------------ draws
     def normal(
@@ -226,82 +242,47 @@ class SecureRNG:
         std = check_non_negative("std", std)
         if not dtype.is_floating_point:
             raise ValueError(f"`dtype` must be a floating-point dtype, got {dtype}.")
-        shape = _shape_of(shape)
-        device = torch.device(device)
-        n = shape.numel()
-        if std == 0 or n == 0:
-            return torch.zeros(shape, dtype=dtype, device=device)
-        pairs = -(-n // 2)
-        k = self.num_normals
-        words_per_pair = 2 * k
-        key, nonce = self._reserve(8 * words_per_pair * pairs)
-        flat = torch.empty(2 * pairs, dtype=dtype, device=device)
-        chunk = _pairs_per_chunk(k)
-        if self._backend_for(device) == "openssl" and device.type == "cpu":
-            self._normal_cpu(key, nonce, pairs, chunk, std, flat)
-        else:
-            stream = chacha20_keystream(
-                key, nonce, 0, 8 * words_per_pair * pairs, device=device, backend=self._backend_for(device)
-            )
-            words = stream.view(torch.int64)
-            full, rest = divmod(pairs, chunk)
-            split = full * chunk
-            if full:
-                _box_muller_sum_(
-                    words[: words_per_pair * split].view(full, 2, k, chunk), std, flat[: 2 * split].view(full, 2, chunk)
-                )
-            if rest:
-                tail = words[words_per_pair * split :].view(1, 2, k, rest)
-                _box_muller_sum_(tail, std, flat[2 * split :].view(1, 2, rest))
-        return flat[:n].view(shape)
+        out = torch.empty(_shape_of(shape), dtype=dtype, device=torch.device(device))
+        if std == 0 or out.numel() == 0:
+            return out.zero_()
+        self._draw([out], std, add=False)
+        return out
 
-    def _normal_cpu(self, key: bytes, nonce: bytes, pairs: int, chunk: int, std: float, flat: torch.Tensor) -> None:
-        """OpenSSL keystream chunk by chunk into cache-sized buffers, converted in place.
+    @torch.no_grad()
+    def add_normal_(self, tensors: Sequence[torch.Tensor], std: float) -> None:
+        """Add i.i.d. ``N(0, std²)`` to every element of every tensor, in place: one draw (one nonce) per
+        device for all of them, their concatenation in order being the stream :meth:`normal` would give
+        for its total size. Each noise value is rounded once to its tensor's dtype, then added.
 
-        The chunks are split into contiguous runs, one per thread (``torch.get_num_threads()`` of them),
-        each with its own OpenSSL context positioned at its first block. Meanwhile torch's intra-op
-        thread count is set to 1 (and restored): hundreds of short OpenMP regions stall badly when the
-        cores are shared (DataLoader workers, other jobs), while single-threaded ops on our own threads
-        degrade gracefully. The cost: another Python thread's torch ops run single-threaded meanwhile.
+        This is the optimizer's noise call: on CPU the keystream and the float64 Box–Muller sums run on
+        ``torch.get_num_threads()`` threads, straight into the tensors (no parameter-sized temporary).
         """
+        std = check_non_negative("std", std)
+        if std == 0:
+            return
+        by_device: Dict[torch.device, List[torch.Tensor]] = defaultdict(list)
+        for tensor in tensors:
+            if tensor.numel():
+                by_device[tensor.device].append(tensor)
+        for group in by_device.values():
+            self._draw(group, std, add=True)
+
+    def _draw(self, tensors: List[torch.Tensor], std: float, add: bool) -> None:
+        """The stream for the concatenation of ``tensors`` (one device), written or added into them: one
+        nonce, or one per ``2³²`` keystream blocks for (very) large draws."""
+        flats, finish = stage(tensors, add)
+        total = sum(flat.numel() for flat, _ in flats)
         k = self.num_normals
-        starts = list(range(0, pairs, chunk))
-        intra_op_threads = torch.get_num_threads()
-        workers = max(1, min(_CPU_WORKERS or intra_op_threads, len(starts)))
-        per_worker = -(-len(starts) // workers)
-        runs = [starts[i : i + per_worker] for i in range(0, len(starts), per_worker)]
-        errors: List[BaseException] = []
-
-        def work(run: List[int]) -> None:
-            try:
-                size = min(chunk, pairs - run[0])
-                words = torch.empty(2 * k * size, dtype=torch.int64)
-                buffer = words.view(torch.uint8).numpy()
-                zeros = memoryview(bytes(buffer.nbytes))
-                encryptor = openssl_encryptor(key, nonce, run[0] * 16 * k // BLOCK_BYTES)
-                for start in run:
-                    size = min(chunk, pairs - start)
-                    nbytes = 16 * k * size
-                    encryptor.update_into(zeros[:nbytes], buffer[:nbytes])
-                    target = flat[2 * start : 2 * (start + size)].view(1, 2, size)
-                    _box_muller_sum_(words[: 2 * k * size].view(1, 2, k, size), std, target)
-            except BaseException as err:  # re-raised in the calling thread
-                errors.append(err)
-
-        if intra_op_threads > 1:
-            torch.set_num_threads(1)
-        try:
-            threads = [threading.Thread(target=work, args=(run,), daemon=True) for run in runs[1:]]
-            for thread in threads:
-                thread.start()
-            work(runs[0])
-            for thread in threads:
-                thread.join()
-        finally:
-            if intra_op_threads > 1:
-                torch.set_num_threads(intra_op_threads)
-        if errors:
-            raise errors[0]
+        max_outputs = 2 * (_MAX_BYTES_PER_CALL // (16 * k))
+        for start in range(0, total, max_outputs):
+            count = min(max_outputs, total - start)
+            pairs = -(-count // 2)
+            window = _window(flats, start, count)
+            if 2 * pairs > count:  # an odd count: the last output of the last pair is dropped
+                window.append((torch.empty(1, dtype=torch.float64, device=flats[0][0].device), False))
+            stream = self._stream(16 * k * pairs, window[0][0].device)
+            secure_normal.fill(stream, k, pairs, std, Targets(window))
+        finish()
 
     def uniform(self, shape: ShapeLike, device: DeviceLike = "cpu", dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """I.i.d. uniforms ``(2j + 1)·2⁻⁵³`` (``j`` uniform on ``[0, 2⁵²)``), in (0, 1) in float64.
@@ -315,7 +296,7 @@ class SecureRNG:
         n = shape.numel()
         if n == 0:
             return torch.empty(shape, dtype=dtype, device=device)
-        return _uniform_from_words_(self._words(n, device)).view(shape).to(dtype)
+        return uniform_from_words_(self._words(n, device)).view(shape).to(dtype)
 
     def bernoulli(self, n: int, p: float) -> torch.Tensor:
         """``n`` independent Bernoulli(``p``) draws as a CPU ``BoolTensor``, with probability exactly ``p``.
@@ -350,11 +331,12 @@ class SecureRNG:
 
     def __getstate__(self) -> Dict[str, Any]:
         # Pickles (deepcopy, spawn-based workers, whole-object checkpoints) never carry an OS-drawn key.
-        state = {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_key")}
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_keys")}
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         calls = state["_calls"]
+        state.setdefault("cipher", "chacha20")  # pickled before there was a choice: the v1 stream
         self.__dict__.update(state)
         self._lock = threading.Lock()
         self._rekey()  # OS-keyed: a fresh key, so a copy never replays the original's stream
@@ -362,7 +344,8 @@ class SecureRNG:
             self._calls = calls
 
     def __repr__(self) -> str:
-        return f"SecureRNG(seeded={self.seeded}, num_normals={self.num_normals}, backend={self.backend!r})"
+        return (f"SecureRNG(seeded={self.seeded}, num_normals={self.num_normals}, backend={self.backend!r}, "
+                f"cipher={self.cipher!r})")
 
 
 __all__ = ["SecureRNG", "bernoulli_from_words"]
