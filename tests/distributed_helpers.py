@@ -94,3 +94,15 @@ def check_steps(ranks: List[dict], records_per_step=None, lr: float = 0.5, rtol:
         for t in range(steps):
             torch.testing.assert_close(ranks[0]["before_steps"][t][name], ranks[1]["before_steps"][t][name])
     assert [r["raw_reduces"] for r in ranks] == [0, 0], "FSDP2 reduce-scattered raw gradients"
+
+
+def assert_resume_matches(whole: list, resumed: list, steps: int = 4) -> None:
+    """A resumed 2-rank run ends like the uninterrupted one on every rank: steps, ε, the batches after the
+    checkpoint (each rank continued its own sampling stream) and the final weights (and noise)."""
+    for r in (0, 1):
+        assert resumed[r]["steps"] == whole[r]["steps"] == steps
+        assert abs(resumed[r]["epsilon"] - whole[r]["epsilon"]) <= 1e-9 * whole[r]["epsilon"]
+        for (x, _), (x_whole, _) in zip(resumed[r]["batches"], whole[r]["batches"][steps // 2:]):
+            torch.testing.assert_close(x, x_whole)
+        for k in whole[r]["final"]:
+            torch.testing.assert_close(resumed[r]["final"][k], whole[r]["final"][k], rtol=1e-5, atol=1e-7)
