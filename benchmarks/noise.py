@@ -10,7 +10,8 @@ The second table (the optimizer's noise call) adds ``--fast-samples`` (default: 
 MLP, 669,706 parameters) normals into float32 tensors shaped like that MLP's parameters, interleaved, on
 CPU: ``torch.normal`` (a new tensor) and ``torch.randn`` + ``add_`` for reference,
 :class:`~lightning_dp.noise.GaussianNoise` (seeded) and :class:`~lightning_dp.noise.SecureRNG`
-``.add_normal_``, each with its native kernel and with torch ops; ratios are to ``torch.normal``.
+``.add_normal_``, each with its native kernel and with torch ops (and, where the default secure cipher
+is AES-256-CTR, the native kernel with ChaCha20); ratios are to ``torch.normal``.
 
 Each line is the median wall time of ``--repeats`` runs (after one warm-up), the two contenders run
 interleaved so that machine load affects both alike; ``ratio`` = secure / ``torch.normal``. The CPU
@@ -21,12 +22,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
 import lightning_dp.noise.gaussian as gaussian
-from lightning_dp.noise import GaussianNoise, SecureRNG, chacha20_keystream, secure_normal
+from lightning_dp.noise import GaussianNoise, SecureRNG, secure_normal
+from lightning_dp.noise.chacha import resolve_backend
 
 
 def _sync(device: torch.device) -> None:
@@ -77,6 +79,7 @@ def _mlp_shaped(samples: int) -> List[torch.Tensor]:
 def fast_bench(samples: int, repeats: int) -> Dict[str, float]:
     """Median seconds to add ``samples`` normals into CPU float32 tensors, per generator and kernel."""
     targets, seeded, secure = _mlp_shaped(samples), GaussianNoise(seed=0), SecureRNG()
+    chacha = SecureRNG(cipher="chacha20")
     modules = {gaussian: gaussian._native, secure_normal: secure_normal._native}
 
     def with_kernel(noise: object, module: object, native: bool) -> Callable[[], None]:
@@ -96,6 +99,8 @@ def fast_bench(samples: int, repeats: int) -> Dict[str, float]:
         if modules[module] is not None:
             contenders[f"{name} native"] = with_kernel(noise, module, True)
         contenders[f"{name} torch ops"] = with_kernel(noise, module, False)
+    if secure.cipher_for("cpu") != "chacha20" and modules[secure_normal] is not None:
+        contenders["secure native, ChaCha20"] = with_kernel(chacha, secure_normal, True)
     for fn in contenders.values():
         fn()
     times: Dict[str, List[float]] = {name: [] for name in contenders}
@@ -105,14 +110,16 @@ def fast_bench(samples: int, repeats: int) -> Dict[str, float]:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def keystream_rate(num_bytes: int, device: torch.device) -> float:
-    """GB/s of the keystream backend ``auto`` picks for ``device``."""
-    key, nonce = bytes(32), bytes(12)
-    chacha20_keystream(key, nonce, 0, 1 << 16, device=device)
-    seconds = statistics.median(
-        _time(lambda: chacha20_keystream(key, nonce, 0, num_bytes, device=device), device) for _ in range(3)
-    )
-    return num_bytes / seconds / 1e9
+def keystream_rate(num_bytes: int, device: torch.device) -> Tuple[float, str]:
+    """GB/s of one call for ``num_bytes`` of the keystream SecureRNG uses on ``device`` (one thread), and
+    its cipher."""
+    cipher = SecureRNG().cipher_for(device)
+    nonce = bytes(12 if cipher == "chacha20" else 8)
+    backend = "openssl" if cipher != "chacha20" else resolve_backend("auto", device)
+    stream = secure_normal.Keystream(cipher, bytes(32), nonce, backend)
+    stream.read(0, 1 << 16, device=device)
+    seconds = statistics.median(_time(lambda: stream.read(0, num_bytes, device=device), device) for _ in range(3))
+    return num_bytes / seconds / 1e9, cipher
 
 
 def main() -> None:
@@ -135,7 +142,7 @@ def main() -> None:
     else:
         print(f"\nSecureRNG.normal vs torch.normal, {samples:.0e} {args.dtype} samples, median of {args.repeats}")
         print("| device | torch.normal (ms) | SecureRNG.normal (ms) | ratio | CPU ms torch | CPU ms secure "
-              "| CPU ratio | keystream (GB/s) |")
+              "| CPU ratio | keystream (GB/s, one call) |")
         print("|--------|------------------:|----------------------:|------:|-------------:|--------------:"
               "|----------:|-----------------:|")
     for name in devices:
@@ -143,14 +150,15 @@ def main() -> None:
         result = bench(samples, args.repeats, device, dtype)
         baseline, secure = result["torch.normal"], result["SecureRNG.normal"]
         cpu_base, cpu_secure = result["torch.normal cpu"], result["SecureRNG.normal cpu"]
-        rate = keystream_rate(16 * samples, device)
+        rate, cipher = keystream_rate(16 * samples, device)
         print(
             f"| {name:6} | {1e3 * baseline:17.1f} | {1e3 * secure:21.1f} | {secure / baseline:5.2f} "
-            f"| {1e3 * cpu_base:12.1f} | {1e3 * cpu_secure:13.1f} | {cpu_secure / cpu_base:9.2f} | {rate:16.2f} |"
+            f"| {1e3 * cpu_base:12.1f} | {1e3 * cpu_secure:13.1f} | {cpu_secure / cpu_base:9.2f} | {rate:.2f} ({cipher}) |"
         )
     print(f"\nadd_normal_ of {int(args.fast_samples)} float32 normals into MLP-shaped tensors on CPU (median ms of "
           f"{max(args.repeats, 21)}, interleaved; ratio to torch.normal; native kernels built: seeded "
-          f"{gaussian.native_kernel()}, secure {secure_normal.native_kernel()})")
+          f"{gaussian.native_kernel()}, secure {secure_normal.native_kernel()}; secure cipher on CPU: "
+          f"{SecureRNG().cipher_for('cpu')})")
     for round_ in range(args.rounds):
         fast = fast_bench(int(args.fast_samples), max(args.repeats, 21))
         if round_ == 0:

@@ -251,9 +251,9 @@ def _fill_cpu(stream: Keystream, k: int, pairs: int, std: float, targets: Target
 
     With the native kernel built with OpenMP (Linux, GCC) the whole draw is one call, ``fill_``, whose
     threads are torch's own OpenMP team: right after the backward pass torch's idle OpenMP workers spin
-    for a while before they sleep, and a thread of ours would have to share a core with one (measured:
-    the MLP's noise took 4.5 ms inside a training step against 2.7 ms on its own). Otherwise the chunks
-    go to the noise pool (:func:`~._parallel.run_parallel`).
+    for a while before they sleep, and a thread of ours would have to share a core with one (measured in
+    the MLP's training step: 5.3–5.8 ms on our threads, 3.2–4.2 ms on torch's). Otherwise the chunks go
+    to the noise pool (:func:`~._parallel.run_parallel`).
 
     Threads that run torch ops (the torch-ops transform, the tensor keystream backend) do so with torch's
     intra-op thread count set to 1 meanwhile (restored after): hundreds of short OpenMP regions stall
