@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from typing import Callable, Dict, List
 
 import pytest
@@ -29,12 +30,29 @@ def microbatch_grads(
     return {n: torch.stack(gs) for n, gs in per_sample.items()}
 
 
-def clipped_mean_reference(grads: Dict[str, torch.Tensor], max_grad_norm: float, denom: float) -> Dict[str, torch.Tensor]:
-    """Textbook DP-SGD gradient without noise: ``Σ_b g_b·min(1, C/‖g_b‖) / denom``."""
-    flat = torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1)
-    norms = flat.norm(dim=1)
-    factors = torch.clamp(max_grad_norm / norms, max=1.0)
-    return {n: torch.einsum("b,b...->...", factors, g) / denom for n, g in grads.items()}
+def clipped_mean_reference(
+    grads: Dict[str, torch.Tensor], max_grad_norm: float, denom: float, clipping: str = "flat"
+) -> Dict[str, torch.Tensor]:
+    """Textbook DP-SGD gradient without noise: ``Σ_b clip(g_b) / denom``. ``"flat"``: one factor
+    ``min(1, C/‖g_b‖)`` per sample over all parameters; ``"per_layer"``: each of the K parameters clipped
+    to ``C/√K`` on its own."""
+    if clipping == "flat":
+        norms = torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1).norm(dim=1)
+        factors = {n: torch.clamp(max_grad_norm / norms, max=1.0) for n in grads}
+    else:
+        bound = max_grad_norm / math.sqrt(len(grads))
+        factors = {n: torch.clamp(bound / g.reshape(g.shape[0], -1).norm(dim=1), max=1.0) for n, g in grads.items()}
+    return {n: torch.einsum("b,b...->...", factors[n], g) / denom for n, g in grads.items()}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is faster, and much faster on a busy machine (no spinning).
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -20,6 +20,7 @@ from torch import nn
 
 from lightning_dp import make_private
 from lightning_dp.grad_sample import attach_grad_sample_hooks
+from tests.conftest import clipped_mean_reference
 from lightning_dp.grad_sample.bookkeeping import RowsPart
 from lightning_dp.grad_sample.shared import SharedInputError, SharedTensor
 from tests.test_grad_sample import reference_grads, smooth_loss
@@ -32,12 +33,8 @@ V, D, H = 11, 6, 2
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and much faster on a busy machine (no spinning)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Tiny models: one intra-op thread (see ``tests/conftest.py``)."""
 
 
 class Positions(nn.Module):
@@ -172,16 +169,6 @@ def test_per_sample_gradients_equal_the_reference(case):
     hooks.remove()
 
 
-def _clipped_mean(grads: Dict[str, torch.Tensor], clipping: str, c: float, denom: int) -> Dict[str, torch.Tensor]:
-    if clipping == "flat":
-        norms = torch.cat([g.flatten(1) for g in grads.values()], 1).norm(dim=1)
-        factors = {n: (c / norms).clamp(max=1.0) for n in grads}
-    else:
-        bound = c / math.sqrt(len(grads))
-        factors = {n: (bound / g.flatten(1).norm(dim=1)).clamp(max=1.0) for n, g in grads.items()}
-    return {n: torch.einsum("b,b...->...", factors[n], g) / denom for n, g in grads.items()}
-
-
 @pytest.mark.parametrize("clipping", ["flat", "per_layer"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", list(CASES))
@@ -190,7 +177,7 @@ def test_dp_step_equals_the_clipped_reference(case, mode, clipping):
     model, x = build(), make_input()
     grads = reference_grads(model, [x], smooth_loss, [0])
     c = torch.cat([g.flatten(1) for g in grads.values()], 1).norm(dim=1).median().item()
-    expected = _clipped_mean(grads, clipping, c, x.shape[0])
+    expected = clipped_mean_reference(grads, c, x.shape[0], clipping)
     inner = RecordingSGD(dict(model.named_parameters()))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
 import warnings
 from typing import Callable, Dict, List, Tuple
 
@@ -36,6 +35,7 @@ from lightning_dp import make_private  # noqa: E402
 from lightning_dp.grad_sample import attach_grad_sample_hooks, get_attached_hooks  # noqa: E402
 from lightning_dp.grad_sample.bookkeeping import BiasPart, LinearPart, RowsPart  # noqa: E402
 from tests import namespace  # noqa: E402
+from tests.conftest import clipped_mean_reference  # noqa: E402
 from tests.lightning_helpers import trainer_kwargs  # noqa: E402
 from tests.namespace import DPStrategy, PrivacyBudgetCallback, pl  # noqa: E402
 from tests.test_grad_sample import reference_grads, smooth_loss  # noqa: E402
@@ -53,12 +53,8 @@ RTOL, ATOL = 1e-4, 1e-5  # atol is relative to the largest reference entry
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and much faster on a busy machine (no spinning)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Tiny models: one intra-op thread (see ``tests/conftest.py``)."""
 
 
 # --- models ----------------------------------------------------------------------------------------------
@@ -203,13 +199,7 @@ def clipping_norm(grads: Dict[str, torch.Tensor]) -> float:
 
 def clipped_mean(grads: Dict[str, torch.Tensor], clipping: str, c: float) -> Dict[str, torch.Tensor]:
     """``Σ_b clip(g_b) / B``: flat (one factor per sample) or per layer (each parameter to ``C/√K``)."""
-    if clipping == "flat":
-        norms = torch.cat([g.flatten(1) for g in grads.values()], 1).norm(dim=1)
-        factors = {n: (c / norms).clamp(max=1.0) for n in grads}
-    else:
-        bound = c / math.sqrt(len(grads))
-        factors = {n: (bound / g.flatten(1).norm(dim=1)).clamp(max=1.0) for n, g in grads.items()}
-    return {n: torch.einsum("b,b...->...", factors[n], g) / B for n, g in grads.items()}
+    return clipped_mean_reference(grads, c, B, clipping)
 
 
 def dp_step(name: str, variant: str, mode: str, clipping: str, c: float) -> Tuple[nn.Module, Dict[str, torch.Tensor]]:

@@ -19,6 +19,7 @@ from torch import nn
 from lightning_dp import DPOptimizer, make_private
 from lightning_dp.clipping import clip_and_sum
 from lightning_dp.grad_sample.bookkeeping import BiasPart, ConvPart, LinearPart, MaterializedPart, RowsPart
+from tests.conftest import clipped_mean_reference
 from tests.test_grad_sample import TiedLM, reference_grads
 
 TOL = dict(rtol=1e-4, atol=1e-6)  # float32 DP step vs float64 reference
@@ -114,13 +115,7 @@ def reference_update(
     grads = reference_grads(model, [x[keep] for x in inputs], lambda out: loss(out).sum(), [0] * len(inputs))
     for g in grads.values():
         assert torch.isfinite(g).all()  # the reference never sees the bad samples
-    if clipping == "flat":
-        norms = torch.cat([g.flatten(1) for g in grads.values()], 1).norm(dim=1)
-        factors = {n: (C / norms).clamp(max=1.0) for n in grads}
-    else:
-        bound = C / math.sqrt(len(grads))
-        factors = {n: (bound / g.flatten(1).norm(dim=1)).clamp(max=1.0) for n, g in grads.items()}
-    return {n: torch.einsum("b,b...->...", factors[n], g) / denom for n, g in grads.items()}
+    return clipped_mean_reference(grads, C, denom, clipping)
 
 
 class RecordingSGD(torch.optim.SGD):
