@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 import torch
@@ -18,6 +19,42 @@ from .noise import GaussianNoise
 NOISE_PIECE = 1 << 16
 """A noise source without ``add_normal_`` is asked for this many normals at a time (64× on GPU), each
 added to the clipped sum at once: the step never holds a second parameter-sized tensor."""
+
+
+def _check_all_seen(
+    params: List[nn.Parameter], with_samples: List[nn.Parameter], known: Dict[int, Tuple[Any, int]]
+) -> None:
+    """Refuse a trainable parameter that got a gradient from the backward pass but no per-sample gradient:
+    the model read it outside the forward of the module that holds it (a ``ParameterDict``, another module
+    using its tensor), where no rule saw the use. It would be trained on noise alone, silently.
+
+    ``known`` maps ``id(param)`` to (a weak reference to its gradient when the optimizer last looked: the
+    last micro-batch's or the gradient the last step set, that gradient's version): a gradient unchanged
+    since then is no new use (a second look at the same backward pass, a loop without ``zero_grad``)."""
+    seen = {id(p) for p in with_samples}
+    unseen = []
+    for p in params:
+        grad = p.grad
+        if grad is None or id(p) in seen:
+            continue
+        ref = known.get(id(p))
+        if ref is not None and ref[0]() is grad and ref[1] == grad._version:
+            continue
+        local = grad.to_local() if hasattr(grad, "to_local") else grad
+        if bool(local.count_nonzero()):  # distributed runs give unused parameters zero gradients
+            unseen.append(getattr(p, "dp_name", None) or f"a parameter of shape {tuple(p.shape)}")
+    if unseen:
+        raise RuntimeError(
+            f"Trainable parameters {unseen} received a gradient in the backward pass but no per-sample gradient: "
+            "the model reads them outside the forward of the module that holds them (a ParameterDict, or another "
+            "module using their tensor directly), where no per-sample rule sees the use. Freeze them "
+            "(requires_grad_(False)), or use them only through their own module's forward (see docs/layers.rst)."
+        )
+
+
+def _grads_now(params: List[nn.Parameter]) -> Dict[int, Tuple[Any, int]]:
+    """``id(param)`` → (weak reference to its gradient, the gradient's version), for :func:`_check_all_seen`."""
+    return {id(p): (weakref.ref(p.grad), p.grad._version) for p in params if p.grad is not None}
 
 
 @torch.no_grad()
@@ -191,6 +228,7 @@ class DPOptimizer(Optimizer):
         self.steps_taken = 0
         self.dropped_samples = 0
         self.dropped_in_step = 0
+        self._known_grads: Dict[int, Tuple[Any, int]] = {}  # see _check_all_seen
         self._summed_divisor = 1.0  # what param.summed_grad is divided by (see add_noise)
         # Optimizer base-class bookkeeping that torch's hooks and profiler expect to exist.
         self._optimizer_step_pre_hooks: Dict[int, Callable] = {}
@@ -334,6 +372,9 @@ class DPOptimizer(Optimizer):
             if p_parts is not None:
                 with_samples.append(p)
                 parts.append(p_parts)
+        if self.shards is None:  # a sharded model's gradients are the sharding's own (FSDP)
+            _check_all_seen(params, with_samples, self._known_grads)
+            self._known_grads = _grads_now(params)
         if not with_samples:
             return torch.zeros(0)
         batch_sizes = {part.batch_size for ps in parts for part in ps}
@@ -422,6 +463,7 @@ class DPOptimizer(Optimizer):
             self.combine(grads)
         for p, grad in zip(params, grads):
             p.grad = grad if self.shards is None else self.shards.to_grad(p, grad)
+        self._known_grads = _grads_now(params)
 
     def _zero_grad_of(self, p: nn.Parameter) -> torch.Tensor:
         if self.shards is not None:

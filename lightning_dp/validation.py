@@ -125,6 +125,18 @@ def _module_issues(path: str, module: nn.Module) -> List[ValidationIssue]:
                     True,
                 )
             )
+    if isinstance(module, (nn.ParameterDict, nn.ParameterList)):
+        held = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        if held:
+            issues.append(
+                issue(
+                    f"its trainable parameters ({', '.join(held)}) are read by another module's forward, so no "
+                    "per-sample gradient rule sees them: they could only be noised, never trained from the data "
+                    "(PEFT keeps LoRA-on-embedding weights this way).",
+                    "freeze them (requires_grad_(False)) or keep them out of the adapter (for PEFT: leave embedding "
+                    "layers out of target_modules).",
+                )
+            )
     uninitialized = [n for n, p in module.named_parameters(recurse=False) if isinstance(p, UninitializedParameter)]
     if uninitialized:
         issues.append(

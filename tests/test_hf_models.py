@@ -367,6 +367,52 @@ def test_lora_per_sample_work_scales_with_the_adapter():
 
 
 @core
+def test_peft_lora_on_embeddings_is_refused_before_training():
+    """PEFT keeps LoRA-on-embedding weights in ``ParameterDict``s that the parent layer reads: no per-sample
+    rule sees that use, so validation names the dictionaries and ``make_private`` refuses the model."""
+    from lightning_dp import PrivacyValidationError
+
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["wte", "c_attn"],
+                             init_lora_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(_gpt2(), config).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    with pytest.raises(PrivacyValidationError, match=r"lora_embedding_A \(ParameterDict\).*requires_grad_"):
+        make_private(model, torch.optim.SGD(params, lr=0.1), noise_multiplier=0.0, max_grad_norm=1.0,
+                     expected_batch_size=B)
+
+
+@core
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_dora_matches_float64_reference(name, monkeypatch):
+    """DoRA (``use_dora=True``): the magnitude vector goes through the ``torch.func`` fallback and LoRA's A
+    and B through their Linear layers (PEFT detaches them in the weight norm, as the DoRA paper does), so
+    the step is exact with no DoRA-specific code."""
+    build, _, targets = MODELS[name]
+
+    def make_dora(model_name: str, variant: str) -> nn.Module:
+        torch.manual_seed(0)
+        config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets,
+                                 init_lora_weights=False, use_dora=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return peft.get_peft_model(build(), config).train()
+
+    monkeypatch.setattr(f"{__name__}.make_model", make_dora)
+    reference = per_sample_reference(name, "dora")
+    assert any("lora_magnitude_vector" in n for n in reference)
+    c = clipping_norm(reference)
+    _, received = dp_step(name, "dora", "auto", "flat", c)
+    expected = clipped_mean(reference, "flat", c)
+    assert received.keys() == expected.keys()
+    atol = ATOL * max(e.abs().max().item() for e in expected.values())
+    for n, want in expected.items():
+        torch.testing.assert_close(received[n].double(), want, rtol=RTOL, atol=atol, msg=n)
+
+
+@core
 @pytest.mark.parametrize("name", ["bert", "roberta", "distilbert", "llama", "mistral", "qwen2", "t5", "vit"])
 def test_full_fine_tuning_paths(name):
     """Linear and Embedding layers record factors; norms run their rule or (Hugging Face's own RMSNorm

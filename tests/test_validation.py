@@ -126,3 +126,41 @@ def test_fix_reports_every_change():
     model["inorm"].train()
     model["inorm"](torch.randn(2, 4, 5))  # still works
     assert fix(model, report=True)[1] == []
+
+
+class _ReadsAParameterDict(nn.Module):
+    """A parent whose forward reads a ParameterDict's weight: no per-sample rule sees that use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+        self.extra = nn.ParameterDict({"scale": nn.Parameter(torch.ones(2))})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * self.extra["scale"]
+
+
+def test_trainable_parameter_dict_is_reported_and_frozen_one_is_fine():
+    issues = validate(_ReadsAParameterDict())
+    assert [(i.module_path, i.module_type) for i in issues] == [("extra", "ParameterDict")]
+    assert "scale" in issues[0].reason and "requires_grad_(False)" in issues[0].fix
+    model = _ReadsAParameterDict()
+    model.extra.requires_grad_(False)
+    assert validate(model) == []
+
+
+def test_a_gradient_without_per_sample_gradient_stops_the_step():
+    """Past validation (the check is skipped here by attaching directly), the optimizer still refuses a
+    parameter that received a gradient no rule saw, naming it, before the inner optimizer steps."""
+    from lightning_dp import DPOptimizer
+    from lightning_dp.grad_sample import attach_grad_sample_hooks
+
+    model = _ReadsAParameterDict()
+    attach_grad_sample_hooks(model)
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = DPOptimizer(inner, noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=8)
+    model(torch.randn(8, 4)).sum().backward()
+    with pytest.raises(RuntimeError, match=r"\['extra.scale'\] received a gradient .* no per-sample gradient"):
+        optimizer.step()
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))

@@ -125,6 +125,9 @@ class GradSampleHooks:
         self._patched_ids: set = set()  # modules whose forward this object patched (not their copies)
         self.patched_modules: List[str] = []
         covered: List[str] = []
+        for name, param in module.named_parameters():
+            if param.requires_grad:
+                param.dp_name = name  # for error messages about this parameter (DPOptimizer)
         for path, submodule in module.named_modules():
             if any(not prefix or path.startswith(prefix + ".") for prefix in covered):
                 continue  # parameters handled by an enclosing DP forward
