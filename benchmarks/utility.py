@@ -25,7 +25,9 @@ import torch
 from torch import nn
 
 from lightning_dp import PoissonBatchSampler, get_noise_multiplier, make_private
+from lightning_dp.accounting.bandmf import bandmf_noise_multiplier
 from lightning_dp.averaging import ExponentialMovingAverage
+from lightning_dp.correlated import CyclicPoissonBatchSampler, banded_toeplitz_coefficients
 
 TRAIN, EPOCHS, BATCH, DELTA = 1500, 30, 150, 1e-5
 
@@ -46,7 +48,10 @@ EMA of the weights (decay 0.9) as the released model.
 
 Keys: ``optimizer`` (``"sgd"`` or ``"adam"``), ``lr``, ``lr_per_sigma`` (use ``lr/σ``), ``momentum``,
 ``nesterov``, ``weight_decay``, ``max_grad_norm``, ``clipping``, ``adaptive_clipping`` (a dict or None), ``schedule``
-(``"cosine"`` or None), ``ema`` (decay, 0 or None: no averaging), ``ema_warmup`` (default True)."""
+(``"cosine"`` or None), ``ema`` (decay, 0 or None: no averaging), ``ema_warmup`` (default True), ``bands``
+(default 1: DP-SGD; ``b > 1``: BandMF correlated noise with cyclic Poisson sampling, σ calibrated for
+``ceil(300/b)`` rounds at rate ``b·q``), ``workload`` (what the BandMF coefficients are optimised for:
+``"prefix"``, default, or ``"momentum:<m>"``)."""
 
 
 def load_digits() -> tuple:
@@ -63,8 +68,15 @@ def describe(recipe: Dict[str, Any]) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def calibrated_sigma(epsilon: float, q: float, steps: int) -> float:
-    return get_noise_multiplier(epsilon, DELTA, q, steps=steps)
+def calibrated_sigma(epsilon: float, q: float, steps: int, bands: int = 1) -> float:
+    if bands == 1:
+        return get_noise_multiplier(epsilon, DELTA, q, steps=steps)
+    return bandmf_noise_multiplier(epsilon, DELTA, q, steps, bands)
+
+
+@functools.lru_cache(maxsize=None)
+def coefficients(steps: int, bands: int, workload: str) -> tuple:
+    return tuple(banded_toeplitz_coefficients(steps, bands, workload).tolist())
 
 
 def train_once(x: torch.Tensor, y: torch.Tensor, seed: int, epsilon: float, recipe: Dict[str, Any]) -> tuple:
@@ -75,7 +87,8 @@ def train_once(x: torch.Tensor, y: torch.Tensor, seed: int, epsilon: float, reci
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
     q = BATCH / TRAIN
     steps = EPOCHS * round(1 / q)
-    sigma = calibrated_sigma(epsilon, q, steps)
+    bands = int(recipe.get("bands", 1))
+    sigma = calibrated_sigma(epsilon, q, steps, bands)
     lr = recipe["lr"] / sigma if recipe.get("lr_per_sigma") else recipe["lr"]
     params = model.parameters()
     if recipe["optimizer"] == "sgd":
@@ -85,9 +98,11 @@ def train_once(x: torch.Tensor, y: torch.Tensor, seed: int, epsilon: float, reci
         inner = torch.optim.Adam(params, lr=lr)
     else:
         raise ValueError(f"unknown optimizer {recipe['optimizer']!r}")
+    workload = recipe.get("workload", "prefix")
     opt = make_private(model, inner, noise_multiplier=sigma, max_grad_norm=recipe["max_grad_norm"],
                        expected_batch_size=BATCH, sample_rate=q, seed=seed, clipping=recipe["clipping"],
-                       adaptive_clipping=recipe.get("adaptive_clipping"))
+                       adaptive_clipping=recipe.get("adaptive_clipping"), bands=bands,
+                       noise_coefficients=coefficients(steps, bands, workload) if bands > 1 else None)
     schedule = None
     if recipe.get("schedule") == "cosine":
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(inner, T_max=steps)
@@ -96,7 +111,11 @@ def train_once(x: torch.Tensor, y: torch.Tensor, seed: int, epsilon: float, reci
     ema = None
     if recipe.get("ema"):
         ema = ExponentialMovingAverage(model, recipe["ema"], warmup=recipe.get("ema_warmup", True))
-    sampler = PoissonBatchSampler(TRAIN, q, generator=torch.Generator().manual_seed(seed + 10_000))
+    sampling = torch.Generator().manual_seed(seed + 10_000)
+    if bands > 1:  # the partition is drawn from the same generator, before the first batch
+        sampler = CyclicPoissonBatchSampler(TRAIN, q, bands, generator=sampling)
+    else:
+        sampler = PoissonBatchSampler(TRAIN, q, generator=sampling)
     xs, ys = x[train], y[train]
     loss_fn = nn.CrossEntropyLoss()
     for _ in range(EPOCHS):

@@ -40,6 +40,8 @@ class DPConfig:
         clipping: ``"flat"``, ``"per_layer"``, ``"automatic"`` or ``"automatic_per_layer"``.
         adaptive_clipping: ``None``, or the arguments of :class:`~lightning_dp.clipping.AdaptiveClipping`
             as a dict (``target_quantile``, ``learning_rate``, ``count_noise_multiplier``).
+        bands: ``1`` (DP-SGD), or the bands ``b`` of BandMF correlated noise with cyclic Poisson sampling
+            (:mod:`lightning_dp.correlated`); :func:`~lightning_dp.make_private` only for now.
 
     Example::
 
@@ -64,6 +66,7 @@ class DPConfig:
     clipping_mode: str = "auto"
     clipping: str = "flat"
     adaptive_clipping: Optional[Dict[str, float]] = None
+    bands: int = 1
 
     def __post_init__(self) -> None:
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
@@ -78,7 +81,13 @@ class DPConfig:
             "loss_reduction": check_choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS),
             "clipping_mode": check_choice("clipping_mode", self.clipping_mode, CLIPPING_MODES),
             "clipping": check_choice("clipping", self.clipping, CLIPPINGS),
+            "bands": check_positive_int("bands", self.bands),
         }
+        if checked["bands"] > 1 and self.adaptive_clipping is not None:
+            raise ValueError(
+                f"`adaptive_clipping` cannot be combined with bands={self.bands}: its noised count would share the "
+                "correlated noise stream, which BandMF's accounting does not cover. Use bands=1, or a fixed norm."
+            )
         if self.adaptive_clipping is not None:
             AdaptiveClipping.from_config(self.adaptive_clipping)  # checks the keys and values
             if self.clipping.startswith("automatic"):
@@ -118,7 +127,14 @@ class DPConfig:
     @classmethod
     def from_arguments(cls, arguments: Mapping[str, Any]) -> "DPConfig":
         """A config from a function's arguments (``locals()``): the names that are fields are taken,
-        everything else (``self``, ``device``, ``**kwargs``) is ignored."""
+        everything else (``self``, ``device``, ``**kwargs``) is ignored, except ``bands`` among the
+        ``**kwargs`` of a Lightning strategy, which is refused: BandMF is for make_private only for now."""
+        extra = arguments.get("kwargs")
+        if isinstance(extra, Mapping) and "bands" in extra and "bands" not in arguments:
+            raise ValueError(
+                f"`bands` (BandMF correlated noise, got bands={extra['bands']!r}) is supported by make_private only "
+                "for now: the Lightning strategies do not take it (their samplers and checkpoints are DP-SGD's)."
+            )
         return cls(**{f.name: arguments[f.name] for f in fields(cls) if f.name in arguments})
 
     def to_dict(self) -> Dict[str, Any]:

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import warnings
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 from torch import nn
 from torch.optim import Optimizer
 
 from ._checks import check_positive, check_rate
 from .accounting import make_accountant
+from .accounting.bandmf import BandMFAccountant, bandmf_sample_rate
 from .config import DPConfig
+from .correlated import CorrelatedNoise, banded_toeplitz_coefficients
 from .grad_sample import attach_grad_sample_hooks
 from .noise import GaussianNoise, SecureRNG
 from .optimizer import DPOptimizer
@@ -64,6 +66,9 @@ def make_private(
     clipping_mode: str = _D.clipping_mode,
     clipping: str = _D.clipping,
     adaptive_clipping: Optional[Dict[str, float]] = _D.adaptive_clipping,
+    bands: int = _D.bands,
+    num_steps: Optional[int] = None,
+    noise_coefficients: Optional[Sequence[float]] = None,
 ) -> DPOptimizer:
     """Make ``loss.backward(); optimizer.step()`` a DP-SGD step, in place.
 
@@ -97,6 +102,15 @@ def make_private(
         adaptive_clipping: ``None`` (default) or a dict of :class:`~lightning_dp.clipping.AdaptiveClipping`'s
             arguments: ``max_grad_norm`` becomes the starting norm of a private quantile estimate (Andrew et
             al. 2021), accounted exactly at the same ``noise_multiplier``.
+        bands: ``1`` (default): DP-SGD. ``b > 1``: BandMF, banded matrix-factorization correlated noise
+            (:mod:`lightning_dp.correlated`): the noise is ``σC·C^{-1}z`` for a ``b``-banded Toeplitz strategy
+            (``b − 1`` extra buffers of the model's size), and the data must be sampled by
+            :class:`~lightning_dp.correlated.CyclicPoissonBatchSampler` with the same ``b`` and rate (``b·q ≤
+            1``). The accountant then records ``ceil(T/b)`` rounds at rate ``b·q``
+            (:mod:`lightning_dp.accounting.bandmf`); ``optimizer.sample_rate`` is ``b·q``.
+        num_steps: the planned number of steps ``T``; with ``bands > 1`` the strategy's coefficients are
+            optimised for it (:func:`~lightning_dp.correlated.banded_toeplitz_coefficients`).
+        noise_coefficients: the strategy's ``b`` coefficients instead (then ``num_steps`` is not needed).
 
     Example::
 
@@ -116,6 +130,9 @@ def make_private(
     if sample_rate is not None:
         check_rate("sample_rate", sample_rate)
     noise = make_noise(config.secure_mode, config.seed)
+    accountant = make_accountant(config.accountant) if sample_rate is not None else None
+    if config.bands > 1 or noise_coefficients is not None:
+        noise, accountant, sample_rate = _bandmf(config, noise, accountant, sample_rate, num_steps, noise_coefficients)
     validate(module, raise_error=True)
     warn_if_no_noise(config.noise_multiplier)
     attach_grad_sample_hooks(module, loss_reduction=config.loss_reduction)
@@ -125,9 +142,36 @@ def make_private(
         max_grad_norm=config.max_grad_norm,
         expected_batch_size=expected_batch_size,
         noise=noise,
-        accountant=make_accountant(config.accountant) if sample_rate is not None else None,
+        accountant=accountant,
         sample_rate=sample_rate,
         clipping_mode=config.clipping_mode,
         clipping=config.clipping,
         adaptive_clipping=config.adaptive_clipping,
     )
+
+
+def _bandmf(
+    config: DPConfig,
+    noise: "GaussianNoise | SecureRNG",
+    accountant: Optional[object],
+    sample_rate: Optional[float],
+    num_steps: Optional[int],
+    coefficients: Optional[Sequence[float]],
+) -> tuple:
+    """The BandMF noise source, accountant and accounted rate ``b·q`` of :func:`make_private`."""
+    if coefficients is None:
+        if num_steps is None:
+            raise ValueError(
+                f"`num_steps` (the planned number of steps) is needed with bands={config.bands}: the noise "
+                "strategy's coefficients are optimised for the run's length. Pass it, or `noise_coefficients`."
+            )
+        coefficients = banded_toeplitz_coefficients(num_steps, config.bands)
+    elif len(coefficients) != config.bands:
+        raise ValueError(
+            f"`noise_coefficients` must hold `bands`={config.bands} numbers, got {len(coefficients)}: "
+            f"{list(coefficients)!r}."
+        )
+    if sample_rate is not None:
+        sample_rate = bandmf_sample_rate(sample_rate, config.bands)
+        accountant = BandMFAccountant(config.accountant, config.bands)
+    return CorrelatedNoise(noise, coefficients), accountant, sample_rate
