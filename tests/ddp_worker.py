@@ -31,13 +31,16 @@ class WideZeroLoss(TinyClassifier):
 
 def main(mode: str, out_dir: str) -> None:
     torch.manual_seed(0)
-    model = TinyClassifier(lr=0.5) if mode == "exact" else WideZeroLoss()
+    model = WideZeroLoss() if mode == "noise" else TinyClassifier(lr=0.5)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    sigma = 0.0 if mode == "exact" else 1.5
+    sigma = 1.5 if mode == "noise" else 0.0
+    # "adaptive": noise-free adaptive clipping, so the norm after the step is a function of the union batch
+    adaptive = dict(target_quantile=0.5, learning_rate=0.7) if mode == "adaptive" else None
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
-        strategy=DPDDPStrategy(noise_multiplier=sigma, max_grad_norm=0.05, seed=11),
+        strategy=DPDDPStrategy(noise_multiplier=sigma, max_grad_norm=1.7 if adaptive else 0.05, seed=11,
+                               adaptive_clipping=adaptive),
         max_steps=1,
         logger=False,
         default_root_dir=out_dir,
@@ -56,6 +59,7 @@ def main(mode: str, out_dir: str) -> None:
             "expected_batch_size": strategy.expected_batch_size,
             "steps": strategy.accountant.total_steps,
             "epsilon": strategy.get_epsilon(1e-5) if sigma > 0 else None,
+            "max_grad_norm": strategy.dp_optimizer.max_grad_norm,
         },
         os.path.join(out_dir, f"rank{trainer.global_rank}.pt"),
     )

@@ -1,6 +1,7 @@
 """DPDDPStrategy with 2 CPU processes (gloo): exact noise-free update and total noise std σC."""
 from __future__ import annotations
 
+import math
 import os
 import random
 import subprocess
@@ -57,3 +58,20 @@ def test_total_noise_std_is_sigma_c_once(tmp_path):
     for k in ranks[0]["final"]:
         torch.testing.assert_close(ranks[0]["final"][k], ranks[1]["final"][k])
     assert ranks[0]["epsilon"] == pytest.approx(compute_epsilon(1.5, 0.25, 1, 1e-5))
+
+
+@pytest.mark.slow
+def test_adaptive_clipping_follows_the_union_batch_on_every_rank(tmp_path):
+    """Noise-free adaptive clipping over 2 ranks: each rank counts its own unclipped samples, the counts
+    are summed with the gradients, and both ranks move to the norm the union batch gives."""
+    ranks = _run("adaptive", tmp_path)
+    x = torch.cat([r["batches"][0][0] for r in ranks])
+    y = torch.cat([r["batches"][0][1] for r in ranks])
+    model = TinyClassifier()
+    model.load_state_dict(ranks[0]["initial"])
+    grads = microbatch_grads(model, x, lambda out, i: F.cross_entropy(out, y[i : i + 1], reduction="sum"))
+    norms = torch.stack([g.flatten(1).square().sum(1) for g in grads.values()]).sum(0).sqrt()
+    unclipped = int((norms <= 1.7).sum())  # C = 1.7: about the median per-sample norm of this model
+    assert 0 < unclipped < len(norms)  # the count says something
+    expected = 1.7 * math.exp(-0.7 * (unclipped / 16 - 0.5))
+    assert [r["max_grad_norm"] for r in ranks] == [pytest.approx(expected, rel=1e-6)] * 2

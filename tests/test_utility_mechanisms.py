@@ -271,3 +271,36 @@ def test_strategy_trains_with_the_utility_options_and_accounts_sigma(tmp_path, o
     assert [(s, q) for s, q, _ in opt.accountant.history] == [(1.0, 8 / 64)]
     if "adaptive_clipping" in options:
         assert opt.gradient_noise_multiplier > 1.0 and opt.max_grad_norm != 1.0
+
+
+def test_adaptive_clipping_resumes_from_the_reached_norm_and_is_reported(tmp_path):
+    """The norm adaptive clipping reached is in the checkpoint; a resumed run starts from it (not from
+    ``max_grad_norm``), and the privacy report names adaptive clipping with its start and current norm."""
+    from tests.namespace import DPStrategy, pl
+    from tests.lightning_helpers import TinyClassifier, make_loader, trainer_kwargs
+
+    options = dict(noise_multiplier=1.0, max_grad_norm=1.0, seed=0, adaptive_clipping=dict(count_noise_multiplier=2.0))
+    first = pl.Trainer(strategy=DPStrategy(**options), **trainer_kwargs(tmp_path, max_epochs=1))
+    first.fit(TinyClassifier(), train_dataloaders=make_loader(n=64, batch_size=8))
+    reached = first.strategy.dp_optimizer.max_grad_norm
+    assert reached != 1.0
+    path = tmp_path / "one_epoch.ckpt"
+    first.save_checkpoint(path)
+    assert torch.load(path, weights_only=False)["lightning_dp"]["adapted_max_grad_norm"] == pytest.approx(reached)
+    report = first.strategy.privacy_report()
+    assert "adaptive" in report.clipping_mode and "norm 1 at the start" in report.clipping_mode
+
+    starts = []
+
+    class StartingNorm(pl.Callback):
+        def on_train_start(self, trainer, module):
+            starts.append(trainer.strategy.dp_optimizer.max_grad_norm)
+
+    resumed = pl.Trainer(strategy=DPStrategy(**options),
+                         **trainer_kwargs(tmp_path, max_epochs=2, callbacks=[StartingNorm()]))
+    resumed.fit(TinyClassifier(), train_dataloaders=make_loader(n=64, batch_size=8), ckpt_path=path)
+    assert starts == [pytest.approx(reached)]
+    plain = pl.Trainer(strategy=DPStrategy(noise_multiplier=1.0, max_grad_norm=1.0, seed=0),
+                       **trainer_kwargs(tmp_path, max_epochs=2, callbacks=[StartingNorm()]))
+    plain.fit(TinyClassifier(), train_dataloaders=make_loader(n=64, batch_size=8), ckpt_path=path)
+    assert starts[-1] == 1.0  # without adaptive clipping the checkpoint's norm is not used

@@ -26,6 +26,13 @@ class ReportMixin:
             f"{getattr(optimizer, 'clipping', config.clipping)} "
             f"({getattr(optimizer, 'clipping_mode', config.clipping_mode)} norms)"
         )
+        adaptive = getattr(optimizer, "adaptive_clipping", None)
+        if adaptive is not None:  # the norm moved: say from where, to where, and after what
+            clipping += (
+                f", adaptive (Andrew et al. 2021: target quantile {adaptive.target_quantile}, learning rate "
+                f"{adaptive.learning_rate}; norm {config.max_grad_norm:g} at the start, "
+                f"{optimizer.max_grad_norm:.4g} now; its noised counts are in ε)"
+            )
         return PrivacyReport(
             epsilon=self.accountant.get_epsilon(delta),
             delta=delta,

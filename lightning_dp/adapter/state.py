@@ -36,6 +36,7 @@ class PrivacyStateMixin:
         self.expected_batch_size: Optional[int] = None
         self._budgets: Set[Tuple[float, float]] = set()
         self._settings_of_checkpoint: Optional[Dict[str, Any]] = None
+        self._adapted_norm_of_checkpoint: Optional[float] = None
         self._refused_steps = 0  # steps the budget guard refused
         self._dropped_before = 0  # non-finite samples dropped before a resumed checkpoint
         self._seeded_rank: Optional[int] = None
@@ -129,6 +130,7 @@ class PrivacyStateMixin:
             "max_grad_norm": self.max_grad_norm,
             "sample_rate": self.sample_rate,
             "dropped_samples": self.dropped_samples,
+            "adapted_max_grad_norm": self._adapted_max_grad_norm(),
             "report": self.privacy_report().to_dict(),
         }
         if self._rank_states is not None:
@@ -146,8 +148,23 @@ class PrivacyStateMixin:
         if state.get("sampler") is not None and self.noise.seeded and not self.config.secure_mode:
             self._sampling_generator.set_state(state["sampler"])
         self._dropped_before = int(state.get("dropped_samples", 0) or 0)
+        self._adapted_norm_of_checkpoint = state.get("adapted_max_grad_norm")
         self._settings_of_checkpoint = {k: state.get(k) for k in _RESUMED_SETTINGS}
         self._load_rank_states(state.get("ranks"))
+
+    def _adapted_max_grad_norm(self) -> Optional[float]:
+        """The clipping norm adaptive clipping has reached (``None`` without adaptive clipping)."""
+        if self.config.adaptive_clipping is None or not self._has_dp_optimizer():
+            return None
+        return float(self.dp_optimizer.max_grad_norm)
+
+    def _starting_max_grad_norm(self) -> float:
+        """The clipping norm a new DP optimizer starts from: ``max_grad_norm``, or on resuming with adaptive
+        clipping the norm the checkpoint had reached (the estimate goes on where it was)."""
+        adapted = self._adapted_norm_of_checkpoint
+        if adapted is not None and self.config.adaptive_clipping is not None:
+            return float(adapted)
+        return self.config.max_grad_norm
 
     def _load_rank_states(self, ranks: Optional[List[Dict[str, Any]]]) -> None:
         """Each rank continues its own seeded streams (the top-level ``noise``/``sampler`` are rank 0's)."""

@@ -32,7 +32,7 @@ class StepsMixin:
             DPOptimizer(
                 optimizer,
                 noise_multiplier=self.noise_multiplier if self.noise_multiplier is not None else 0.0,
-                max_grad_norm=config.max_grad_norm,
+                max_grad_norm=self._starting_max_grad_norm(),
                 expected_batch_size=self.expected_batch_size,
                 noise=self.noise,
                 accountant=self.accountant,
