@@ -42,6 +42,10 @@ class DPConfig:
             as a dict (``target_quantile``, ``learning_rate``, ``count_noise_multiplier``).
         bands: ``1`` (DP-SGD), or the bands ``b`` of BandMF correlated noise with cyclic Poisson sampling
             (:mod:`lightning_dp.correlated`); :func:`~lightning_dp.make_private` only for now.
+        secure_aggregation: sum the ranks' clipped sums by secure aggregation with distributed discrete
+            Gaussian noise (:mod:`lightning_dp.secure_aggregation`); ``DPDDPStrategy`` only.
+        min_honest_ranks: with ``secure_aggregation``, the ranks whose noise shares alone give the noise
+            (default ``W − 1``): ε holds if at most ``W − min_honest_ranks`` ranks are corrupt.
 
     Example::
 
@@ -67,6 +71,8 @@ class DPConfig:
     clipping: str = "flat"
     adaptive_clipping: Optional[Dict[str, float]] = None
     bands: int = 1
+    secure_aggregation: bool = False
+    min_honest_ranks: Optional[int] = None
 
     def __post_init__(self) -> None:
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
@@ -101,6 +107,7 @@ class DPConfig:
             checked["noise_multiplier"] = check_non_negative("noise_multiplier", self.noise_multiplier)
         if self.target_epsilon is not None:
             checked["target_epsilon"] = check_positive("target_epsilon", self.target_epsilon)
+        self._check_secure_aggregation()
         for name in ("poisson_sampling", "secure_mode"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
@@ -123,6 +130,28 @@ class DPConfig:
             raise ValueError(f"`accountant` must name a registered accountant: {err}") from None
         for name, value in checked.items():
             object.__setattr__(self, name, value)
+
+    def _check_secure_aggregation(self) -> None:
+        if not isinstance(self.secure_aggregation, bool):
+            raise ValueError(f"`secure_aggregation` must be True or False, got {self.secure_aggregation!r}.")
+        if self.min_honest_ranks is not None:
+            check_positive_int("min_honest_ranks", self.min_honest_ranks)
+            if not self.secure_aggregation:
+                raise ValueError(
+                    f"`min_honest_ranks`={self.min_honest_ranks!r} needs secure_aggregation=True: without it every "
+                    "rank adds its noise in the clear and there is no share to size."
+                )
+        if not self.secure_aggregation:
+            return
+        for name, value, why in (
+            ("target_epsilon", self.target_epsilon, "calibrate with lightning_dp.secure_aggregation."
+             "ddg_noise_multiplier and pass noise_multiplier"),
+            ("adaptive_clipping", self.adaptive_clipping, "its noised count is not aggregated securely"),
+        ):
+            if value is not None:
+                raise ValueError(f"`{name}` cannot be combined with secure_aggregation=True for now: {why}.")
+        if self.bands != 1:
+            raise ValueError(f"`bands`={self.bands} cannot be combined with secure_aggregation=True.")
 
     @classmethod
     def from_arguments(cls, arguments: Mapping[str, Any]) -> "DPConfig":

@@ -69,6 +69,7 @@ def make_private(
     bands: int = _D.bands,
     num_steps: Optional[int] = None,
     noise_coefficients: Optional[Sequence[float]] = None,
+    secure_aggregation: bool = _D.secure_aggregation,
 ) -> DPOptimizer:
     """Make ``loss.backward(); optimizer.step()`` a DP-SGD step, in place.
 
@@ -111,6 +112,8 @@ def make_private(
         num_steps: the planned number of steps ``T``; with ``bands > 1`` the strategy's coefficients are
             optimised for it (:func:`~lightning_dp.correlated.banded_toeplitz_coefficients`).
         noise_coefficients: the strategy's ``b`` coefficients instead (then ``num_steps`` is not needed).
+        secure_aggregation: refused (``True``): one process has nothing to aggregate; see
+            :class:`~lightning_dp.secure_aggregation.SecureAggregator` and ``DPDDPStrategy``.
 
     Example::
 
@@ -125,6 +128,12 @@ def make_private(
     """
     if noise_multiplier is None:
         raise ValueError("`noise_multiplier` must be a finite number >= 0, got None.")
+    if secure_aggregation:
+        raise ValueError(
+            "make_private does not take `secure_aggregation`=True: it makes one process's optimizer private and has "
+            "no ranks to aggregate. Across processes use DPDDPStrategy(secure_aggregation=True), or hand a "
+            "lightning_dp.secure_aggregation.SecureAggregator to DPOptimizer(combine=...) in your own loop."
+        )
     config = DPConfig.from_arguments(locals())
     check_positive("expected_batch_size", expected_batch_size)
     if sample_rate is not None:

@@ -457,10 +457,16 @@ class DPOptimizer(Optimizer):
             grads.append(grad)
         if rescale:
             torch._foreach_mul_(rescale, self._summed_divisor / divisor)
-        if std > 0:
-            add_noise_(self.noise, grads, std)
-        if self.combine is not None:
-            self.combine(grads)
+        if getattr(self.combine, "adds_noise", False):
+            # The aggregator adds the noise itself (secure aggregation: distributed discrete Gaussian). It gets
+            # the total std σC/B and the bound C/B on one example's contribution, and sums across ranks.
+            noise_std = self.gradient_noise_multiplier * self.max_grad_norm / divisor
+            self.combine(grads, std=noise_std, sensitivity=self.max_grad_norm / divisor)  # type: ignore[call-arg]
+        else:
+            if std > 0:
+                add_noise_(self.noise, grads, std)
+            if self.combine is not None:
+                self.combine(grads)
         for p, grad in zip(params, grads):
             p.grad = grad if self.shards is None else self.shards.to_grad(p, grad)
         self._known_grads = _grads_now(params)

@@ -47,6 +47,8 @@ class PrivacyReport:
         target_epsilon: the ε the noise was calibrated for, if any.
         dropped_samples: samples whose gradient was not finite (NaN/inf), given clip factor 0: they
             contributed nothing to any step (the steps themselves are accounted as usual).
+        secure_aggregation: with secure aggregation across ranks, its mechanism, ``bits``, ``scale``,
+            ``min_honest_ranks``, threat model and accounting route; ``None`` otherwise.
         not_covered: what ε does not cover (see :data:`NOT_COVERED`).
         versions: lightning_dp, torch and Lightning (``lightning`` or ``pytorch_lightning``) versions.
     """
@@ -67,6 +69,7 @@ class PrivacyReport:
     world_size: int = 1
     target_epsilon: Optional[float] = None
     dropped_samples: int = 0
+    secure_aggregation: Optional[Dict[str, Any]] = None
     not_covered: List[str] = field(default_factory=lambda: list(NOT_COVERED))
     versions: Dict[str, str] = field(default_factory=dict)
 
@@ -96,7 +99,10 @@ class PrivacyReport:
 
     def hparams(self) -> Dict[str, Any]:
         """Flat ``dp/...`` hyperparameters for loggers (TensorBoard compares runs by these)."""
-        flat = {k: v for k, v in self.to_dict().items() if k not in ("versions", "not_covered")}
+        flat = {k: v for k, v in self.to_dict().items() if k not in ("versions", "not_covered", "secure_aggregation")}
+        for k, v in (self.secure_aggregation or {}).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                flat[f"secure_aggregation_{k}"] = v
         flat.update({f"version_{k}": v for k, v in self.versions.items()})
         return {f"dp/{k}": ("None" if v is None else v) for k, v in flat.items()}
 
@@ -117,6 +123,14 @@ class PrivacyReport:
         ]
         if self.target_epsilon is not None:
             rows.append(("Target ε (calibration)", f"{self.target_epsilon:g}"))
+        if self.secure_aggregation:
+            agg = self.secure_aggregation
+            rows.append(("Aggregation", f"{agg.get('mechanism')}: b = {agg.get('bits')} bits, scale = "
+                                        f"{agg.get('scale'):g} per C/B, min_honest_ranks = {agg.get('min_honest_ranks')}"))
+            if agg.get("threat_model"):
+                rows.append(("Threat model", str(agg["threat_model"])))
+            if agg.get("accounting"):
+                rows.append(("Accounting", str(agg["accounting"])))
         rows.append(("Versions", ", ".join(f"{k} {v}" for k, v in self.versions.items())))
         rows.extend(("Not covered by ε", item) for item in self.not_covered)
         return rows

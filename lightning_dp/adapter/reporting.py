@@ -50,12 +50,17 @@ class ReportMixin:
             world_size=self.world_size,
             target_epsilon=config.target_epsilon,
             dropped_samples=self.dropped_samples,
+            secure_aggregation=self._secure_aggregation_summary(),
             versions={
                 "lightning_dp": __version__,
                 "torch": str(torch.__version__),
                 self._host.package: self._host.version,
             },
         )
+
+    def _secure_aggregation_summary(self) -> Optional[dict]:
+        """The secure-aggregation mechanism of the report; ``None`` (the DDP strategy overrides it)."""
+        return None
 
     def on_train_start(self) -> None:
         """Log the DP settings as hyperparameters, so runs compare side by side in TensorBoard."""

@@ -13,6 +13,7 @@ import torch
 
 from ..config import DPConfig
 from ..grad_sample import GradSampleHooks, attach_grad_sample_hooks
+from ..secure_aggregation import DEFAULT_BITS, DEFAULT_SCALE, DistributedDiscreteGaussianAccountant, SecureAggregator
 from ..validation import validate
 from .data import DataMixin
 from .features import check_trainer
@@ -20,6 +21,18 @@ from .host import Host
 from .reporting import ReportMixin
 from .state import PrivacyStateMixin
 from .steps import StepsMixin
+
+_NO_SECURE_AGGREGATION = ("secure_aggregation", "min_honest_ranks")
+
+
+def refuse_secure_aggregation(strategy: str, kwargs: Dict[str, Any], why: str) -> None:
+    """Raise a clear error when ``secure_aggregation``/``min_honest_ranks`` reach a strategy without it."""
+    given = {name: kwargs[name] for name in _NO_SECURE_AGGREGATION if name in kwargs}
+    if given and (given.get("secure_aggregation") or given.get("min_honest_ranks") is not None):
+        listed = ", ".join(f"{k}={v!r}" for k, v in given.items())
+        raise ValueError(f"{strategy} does not take `secure_aggregation` (got {listed}): {why}")
+    for name in given:
+        kwargs.pop(name)
 
 _DEVICE = Union[torch.device, str, int]
 _D = DPConfig  # defaults of the explicit signatures below are DPConfig's: written once
@@ -161,6 +174,10 @@ class SingleDeviceDP(DPStrategyMixin):
         device: Optional[_DEVICE] = None,
         **kwargs: Any,
     ) -> None:
+        refuse_secure_aggregation(
+            "DPStrategy", kwargs, "one device has nothing to aggregate (its clipped sum never leaves it). Use "
+            "DPDDPStrategy(secure_aggregation=True) to train across data owners.",
+        )
         config = DPConfig.from_arguments(locals())
         super().__init__(device=device if device is not None else "cpu", **kwargs)
         self._device_given = device is not None
@@ -234,11 +251,51 @@ class DDPDP(DPStrategyMixin):
         clipping_mode: str = _D.clipping_mode,
         clipping: str = _D.clipping,
         adaptive_clipping: Optional[Dict[str, float]] = _D.adaptive_clipping,
+        secure_aggregation: bool = _D.secure_aggregation,
+        min_honest_ranks: Optional[int] = _D.min_honest_ranks,
         **kwargs: Any,
     ) -> None:
         config = DPConfig.from_arguments(locals())
         super().__init__(**kwargs)
         self._init_dp(config)
+        self._aggregator: Optional[SecureAggregator] = None
+        if config.secure_aggregation:  # the record of privacy spent is the DDG's (dim, shares: at set-up)
+            self.accountant = DistributedDiscreteGaussianAccountant(scale=DEFAULT_SCALE)
+
+    def _gradient_exchange(self) -> Dict[str, Any]:
+        """Plain DDP: each rank noises its clipped sum, :meth:`combine_clipped_sums` adds them up. With
+        ``secure_aggregation``: a :class:`~lightning_dp.secure_aggregation.SecureAggregator` (keys exchanged
+        here, a collective) quantises, adds a discrete Gaussian share, masks and sums."""
+        if not self.config.secure_aggregation:
+            return super()._gradient_exchange()
+        if self.config.secure_mode:
+            generator: Any = self.noise  # SecureRNG: rounding and noise from the OS-keyed ChaCha20/AES stream
+        else:
+            generator = torch.Generator().manual_seed((self.noise.seed + 104729) % (1 << 63))
+        aggregator = SecureAggregator(
+            self.global_rank, self.world_size, generator, min_honest_ranks=self.config.min_honest_ranks,
+            scale=DEFAULT_SCALE,
+        )
+        aggregator.setup()
+        dim = sum(p.numel() for p in self.lightning_module.parameters() if p.requires_grad)
+        self.accountant.configure(dim=dim, num_shares=aggregator.min_honest_ranks)  # type: ignore[attr-defined]
+        self._aggregator = aggregator
+        return {"combine": aggregator, "noise_shares": 1}
+
+    def _secure_aggregation_summary(self) -> Optional[Dict[str, Any]]:
+        """The mechanism, b, the scale and the threat model for the privacy report (``None`` without it)."""
+        if not self.config.secure_aggregation:
+            return None
+        if self._aggregator is not None:
+            summary = self._aggregator.describe()
+        else:
+            summary = {"mechanism": SecureAggregator.mechanism, "bits": DEFAULT_BITS, "scale": DEFAULT_SCALE,
+                       "min_honest_ranks": self.config.min_honest_ranks}
+        summary["accounting"] = (
+            "RDP of the sum of discrete Gaussians (Kairouz, Liu & Steinke 2021, Prop. 14) at sensitivity "
+            "scale + sqrt(d), Poisson subsampling by Zhu & Wang 2019 Thm. 6, integer orders"
+        )
+        return summary
 
     def _register_ddp_hooks(self) -> None:
         """Install the no-communication hook on every backend (Lightning only does so on CUDA)."""

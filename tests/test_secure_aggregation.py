@@ -1,0 +1,320 @@
+"""Secure aggregation with the distributed discrete Gaussian (lightning_dp.secure_aggregation): the sampler's
+law, masks that cancel and hide, exact modular sums, the accounting, and DPDDPStrategy(secure_aggregation=True)
+on 2 CPU processes (gloo)."""
+from __future__ import annotations
+
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from scipy import special, stats
+
+from lightning_dp import make_private
+from lightning_dp.accounting.rdp import _epsilon_from_rdp, _rdp_int, _rdp_vector
+from lightning_dp.config import DPConfig
+from lightning_dp.noise import SecureRNG
+from lightning_dp.secure_aggregation import (
+    PairwiseMasks,
+    SecureAggregator,
+    ddg_epsilon,
+    ddg_noise_multiplier,
+    discrete_gaussian_pmf,
+    rounded_l2_norm_bound,
+    sample_discrete_gaussian,
+)
+from lightning_dp.secure_aggregation.accounting import DDG_ORDERS, ddg_rdp, ddg_tau, subsampled_rdp
+
+
+def _ranks(world_size: int, seed: int = 0):
+    """World_size ranks' masks with fixed keys, agreed in one process."""
+    masks = [PairwiseMasks(r, world_size, private_key=bytes([seed + r + 1]) * 32) for r in range(world_size)]
+    for m in masks:
+        m.agree([k.public_key for k in masks])
+    return masks
+
+
+def _aggregators(world_size: int, **kwargs):
+    return [SecureAggregator(r, world_size, torch.Generator().manual_seed(100 + r), masks=m, **kwargs)
+            for r, m in enumerate(_ranks(world_size))]
+
+
+# ------------------------------------------------------------------------------------ discrete Gaussian
+@pytest.mark.parametrize("variance", [0.7, 2.5, 30.0])
+def test_discrete_gaussian_matches_the_exact_pmf(variance):
+    n = 200_000
+    x = sample_discrete_gaussian(variance, n, torch.Generator().manual_seed(1))
+    support = int(4 * math.sqrt(variance)) + 1
+    pmf = discrete_gaussian_pmf(variance, support).numpy()
+    observed = np.array([(x == k).sum().item() for k in range(-support, support + 1)], dtype=np.float64)
+    expected = pmf * n
+    tail_obs, tail_exp = n - observed.sum(), n * (1 - pmf.sum())
+    keep = expected >= 5
+    chi2 = ((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum()
+    dof = int(keep.sum())
+    if tail_exp >= 5:
+        chi2 += (tail_obs - tail_exp) ** 2 / tail_exp
+        dof += 1
+    assert stats.chi2.sf(chi2, dof - 1) > 1e-3
+    xs = np.arange(-support, support + 1)
+    exact_var = float((pmf * xs**2).sum() / pmf.sum())
+    assert x.double().mean().item() == pytest.approx(0.0, abs=5 * math.sqrt(exact_var / n))
+    assert x.double().var().item() == pytest.approx(exact_var, rel=0.02)
+    # the continuous Gaussian rounded is a different law: the test tells them apart
+    rounded = torch.round(torch.randn(n, generator=torch.Generator().manual_seed(2)) * math.sqrt(variance))
+    obs_r = np.array([(rounded == k).sum().item() for k in range(-support, support + 1)], dtype=np.float64)
+    chi2_r = ((obs_r[keep] - expected[keep]) ** 2 / expected[keep]).sum()
+    assert variance > 5 or stats.chi2.sf(chi2_r, dof - 1) < 1e-6
+
+
+def test_discrete_gaussian_large_scale_and_secure_generator():
+    x = sample_discrete_gaussian(1e12, 200_000, SecureRNG(seed=b"ddg"))
+    assert x.dtype == torch.int64
+    assert x.double().std().item() == pytest.approx(1e6, rel=0.01)
+    assert stats.kstest(x.double().numpy() / 1e6, "norm").pvalue > 1e-3  # σ = 10⁶: the lattice is invisible
+    assert torch.equal(sample_discrete_gaussian(0.0, 5, SecureRNG()), torch.zeros(5, dtype=torch.int64))
+
+
+# ----------------------------------------------------------------------------------------------- masks
+@pytest.mark.parametrize("bits", [8, 48, 62])
+def test_masks_cancel_exactly(bits):
+    masks = _ranks(3)
+    for step in (0, 1, 7):
+        total = sum(m.mask(step, 10_000, bits) for m in masks)
+        assert torch.equal(total.bitwise_and((1 << bits) - 1), torch.zeros(10_000, dtype=torch.int64))
+    assert not torch.equal(masks[0].mask(0, 100, bits), masks[0].mask(1, 100, bits))  # fresh per step
+    pair = masks[0].pair_mask(2, 3, 100, bits)
+    assert torch.equal(pair, masks[2].pair_mask(0, 3, 100, bits))
+
+
+def test_masked_message_is_uniform_modulo_2_to_the_b():
+    aggs = _aggregators(3, bits=20, scale=2.0**10)
+    x = torch.full((64_000,), 0.25)  # a constant, very non-uniform contribution
+    message = aggs[0].encode(x, std=0.0, sensitivity=1.0)
+    assert message.min() >= 0 and message.max() < 2**20
+    counts = torch.bincount(message >> 14, minlength=64).double().numpy()  # top 6 bits: 64 bins
+    assert stats.chisquare(counts).pvalue > 1e-3
+    low = torch.bincount(message & 63, minlength=64).double().numpy()  # low 6 bits
+    assert stats.chisquare(low).pvalue > 1e-3
+    unmasked = aggs[1].quantize(x, 1.0).bitwise_and((1 << 20) - 1)  # the same data without a mask is not
+    assert stats.chisquare(torch.bincount(unmasked >> 14, minlength=64).double().numpy()).pvalue < 1e-6
+
+
+def test_keys_are_never_pickled():
+    import pickle
+
+    masks = _ranks(2)[0]
+    keys = list(masks._pair_keys.values())
+    data = pickle.dumps(masks)
+    assert all(k not in data for k in keys)
+    with pytest.raises(RuntimeError, match="no pair keys"):
+        pickle.loads(data).mask(0, 4, 16)
+
+
+# ------------------------------------------------------------------------------ aggregation, in process
+def _aggregate(aggs, xs, std, sensitivity):
+    messages = [a.encode(x, std, sensitivity) for a, x in zip(aggs, xs)]
+    return aggs[0].decode(sum(messages), sensitivity), messages
+
+
+def test_noise_free_sum_within_the_quantisation_bound():
+    aggs = _aggregators(3, scale=2.0**12)
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(5000, generator=g, dtype=torch.float64) * 0.01 for _ in range(3)]
+    u = 0.05
+    total, _ = _aggregate(aggs, xs, 0.0, u)
+    bound = 3 * u / aggs[0].scale  # each rank rounds by less than one integer, u/s
+    error = (total - sum(xs)).abs()
+    assert error.max().item() < bound
+    assert error.max().item() > bound / 20  # the rounding is real: the check can fail
+    # unbiased: the rounding error averages out
+    assert error.mean().item() < bound / 2
+
+
+def test_noise_share_sizes_and_total_noise():
+    aggs = _aggregators(3, min_honest_ranks=2)
+    sigma, u = 1.5, 0.01
+    total, _ = _aggregate(aggs, [torch.zeros(40_000, dtype=torch.float64)] * 3, sigma * u, u)
+    # each rank adds (σs)²/h: the 3 shares together have variance 3/2·(σu)², any 2 of them (σu)²
+    assert total.std().item() == pytest.approx(sigma * u * math.sqrt(3 / 2), rel=0.02)
+    assert aggs[0].share_variance(sigma * u, u) == pytest.approx((sigma * aggs[0].scale) ** 2 / 2)
+
+
+def test_modular_sum_never_wraps_in_the_documented_range():
+    world, bits = 4, 40
+    aggs = _aggregators(world, bits=bits, scale=1.0)
+    limit = (1 << (bits - 1)) // world  # documented: every rank's |value| < 2^(b-1)/W
+    for sign in (1, -1):
+        xs = [torch.full((100,), float(sign * (limit - 1)), dtype=torch.float64) for _ in range(world)]
+        total, _ = _aggregate(aggs, xs, 0.0, 1.0)
+        assert torch.equal(total, torch.full((100,), float(sign * world * (limit - 1)), dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="could wrap"):
+        aggs[0].encode(torch.full((3,), float(limit), dtype=torch.float64), 0.0, 1.0)
+    with pytest.raises(ValueError, match="bits"):
+        SecureAggregator(0, 4, torch.Generator(), bits=62)  # 4·2^62 ≥ 2^63: the int64 sum could overflow
+
+
+def _gloo_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        agg = SecureAggregator(rank, world_size, torch.Generator().manual_seed(rank))
+        agg.setup()  # public keys through all_gather_object
+        x = torch.randn(3000, generator=torch.Generator().manual_seed(50 + rank)) * 0.01
+        tensors = [x[:1000].clone().view(10, 100), x[1000:].clone()]
+        sent = []
+        agg._all_reduce = lambda t: (sent.append(t.clone()), dist.all_reduce(t))  # record what leaves the rank
+        agg(tensors, std=0.0, sensitivity=0.05)
+        noisy = [torch.zeros(20_000)]
+        agg(noisy, std=0.05 * 2.0, sensitivity=0.05)
+        torch.save({"x": x, "out": torch.cat([t.reshape(-1) for t in tensors]), "sent": sent[0],
+                    "noisy": noisy[0], "steps": agg.steps}, os.path.join(out, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_three_processes_over_gloo(tmp_path):
+    world = 3
+    mp.start_processes(_gloo_worker, args=(world, random.randint(20000, 40000), str(tmp_path)), nprocs=world,
+                       start_method="spawn", join=True)
+    ranks = [torch.load(tmp_path / f"{r}.pt") for r in range(world)]
+    expected = sum(r["x"].double() for r in ranks)
+    for r in ranks:
+        assert r["steps"] == 2
+        assert (r["out"].double() - expected).abs().max().item() < world * 0.05 / 2**20 + 1e-6
+        torch.testing.assert_close(r["noisy"], ranks[0]["noisy"])  # every rank holds the same result
+        # what left the rank is nothing like its contribution
+        assert (r["sent"].double() - r["x"].double() * 2**20 / 0.05).abs().median() > 2**30
+    # noise: each of the 3 ranks adds (σs)²/2 (default h = W − 1 = 2): total std σ·u·sqrt(3/2)
+    assert ranks[0]["noisy"].double().std().item() == pytest.approx(2.0 * 0.05 * math.sqrt(1.5), rel=0.03)
+
+
+# ---------------------------------------------------------------------------------------------- accounting
+def test_unsampled_ddg_is_the_gaussian_at_the_inflated_sensitivity():
+    dim, scale, sigma = 10_000, 2.0**20, 1.3
+    eps = ddg_epsilon(sigma, 1.0, 50, 1e-5, dim=dim, scale=scale, num_shares=3)
+    sigma_eff = sigma * scale / (scale + math.sqrt(dim))  # τ ≈ 0 at these scales
+    rdp = 50 * _rdp_vector(sigma_eff, 1.0, tuple(float(o) for o in DDG_ORDERS))
+    assert eps == pytest.approx(_epsilon_from_rdp(np.asarray(DDG_ORDERS, dtype=float), rdp, 1e-5)[0], rel=1e-9)
+
+
+def test_zhu_wang_bound_upper_bounds_the_exact_subsampled_gaussian():
+    sigma, q = 1.1, 0.01
+    orders = np.arange(2, 65)
+    base = orders / (2 * sigma**2)
+    general = subsampled_rdp(list(orders), q, base)
+    exact = _rdp_int(q, sigma, orders.astype(float))
+    assert np.all(general >= exact * (1 - 1e-9))
+    assert general[:10].max() < 3 * exact[:10].max()  # and not absurdly loose where ε is decided
+    assert np.allclose(subsampled_rdp([2, 5], 1.0, base), base[[0, 3]])
+
+
+def _reference_rdp(q, l1_scale, l2_scale, tau, dim, order):
+    """The paper's reference code's formulas (google-research/federated, distributed_dp/accounting_utils.py,
+    compute_rdp_dgaussian and _compute_rdp_subsampled(upper_bound=True)), written out with scalars."""
+    def eps(a):
+        return min(a / 2 * l2_scale**2 + tau * dim, a / 2 * (l2_scale**2 + 2 * l1_scale * tau + tau**2 * dim),
+                   a / 2 * (l2_scale + math.sqrt(dim) * tau) ** 2)
+    if q == 1:
+        return eps(order)
+    terms, weights = [0.0, eps(2)], [(1 - q) ** (order - 1) * (order * q - q + 1),
+                                     special.comb(order, 2) * q**2 * (1 - q) ** (order - 2)]
+    for ell in range(3, order + 1):
+        terms.append((ell - 1) * eps(ell) + math.log(special.comb(order, ell)) + (order - ell) * math.log(1 - q)
+                     + ell * math.log(q))
+        weights.append(3)
+    return min(special.logsumexp(terms, b=weights) / (order - 1), eps(order))
+
+
+@pytest.mark.parametrize("share_std,num_shares", [(0.6, 4), (2.0, 2), (50.0, 3)])
+def test_accounting_matches_the_reference_code_formulas(share_std, num_shares):
+    dim, q = 1000, 0.02
+    total = share_std * math.sqrt(num_shares)
+    l2 = rounded_l2_norm_bound(4.0, dim)
+    l1 = l2 * min(math.sqrt(dim), l2)
+    tau = 10 * sum(math.exp(-2 * (math.pi * share_std) ** 2 * k / (k + 1)) for k in range(1, num_shares))
+    assert ddg_tau(share_std, num_shares) == pytest.approx(tau, rel=1e-12)
+    base = ddg_rdp(range(2, 33), l2 / total, l1 / total, tau, dim)
+    ours = subsampled_rdp(list(range(2, 33)), q, base)
+    ref = [_reference_rdp(q, l1 / total, l2 / total, tau, dim, a) for a in range(2, 33)]
+    np.testing.assert_allclose(ours, ref, rtol=1e-9)
+    if share_std < 1:
+        assert tau > 1e-3  # the τ terms matter in this case
+
+
+def test_rounded_bound_and_calibration():
+    assert rounded_l2_norm_bound(100.0, 400) == 120.0
+    assert rounded_l2_norm_bound(100.0, 400, beta=math.exp(-0.5)) < 120.0  # the paper's conditional bound
+    kwargs = dict(dim=50_000, scale=2.0**20, num_shares=2)
+    sigma = ddg_noise_multiplier(2.0, 1e-5, 0.01, 500, **kwargs)
+    assert ddg_epsilon(sigma, 0.01, 500, 1e-5, **kwargs) <= 2.0
+    assert ddg_epsilon(sigma * 0.99, 0.01, 500, 1e-5, **kwargs) > 2.0 * 0.99
+
+
+# -------------------------------------------------------------------------------------------- refusals
+def test_secure_aggregation_is_refused_where_it_cannot_apply():
+    from tests.namespace import DPDDPStrategy, DPFSDPStrategy, DPStrategy
+
+    with pytest.raises(ValueError, match="DPStrategy does not take `secure_aggregation`.*nothing to aggregate"):
+        DPStrategy(noise_multiplier=1.0, secure_aggregation=True)
+    with pytest.raises(ValueError, match="DPFSDPStrategy does not take `secure_aggregation`.*reduce-scattered"):
+        DPFSDPStrategy(noise_multiplier=1.0, secure_aggregation=True)
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="make_private does not take `secure_aggregation`"):
+        make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0, max_grad_norm=1.0,
+                     expected_batch_size=4, secure_aggregation=True)
+    with pytest.raises(ValueError, match="`target_epsilon` cannot be combined with secure_aggregation"):
+        DPDDPStrategy(target_epsilon=3.0, secure_aggregation=True)
+    with pytest.raises(ValueError, match="`min_honest_ranks`=2 needs secure_aggregation=True"):
+        DPConfig(noise_multiplier=1.0, min_honest_ranks=2)
+    assert DPDDPStrategy(noise_multiplier=1.0, secure_aggregation=True).accountant.mechanism == "ddg"
+
+
+# --------------------------------------------------------------------------------- Lightning, 2 processes
+WORKER = Path(__file__).with_name("secure_aggregation_worker.py")
+
+
+def test_two_processes_with_secure_aggregation_update_checkpoint_and_report(tmp_path):
+    from tests.conftest import clipped_mean_reference, microbatch_grads
+    from tests.lightning_helpers import TinyClassifier
+    from tests.namespace import NAME
+
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(random.randint(20000, 40000)),
+               PYTHONWARNINGS="ignore", LIGHTNING_DP_TEST_NAMESPACE=NAME)
+    result = subprocess.run([sys.executable, str(WORKER), str(tmp_path)], env=env, capture_output=True, text=True,
+                            timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert ranks[0]["steps"] == 1
+    x = torch.cat([r["batches"][0][0] for r in ranks])
+    y = torch.cat([r["batches"][0][1] for r in ranks])
+    model = TinyClassifier()
+    model.load_state_dict(ranks[0]["initial"])
+    grads = microbatch_grads(model, x, lambda out, i: F.cross_entropy(out, y[i : i + 1], reduction="sum"))
+    update = clipped_mean_reference(grads, 0.05, 16)
+    bound = 0.5 * 2 * (0.05 / 16) / ranks[0]["scale"]  # lr · W · u/s: each rank rounds by < u/s
+    for name, value in ranks[0]["initial"].items():
+        expected = value.double() - 0.5 * update[name]
+        for r in ranks:
+            assert (r["final"][name].double() - expected).abs().max().item() <= bound + 1e-7  # float32 weights
+    # keys: never in the checkpoint, nor in the report
+    blob = (tmp_path / "model.ckpt").read_bytes()
+    for r in ranks:
+        assert len(r["pair_keys"]) == 1 and len(r["pair_keys"][0]) == 32
+        assert r["pair_keys"][0] not in blob and r["pair_keys"][0] not in r["table"].encode()
+    assert ranks[0]["pair_keys"] == ranks[1]["pair_keys"]
+    report = ranks[0]["report"]
+    assert report["accountant"] == "ddg"
+    agg = report["secure_aggregation"]
+    assert agg["bits"] == 48 and agg["scale"] == 2.0**20 and agg["min_honest_ranks"] == 1
+    assert "at most 1 of the 2 ranks are corrupt" in agg["threat_model"]
+    assert "Threat model" in ranks[0]["table"] and "discrete Gaussian" in ranks[0]["table"]
