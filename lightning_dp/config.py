@@ -143,13 +143,11 @@ class DPConfig:
                 )
         if not self.secure_aggregation:
             return
-        for name, value, why in (
-            ("target_epsilon", self.target_epsilon, "calibrate with lightning_dp.secure_aggregation."
-             "ddg_noise_multiplier and pass noise_multiplier"),
-            ("adaptive_clipping", self.adaptive_clipping, "its noised count is not aggregated securely"),
-        ):
-            if value is not None:
-                raise ValueError(f"`{name}` cannot be combined with secure_aggregation=True for now: {why}.")
+        if self.adaptive_clipping is not None:
+            raise ValueError(
+                "`adaptive_clipping` cannot be combined with secure_aggregation=True for now: its noised count "
+                "is not aggregated securely."
+            )
         if self.bands != 1:
             raise ValueError(f"`bands`={self.bands} cannot be combined with secure_aggregation=True.")
 

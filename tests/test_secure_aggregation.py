@@ -272,8 +272,6 @@ def test_secure_aggregation_is_refused_where_it_cannot_apply():
     with pytest.raises(ValueError, match="make_private does not take `secure_aggregation`"):
         make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0, max_grad_norm=1.0,
                      expected_batch_size=4, secure_aggregation=True)
-    with pytest.raises(ValueError, match="`target_epsilon` cannot be combined with secure_aggregation"):
-        DPDDPStrategy(target_epsilon=3.0, secure_aggregation=True)
     with pytest.raises(ValueError, match="`min_honest_ranks`=2 needs secure_aggregation=True"):
         DPConfig(noise_multiplier=1.0, min_honest_ranks=2)
     assert DPDDPStrategy(noise_multiplier=1.0, secure_aggregation=True).accountant.mechanism == "ddg"

@@ -153,6 +153,11 @@ class Accountant(abc.ABC):
         return history
 
     # -- checkpointing -----------------------------------------------------------------------------
+    def fresh(self) -> "Accountant":
+        """An accountant of the same kind and parameters with an empty history (what calibration
+        composes candidate plans in). Subclasses with constructor parameters override it."""
+        return make_accountant(self.mechanism)
+
     def state_dict(self) -> Dict[str, Any]:
         """The whole privacy state as plain Python types (picklable, JSON-able):
         ``{"mechanism": str, "history": [(noise_multiplier, sample_rate, num_steps), ...]}``."""

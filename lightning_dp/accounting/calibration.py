@@ -7,6 +7,7 @@ from typing import Callable, Optional, Sequence, Tuple
 
 from lightning_dp.accounting.base import (
     DEFAULT_ACCOUNTANT,
+    Accountant,
     _check_delta,
     _check_int,
     _check_noise_multiplier,
@@ -104,7 +105,7 @@ def get_noise_multiplier_for_plan(
     target_epsilon: float,
     delta: float,
     plan: Sequence[Tuple[float, int]],
-    accountant: str = DEFAULT_ACCOUNTANT,
+    accountant: "str | Accountant" = DEFAULT_ACCOUNTANT,
     history: Sequence[Tuple[float, float, int]] = (),
     epsilon_tolerance: float = 0.01,
 ) -> float:
@@ -114,7 +115,9 @@ def get_noise_multiplier_for_plan(
 
     This is :func:`get_noise_multiplier` for runs whose sample rate changes (a gradient accumulation
     schedule) or that resume after privacy was already spent; the same search and guarantee
-    (``epsilon(sigma) <= target_epsilon``, within the tolerance below it).
+    (``epsilon(sigma) <= target_epsilon``, within the tolerance below it). ``accountant`` is a name of
+    :func:`make_accountant` or an accountant object, whose :meth:`~Accountant.fresh` copies (same kind and
+    parameters, e.g. secure aggregation's distributed discrete Gaussian) compose the candidates.
 
     Example:
         >>> from lightning_dp.accounting import get_noise_multiplier, get_noise_multiplier_for_plan
@@ -133,10 +136,11 @@ def get_noise_multiplier_for_plan(
     ]
     if not any(n > 0 for _, n in checked):
         raise ValueError(f"`plan` must contain at least one step, got {list(plan)!r}")
-    make_accountant(accountant)
+    new_accountant = (lambda: make_accountant(accountant)) if isinstance(accountant, str) else accountant.fresh
+    new_accountant()  # an unknown name fails here
 
     def eps(sigma: float) -> float:
-        acc = make_accountant(accountant)
+        acc = new_accountant()
         for noise_multiplier, q, n in history:
             acc.step(noise_multiplier=noise_multiplier, sample_rate=q, num_steps=n)
         for q, n in checked:

@@ -215,7 +215,7 @@ class DataMixin:
             )
         self._calibrated_accumulation = {epoch: k for epoch, k in self._planned_accumulation(trainer, len(plan))}
         sigma = get_noise_multiplier_for_plan(
-            config.target_epsilon, config.delta, plan, accountant=self.accountant.mechanism,
+            config.target_epsilon, config.delta, plan, accountant=self.accountant,
             history=self.accountant.history,
         )
         steps = sum(n for _, n in plan)

@@ -212,6 +212,12 @@ class DistributedDiscreteGaussianAccountant(Accountant):
         eps, _ = _epsilon_from_rdp(np.asarray(self.orders, dtype=np.float64), rdp, delta)
         return eps
 
+    def fresh(self) -> "DistributedDiscreteGaussianAccountant":
+        """An empty accountant with this one's parameters (scale, dim, shares, orders): for calibration."""
+        copy = DistributedDiscreteGaussianAccountant(scale=self.scale, orders=self.orders)
+        copy.dim, copy.num_shares = self.dim, self.num_shares
+        return copy
+
     def state_dict(self) -> Dict[str, Any]:
         """The base state plus the mechanism's parameters (for the record; loading keeps this object's)."""
         state = super().state_dict()
