@@ -29,6 +29,7 @@ from lightning_dp import DPOptimizer
 from lightning_dp.grad_sample import attach_grad_sample_hooks
 from lightning_dp.noise import GaussianNoise, SecureRNG
 from lightning_dp.secure_aggregation import SecureAggregator
+from lightning_dp.secure_aggregation.discrete_gaussian import native_kernel
 
 
 def _mlp() -> nn.Module:
@@ -99,7 +100,8 @@ def main() -> None:
                        start_method="spawn", join=True)
     plain, secure = results["plain"], results["secure"]
     print(f"MLP 784-512-512-10 (d = {results['dim']}), {args.ranks} ranks, batch {args.batch}/rank, "
-          f"{'SecureRNG' if args.secure_mode else 'seeded generators'}, median of {args.steps} steps")
+          f"{'SecureRNG' if args.secure_mode else 'seeded generators'}, median of {args.steps} steps, "
+          f"native secure-aggregation kernels: {'yes' if native_kernel() else 'no (torch ops)'}")
     print("| exchange | step ms | noise + exchange ms | bytes to all-reduce / rank / step |")
     print("|---|---|---|---|")
     for name, (step, exch) in (("plain DDP", plain), ("secure aggregation", secure)):

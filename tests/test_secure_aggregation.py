@@ -83,6 +83,115 @@ def test_discrete_gaussian_large_scale_and_secure_generator():
     assert torch.equal(sample_discrete_gaussian(0.0, 5, SecureRNG()), torch.zeros(5, dtype=torch.int64))
 
 
+# ------------------------------------------------------------------------- discrete Gaussian, native kernel
+from lightning_dp.secure_aggregation import discrete_gaussian as ddg_module  # noqa: E402
+
+native_only = pytest.mark.skipif(not ddg_module.native_kernel(), reason="lightning_dp.noise._boxmuller not built")
+
+
+def _chi2_pvalue(x, variance):
+    n = x.numel()
+    support = int(4 * math.sqrt(variance)) + 1
+    pmf = discrete_gaussian_pmf(variance, support).numpy()
+    observed = np.array([(x == k).sum().item() for k in range(-support, support + 1)], dtype=np.float64)
+    expected = pmf * n
+    keep = expected >= 5
+    chi2 = ((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum()
+    dof = int(keep.sum())
+    tail_obs, tail_exp = n - observed.sum(), n * (1 - pmf.sum())
+    if tail_exp >= 5:
+        chi2 += (tail_obs - tail_exp) ** 2 / tail_exp
+        dof += 1
+    return stats.chi2.sf(chi2, dof - 1)
+
+
+@native_only
+@pytest.mark.parametrize("variance", [0.7, 2.5, 30.0])
+def test_native_discrete_gaussian_matches_the_exact_pmf(variance):
+    n = 200_000
+    x = torch.zeros(n, dtype=torch.int64)
+    ddg_module.add_discrete_gaussian_(x, variance, torch.Generator().manual_seed(11))
+    assert _chi2_pvalue(x, variance) > 1e-3
+    # and the torch path's draws are the same law: a two-sample chi-square on the common support
+    y = torch.zeros(n, dtype=torch.int64)
+    ddg_module._sample_torch(y, variance, torch.Generator().manual_seed(12))
+    assert _chi2_pvalue(y, variance) > 1e-3
+    support = int(3 * math.sqrt(variance)) + 1
+    table = np.array([[((z == k).sum().item()) for k in range(-support, support + 1)] for z in (x, y)], dtype=float)
+    table = np.concatenate([table, n - table.sum(1, keepdims=True)], axis=1)
+    table = table[:, table.min(0) >= 5]
+    assert stats.chi2_contingency(table)[1] > 1e-3
+
+
+@native_only
+def test_native_discrete_gaussian_large_scale_and_secure_generator():
+    x = sample_discrete_gaussian(1e12, 200_000, SecureRNG(seed=b"ddg-native"))  # the native path on CPU
+    assert x.double().std().item() == pytest.approx(1e6, rel=0.01)
+    assert stats.kstest(x.double().numpy() / 1e6, "norm").pvalue > 1e-3
+    y = torch.zeros(200_000, dtype=torch.int64)
+    ddg_module._sample_torch(y, 1e12, SecureRNG(seed=b"ddg-torch"))
+    assert stats.ks_2samp(x.numpy(), y.numpy()).pvalue > 1e-3
+
+
+@native_only
+def test_native_discrete_gaussian_kernel_buffers_and_thread_count():
+    native = ddg_module._native
+    u = ddg_module.uniforms(torch.Generator().manual_seed(5), 2 * 80_000).numpy()
+    outs = []
+    for threads in (1, 2, 3, 8):
+        out = np.zeros(40_000, dtype=np.int64)
+        filled, used = native.discrete_gaussian_(u.copy(), out, 9.0, 0, threads)
+        outs.append((filled, used, out))
+    for filled, used, out in outs:  # the draws do not depend on the thread count
+        assert filled == 40_000 and used == outs[0][1] and np.array_equal(out, outs[0][2])
+    assert used % 2 == 0 and used < 160_000  # only the chunks it needed
+    # short of uniforms: fills what it can, reports all of them used; adds (add=1) to what is there
+    out = np.full(200_000, 7, dtype=np.int64)
+    filled, used = native.discrete_gaussian_(u.copy(), out, 9.0, 1, 2)
+    rate = ddg_module.acceptance_rate(9.0)
+    assert used == 160_000 and abs(filled - 80_000 * rate) < 5 * math.sqrt(80_000 * rate * (1 - rate))
+    assert np.all(out[filled:] == 7) and np.array_equal(out[:40_000] - 7, outs[0][2])
+    # the acceptance rate used to size the buffer is the sampler's
+    for variance in (0.7, 30.0, 2.0**40):
+        u = ddg_module.uniforms(torch.Generator().manual_seed(6), 2 * 400_000).numpy()
+        filled, _ = native.discrete_gaussian_(u, np.zeros(400_000, dtype=np.int64), variance, 0, 1)
+        rate = ddg_module.acceptance_rate(variance)
+        assert abs(filled - 400_000 * rate) < 5 * math.sqrt(400_000 * rate * (1 - rate))
+    with pytest.raises(ValueError):
+        native.discrete_gaussian_(np.zeros(4), np.zeros(2, dtype=np.int64), 0.0, 0, 1)
+
+
+@native_only
+def test_native_and_torch_aggregation_paths_agree(monkeypatch):
+    """Without noise both paths draw the same rounding uniforms: the messages and the decoded sums are equal."""
+    g = torch.Generator().manual_seed(8)
+    xs = [[torch.randn(300, 7, generator=g) * 0.01, torch.randn(50, generator=g, dtype=torch.float64) * 0.01,
+           torch.randn(40, 30, generator=g).t()] for _ in range(2)]  # float32, float64, non-contiguous
+
+    def run():
+        aggs = _aggregators(2, scale=2.0**16)
+        messages = [a._encode(x, sum(t.numel() for t in x), torch.device("cpu"), 0.0, 0.05) for a, x in zip(aggs, xs)]
+        outs = [[t.clone() for t in x] for x in xs]
+        summed = messages[0] + messages[1]
+        for a, out in zip(aggs, outs):
+            a._all_reduce = lambda t: t.copy_(summed)
+            a.steps = 0
+            a(out, std=0.0, sensitivity=0.05)
+        return messages, outs
+
+    native_messages, native_outs = run()
+    monkeypatch.setattr(ddg_module, "_native", None)
+    torch_messages, torch_outs = run()
+    for a, b in zip(native_messages, torch_messages):
+        assert torch.equal(a, b)
+    for a, b in zip(native_outs, torch_outs):
+        for ta, tb in zip(a, b):
+            assert ta.dtype == tb.dtype and torch.equal(ta, tb)
+    expected = [a.double() + b.double() for a, b in zip(*xs)]
+    for out, e in zip(native_outs[0], expected):
+        assert (out.double() - e).abs().max().item() < 2 * 0.05 / 2**16 + 1e-6
+
+
 # ----------------------------------------------------------------------------------------------- masks
 @pytest.mark.parametrize("bits", [8, 48, 62])
 def test_masks_cancel_exactly(bits):

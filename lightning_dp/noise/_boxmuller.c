@@ -52,6 +52,8 @@
 extern float logf(float) __attribute__((simd("notinbranch")));
 extern float cosf(float) __attribute__((simd("notinbranch")));
 extern float sinf(float) __attribute__((simd("notinbranch")));
+/* libmvec's double exp (< 1 ulp in glibc's tables for the vector variants): the discrete Gaussian kernel. */
+extern double exp(double) __attribute__((simd("notinbranch")));
 #define LDP_CLONES __attribute__((target_clones("avx2", "default")))
 #if __GNUC__ >= 12
 #define LDP_CLONES64 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -450,10 +452,238 @@ static PyObject *fill_(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* ------------------------------------------------------------ discrete Gaussian (secure aggregation) */
+
+/* discrete_gaussian_: the sampler of Canonne, Kamath & Steinke (2020), Algorithm 3, as the torch path of
+ * lightning_dp/secure_aggregation/discrete_gaussian.py, over a caller's buffer of float64 uniforms in
+ * (0, 1). A candidate takes two uniforms u, u': sign = (2u < 1), V = 2u mod 1 (exact), G = ⌊-t·ln V⌋
+ * (the discrete Laplace proposal Y = ±G, t = ⌊σ⌋ + 1), accepted when u' < exp(-(G − σ²/t)²/(2σ²)) and
+ * Y is not "−0". ln is log_unit (fdlibm, < 1 ulp), exp libmvec's (or libm's), all in float64.
+ *
+ * The buffer is cut into chunks of DG_CHUNK candidates (the last one shorter); chunk i's candidates are
+ * uniforms [2·i·DG_CHUNK, +size) (proposals) and [2·i·DG_CHUNK + size, +size) (acceptance tests). The
+ * accepted values of every chunk, in candidate order, are written as int64 over the chunk's own start
+ * (the buffer is destroyed); the output is the chunks' accepted values in chunk order, the first `count`
+ * of them. A chunk's values depend on its slice alone, so the output does not depend on the thread count
+ * or the schedule. Accepted candidates of i.i.d. candidates, the first `count` of them, are i.i.d. with the
+ * discrete Gaussian law (a stopping time on an i.i.d. sequence). */
+#define DG_CHUNK 4096
+#define DG_BLOCK 256
+
+LDP_CLONES64
+static Py_ssize_t dg_chunk(double *u, Py_ssize_t size, double t, double shift, double coef) {
+    const double *proposal = u, *test = u + size;
+    int64_t *out = (int64_t *)u; /* accepted values overwrite proposals already read */
+    double y[DG_BLOCK];
+    int64_t ok[DG_BLOCK];
+    Py_ssize_t n = 0;
+    for (Py_ssize_t b = 0; b < size; b += DG_BLOCK) {
+        const Py_ssize_t len = size - b < DG_BLOCK ? size - b : DG_BLOCK;
+        for (Py_ssize_t j = 0; j < len; j++) {
+            const double doubled = proposal[b + j] * 2.0;
+            const int negative = doubled < 1.0;
+            const double v = negative ? doubled : doubled - 1.0;
+            const double g = floor(log_unit(v) * -t);
+            const double z = g - shift;
+            const double p = exp(z * z * coef);
+            y[j] = negative ? -g : g;
+            ok[j] = (test[b + j] < p) & !(negative & (g == 0.0));
+        }
+        for (Py_ssize_t j = 0; j < len; j++) {
+            out[n] = (int64_t)y[j]; /* n <= b + j: a proposal of this block or an earlier one, already read */
+            n += ok[j];
+        }
+    }
+    return n;
+}
+
+/* discrete_gaussian_(uniforms, out, variance, add, threads) -> (filled, used). */
+static PyObject *discrete_gaussian_(PyObject *self, PyObject *args) {
+    Py_buffer ubuf, obuf;
+    double variance;
+    int add, threads;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "w*w*dii", &ubuf, &obuf, &variance, &add, &threads)) return NULL;
+    if (!(variance > 0.0) || !isfinite(variance) || threads < 1 || ubuf.len % 8 || obuf.len % 8) {
+        PyBuffer_Release(&ubuf);
+        PyBuffer_Release(&obuf);
+        PyErr_SetString(PyExc_ValueError, "discrete_gaussian_: need finite variance > 0, threads >= 1, 8-byte buffers");
+        return NULL;
+    }
+    const Py_ssize_t count = obuf.len / 8, candidates = ubuf.len / 16;
+    const Py_ssize_t chunks = (candidates + DG_CHUNK - 1) / DG_CHUNK;
+    Py_ssize_t *counts = PyMem_Calloc((size_t)(chunks > 0 ? chunks : 1), 2 * sizeof(Py_ssize_t));
+    if (counts == NULL) {
+        PyBuffer_Release(&ubuf);
+        PyBuffer_Release(&obuf);
+        return PyErr_NoMemory();
+    }
+    Py_ssize_t *starts = counts + (chunks > 0 ? chunks : 1);
+    const double sigma = sqrt(variance), t = floor(sigma) + 1.0, shift = variance / t, coef = -0.5 / variance;
+    double *u = (double *)ubuf.buf;
+    int64_t *out = (int64_t *)obuf.buf;
+    Py_ssize_t filled = 0, used = 0, last = 0;
+    if (threads > chunks) threads = chunks > 0 ? (int)chunks : 1;
+    Py_BEGIN_ALLOW_THREADS
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(static)
+#endif
+    for (Py_ssize_t i = 0; i < chunks; i++) {
+        const Py_ssize_t first = i * DG_CHUNK, size = candidates - first < DG_CHUNK ? candidates - first : DG_CHUNK;
+        counts[i] = dg_chunk(u + 2 * first, size, t, shift, coef);
+    }
+    for (last = 0; last < chunks && filled < count; last++) {
+        const Py_ssize_t first = last * DG_CHUNK, size = candidates - first < DG_CHUNK ? candidates - first : DG_CHUNK;
+        starts[last] = filled;
+        if (counts[last] > count - filled) counts[last] = count - filled;
+        filled += counts[last];
+        used += 2 * size;
+    }
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(static)
+#endif
+    for (Py_ssize_t i = 0; i < last; i++) {
+        const int64_t *values = (const int64_t *)(u + 2 * i * DG_CHUNK);
+        int64_t *dst = out + starts[i];
+        if (add) {
+            for (Py_ssize_t j = 0; j < counts[i]; j++) dst[j] += values[j];
+        } else {
+            memcpy(dst, values, sizeof(int64_t) * (size_t)counts[i]);
+        }
+    }
+    Py_END_ALLOW_THREADS
+    PyMem_Free(counts);
+    PyBuffer_Release(&ubuf);
+    PyBuffer_Release(&obuf);
+    return Py_BuildValue("nn", filled, used);
+}
+
+/* encode_(x, kind, uniforms, values, mask, factor, limit, modulus_mask, threads) -> int: secure aggregation's
+ * fused rounding step over n = len(values) coordinates:
+ *   v_i = (int64)⌊x_i·factor + u_i⌋ + values_i     (x float32 (kind 0) or float64 (kind 2), product and sum in
+ *                                                  float64, as the torch path; values_i: the noise share)
+ *   values_i = (v_i + mask_i) & modulus_mask
+ * Returns how many v_i had |v_i| >= limit or a non-finite / out-of-range ⌊x·factor + u⌋ (then the
+ * caller must raise: the modular sum could wrap). */
+LDP_CLONES64
+static Py_ssize_t encode_range(const char *x, int kind, const double *u, int64_t *values, const int64_t *mask,
+                               Py_ssize_t n, double factor, int64_t limit, int64_t modulus_mask) {
+    Py_ssize_t bad = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const double xi = kind == 0 ? (double)((const float *)x)[i] : ((const double *)x)[i];
+        const double f = floor(xi * factor + u[i]);
+        const int in_range = fabs(f) < 0x1p62;
+        const int64_t v = (int64_t)((uint64_t)(in_range ? (int64_t)f : 0) + (uint64_t)values[i]);
+        bad += !in_range | (v >= limit) | (v <= -limit);
+        values[i] = (int64_t)(((uint64_t)v + (uint64_t)mask[i]) & (uint64_t)modulus_mask); /* mod 2^64, no UB */
+    }
+    return bad;
+}
+
+static PyObject *encode_(PyObject *self, PyObject *args) {
+    Py_buffer xb, ub, vb, mb;
+    int kind, threads;
+    double factor;
+    long long limit, modulus_mask;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*iy*w*y*dLLi", &xb, &kind, &ub, &vb, &mb, &factor, &limit, &modulus_mask, &threads))
+        return NULL;
+    const Py_ssize_t n = vb.len / 8, itemsize = kind == 0 ? 4 : 8;
+    PyObject *result = NULL;
+    if ((kind != 0 && kind != 2) || threads < 1 || xb.len != n * itemsize || ub.len != n * 8 || mb.len != n * 8
+        || vb.len % 8) {
+        PyErr_SetString(PyExc_ValueError, "encode_: need kind 0 or 2, threads >= 1 and buffers of n elements");
+    } else {
+        Py_ssize_t bad = 0;
+        const Py_ssize_t block = 1 << 14, blocks = (n + block - 1) / block;
+        const int team = threads > blocks ? (blocks > 0 ? (int)blocks : 1) : threads;
+        Py_BEGIN_ALLOW_THREADS
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(team) schedule(static) reduction(+ : bad)
+#endif
+        for (Py_ssize_t b = 0; b < blocks; b++) {
+            const Py_ssize_t first = b * block, len = n - first < block ? n - first : block;
+            bad += encode_range((const char *)xb.buf + first * itemsize, kind, (const double *)ub.buf + first,
+                                (int64_t *)vb.buf + first, (const int64_t *)mb.buf + first, len, factor,
+                                (int64_t)limit, (int64_t)modulus_mask);
+        }
+        Py_END_ALLOW_THREADS
+        result = PyLong_FromSsize_t(bad);
+    }
+    PyBuffer_Release(&xb);
+    PyBuffer_Release(&ub);
+    PyBuffer_Release(&vb);
+    PyBuffer_Release(&mb);
+    return result;
+}
+
+/* decode_(summed, out, kind, bits, factor, threads): out_i = signed(summed_i mod 2^bits)·factor, computed in
+ * float64 and rounded once to out's dtype (kind 0: float32, 2: float64), as the torch path. */
+LDP_CLONES64
+static void decode_range(const int64_t *summed, char *out, int kind, Py_ssize_t n, int bits, double factor) {
+    const int64_t modulus_mask = (int64_t)((((uint64_t)1) << bits) - 1), half = (int64_t)(((uint64_t)1) << (bits - 1));
+    const int64_t modulus = (int64_t)(((uint64_t)1) << bits);
+    if (kind == 0) {
+        float *o = (float *)out;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            int64_t v = summed[i] & modulus_mask;
+            v = v >= half ? v - modulus : v;
+            o[i] = (float)((double)v * factor);
+        }
+    } else {
+        double *o = (double *)out;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            int64_t v = summed[i] & modulus_mask;
+            v = v >= half ? v - modulus : v;
+            o[i] = (double)v * factor;
+        }
+    }
+}
+
+static PyObject *decode_(PyObject *self, PyObject *args) {
+    Py_buffer sb, ob;
+    int kind, bits, threads;
+    double factor;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*w*iidi", &sb, &ob, &kind, &bits, &factor, &threads)) return NULL;
+    const Py_ssize_t n = sb.len / 8, itemsize = kind == 0 ? 4 : 8;
+    PyObject *result = NULL;
+    if ((kind != 0 && kind != 2) || bits < 1 || bits > 62 || threads < 1 || sb.len % 8 || ob.len != n * itemsize) {
+        PyErr_SetString(PyExc_ValueError, "decode_: need kind 0 or 2, 1 <= bits <= 62, threads >= 1, n elements each");
+    } else {
+        const Py_ssize_t block = 1 << 14, blocks = (n + block - 1) / block;
+        const int team = threads > blocks ? (blocks > 0 ? (int)blocks : 1) : threads;
+        Py_BEGIN_ALLOW_THREADS
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(team) schedule(static)
+#endif
+        for (Py_ssize_t b = 0; b < blocks; b++) {
+            const Py_ssize_t first = b * block, len = n - first < block ? n - first : block;
+            decode_range((const int64_t *)sb.buf + first, (char *)ob.buf + first * itemsize, kind, len, bits, factor);
+        }
+        Py_END_ALLOW_THREADS
+        result = Py_None;
+        Py_INCREF(result);
+    }
+    PyBuffer_Release(&sb);
+    PyBuffer_Release(&ob);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"box_muller_", box_muller_, METH_VARARGS,
      "box_muller_(buffer, half, start, stop, std): pairs start..stop-1 of a piece of 2*half int32 "
      "keystream words become float32 normals in place (word i: r*cos, word half+i: r*sin)."},
+    {"decode_", decode_, METH_VARARGS,
+     "decode_(summed, out, kind, bits, factor, threads): out = signed(summed mod 2^bits) * factor (float64, "
+     "rounded once to out: kind 0 float32, 2 float64)."},
+    {"discrete_gaussian_", discrete_gaussian_, METH_VARARGS,
+     "discrete_gaussian_(uniforms, out, variance, add, threads) -> (filled, used): discrete Gaussian N_Z(0, "
+     "variance) draws (CKS 2020) from a float64 buffer of uniforms in (0, 1) (destroyed), stored (add=0) or "
+     "added (add=1) to the int64 buffer out; filled: outputs written (the first ones), used: uniforms used."},
+    {"encode_", encode_, METH_VARARGS,
+     "encode_(x, kind, uniforms, values, mask, factor, limit, modulus_mask, threads) -> bad: values = "
+     "(floor(x*factor + u) + values + mask) & modulus_mask in place (int64); bad counts |value| >= limit."},
     {"fill_", fill_, METH_VARARGS,
      "fill_(keystream, k, pairs, chunk, scale, targets, threads): all chunks of a draw, as sum_normals_, on "
      "`threads` OpenMP threads; chunk i's keystream comes from keystream(first_pair, size, buffer)."},

@@ -12,6 +12,11 @@ One call per optimizer step, on every rank (it is a collective)::
 ``h`` = ``min_honest_ranks``. Only ``m_i``, uniform modulo ``2^b``, leaves a rank. No rank ever holds
 another rank's unmasked contribution; the sum reveals ``Σ y_i`` (what DP-SGD releases anyway, with
 noise of total std at least ``σs`` from any ``h`` ranks' shares).
+
+On CPU with the native kernels (:func:`~lightning_dp.secure_aggregation.discrete_gaussian.native_kernel`) a
+step makes one pass to draw the share into the int64 message, one fused pass per tensor for rounding, the
+range check and the mask (``encode_``), and one per tensor to decode straight into the tensors (``decode_``);
+the arithmetic is the torch path's (float64 product and sum, exact integer arithmetic modulo ``2^b``).
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 from .._checks import check_int, check_non_negative, check_positive
+from . import discrete_gaussian as _dg
 from .discrete_gaussian import sample_discrete_gaussian, uniforms
 from .masks import PairwiseMasks
 
@@ -117,16 +123,46 @@ class SecureAggregator:
     def encode(self, flat: torch.Tensor, std: float, sensitivity: float) -> torch.Tensor:
         """This rank's message for the step: quantised, noised, masked, in ``[0, 2^b)`` (int64). Uses the
         next step's masks (advances :attr:`steps`)."""
-        values = self.quantize(flat, sensitivity)
+        return self._encode([flat.reshape(-1)], flat.numel(), flat.device, std, sensitivity)
+
+    def _wrap_error(self, limit: int) -> RuntimeError:
+        return RuntimeError(
+            f"Secure aggregation: a quantised value reached 2^(b-1)/W = {limit}, so the modular sum could wrap. "
+            f"Lower `scale` (now {self.scale:g}) or raise `bits` (now {self.bits}); see docs/cross_silo.rst."
+        )
+
+    def _encode(self, parts: Sequence[torch.Tensor], numel: int, device: torch.device, std: float,
+                sensitivity: float) -> torch.Tensor:
+        """The message of the flattened, concatenated ``parts`` (``numel`` coordinates in all)."""
         variance = self.share_variance(std, sensitivity)
+        limit = (1 << (self.bits - 1)) // self.world_size
+        if _native_ready(parts, device):
+            # the rounding uniforms first, then the share, as the torch path draws them
+            u = uniforms(self.generator, numel)
+            values = torch.zeros(numel, dtype=torch.int64)
+            if variance > 0:
+                _dg.add_discrete_gaussian_(values, variance, self.generator)
+            mask = self.masks.mask(self.steps, numel, self.bits, device)
+            factor, modulus_mask, threads = self.scale / sensitivity, self.modulus - 1, torch.get_num_threads()
+            bad, offset = 0, 0
+            u_np, values_np, mask_np = u.numpy(), values.numpy(), mask.numpy()
+            for part in parts:
+                n = part.numel()
+                x = part.detach().contiguous()
+                bad += _dg._native.encode_(x.numpy(), _KIND[x.dtype], u_np[offset : offset + n],
+                                           values_np[offset : offset + n], mask_np[offset : offset + n], factor,
+                                           limit, modulus_mask, threads)
+                offset += n
+            if bad:
+                raise self._wrap_error(limit)
+            self.steps += 1
+            return values
+        flat = torch.cat([p.reshape(-1) for p in parts]) if len(parts) > 1 else parts[0].reshape(-1)
+        values = self.quantize(flat, sensitivity)
         if variance > 0:
             values.add_(sample_discrete_gaussian(variance, values.numel(), self.generator, values.device))
-        limit = (1 << (self.bits - 1)) // self.world_size
         if bool((values.abs() >= limit).any()):
-            raise RuntimeError(
-                f"Secure aggregation: a quantised value reached 2^(b-1)/W = {limit}, so the modular sum could wrap. "
-                f"Lower `scale` (now {self.scale:g}) or raise `bits` (now {self.bits}); see docs/cross_silo.rst."
-            )
+            raise self._wrap_error(limit)
         mask = self.masks.mask(self.steps, values.numel(), self.bits, values.device)
         self.steps += 1
         return values.add_(mask).bitwise_and_(self.modulus - 1)
@@ -156,13 +192,25 @@ class SecureAggregator:
         tensors = list(tensors)
         if not tensors:
             return
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        message = self.encode(flat, std, sensitivity)
+        numel = sum(t.numel() for t in tensors)
+        message = self._encode(tensors, numel, tensors[0].device, std, sensitivity)
         if self.world_size > 1:
             (self._all_reduce or _all_reduce_sum)(message)
         self.bytes_sent += message.numel() * message.element_size()
-        result = self.decode(message, sensitivity)
         offset = 0
+        if _native_ready(tensors, message.device) and message.is_contiguous():
+            summed, factor, threads = message.numpy(), sensitivity / self.scale, torch.get_num_threads()
+            for t in tensors:
+                n = t.numel()
+                direct = t.is_contiguous()
+                target = t.detach() if direct else torch.empty(t.shape, dtype=t.dtype)
+                _dg._native.decode_(summed[offset : offset + n], target.view(-1).numpy(), _KIND[t.dtype], self.bits,
+                                    factor, threads)
+                if not direct:
+                    t.copy_(target)
+                offset += n
+            return
+        result = self.decode(message, sensitivity)
         for t in tensors:
             n = t.numel()
             t.copy_(result[offset : offset + n].view_as(t))
@@ -186,6 +234,15 @@ class SecureAggregator:
     def __repr__(self) -> str:
         return (f"SecureAggregator(rank={self.rank}, world_size={self.world_size}, bits={self.bits}, "
                 f"scale={self.scale:g}, min_honest_ranks={self.min_honest_ranks})")
+
+
+_KIND = {torch.float32: 0, torch.float64: 2}  # dtype -> the native kernels' buffer kind
+
+
+def _native_ready(tensors: Sequence[torch.Tensor], device: torch.device) -> bool:
+    """Whether the native kernels can take these tensors: built, on CPU, float32 / float64."""
+    return (_dg._native is not None and device.type == "cpu"
+            and all(t.device.type == "cpu" and t.dtype in _KIND for t in tensors))
 
 
 def _all_reduce_sum(tensor: torch.Tensor) -> None:
