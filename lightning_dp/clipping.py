@@ -44,7 +44,8 @@ overflow must reach the gradients so that the scaler skips the step and lowers i
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+import weakref
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -107,6 +108,42 @@ def parts_of(param: torch.Tensor) -> Optional[List[Part]]:
     if grad_sample is not None:
         parts.insert(0, MaterializedPart(grad_sample))
     return merge(parts) if parts else None
+
+
+def check_all_seen(
+    params: Sequence[torch.Tensor], with_samples: Sequence[torch.Tensor], known: Dict[int, Tuple[Any, int]]
+) -> None:
+    """Refuse a trainable parameter that got a gradient from the backward pass but no per-sample gradient:
+    the model read it outside the forward of the module that holds it (a ``ParameterDict``, another module
+    using its tensor), where no rule saw the use. It would be trained on noise alone, silently.
+
+    ``known`` maps ``id(param)`` to (a weak reference to its gradient when the optimizer last looked: the
+    last micro-batch's or the gradient the last step set, that gradient's version): a gradient unchanged
+    since then is no new use (a second look at the same backward pass, a loop without ``zero_grad``)."""
+    seen = {id(p) for p in with_samples}
+    unseen = []
+    for p in params:
+        grad = p.grad
+        if grad is None or id(p) in seen:
+            continue
+        ref = known.get(id(p))
+        if ref is not None and ref[0]() is grad and ref[1] == grad._version:
+            continue
+        local = grad.to_local() if hasattr(grad, "to_local") else grad
+        if bool(local.count_nonzero()):  # distributed runs give unused parameters zero gradients
+            unseen.append(getattr(p, "dp_name", None) or f"a parameter of shape {tuple(p.shape)}")
+    if unseen:
+        raise RuntimeError(
+            f"Trainable parameters {unseen} received a gradient in the backward pass but no per-sample gradient: "
+            "the model reads them outside the forward of the module that holds them (a ParameterDict, or another "
+            "module using their tensor directly), where no per-sample rule sees the use. Freeze them "
+            "(requires_grad_(False)), or use them only through their own module's forward (see docs/layers.rst)."
+        )
+
+
+def grads_now(params: Sequence[torch.Tensor]) -> Dict[int, Tuple[Any, int]]:
+    """``id(param)`` → (weak reference to its gradient, the gradient's version), for :func:`check_all_seen`."""
+    return {id(p): (weakref.ref(p.grad), p.grad._version) for p in params if p.grad is not None}
 
 
 def clip_and_sum(

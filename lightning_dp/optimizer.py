@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import weakref
 from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 import torch
@@ -11,50 +10,15 @@ from torch.optim import Optimizer
 
 from .accounting import Accountant
 from ._checks import check_choice, check_non_negative, check_positive, check_positive_int, check_rate
-from .clipping import CLIPPINGS, NON_FINITE, AdaptiveClipping, clip_and_sum, parts_of
+from .clipping import CLIPPINGS, NON_FINITE, AdaptiveClipping, check_all_seen, clip_and_sum, grads_now, parts_of
 from .grad_sample.fast import CLIPPING_MODES, set_clipping_mode
 from .noise import GaussianNoise
+from .wrapped_optimizer import WrappedOptimizer
 
 
 NOISE_PIECE = 1 << 16
 """A noise source without ``add_normal_`` is asked for this many normals at a time (64× on GPU), each
 added to the clipped sum at once: the step never holds a second parameter-sized tensor."""
-
-
-def _check_all_seen(
-    params: List[nn.Parameter], with_samples: List[nn.Parameter], known: Dict[int, Tuple[Any, int]]
-) -> None:
-    """Refuse a trainable parameter that got a gradient from the backward pass but no per-sample gradient:
-    the model read it outside the forward of the module that holds it (a ``ParameterDict``, another module
-    using its tensor), where no rule saw the use. It would be trained on noise alone, silently.
-
-    ``known`` maps ``id(param)`` to (a weak reference to its gradient when the optimizer last looked: the
-    last micro-batch's or the gradient the last step set, that gradient's version): a gradient unchanged
-    since then is no new use (a second look at the same backward pass, a loop without ``zero_grad``)."""
-    seen = {id(p) for p in with_samples}
-    unseen = []
-    for p in params:
-        grad = p.grad
-        if grad is None or id(p) in seen:
-            continue
-        ref = known.get(id(p))
-        if ref is not None and ref[0]() is grad and ref[1] == grad._version:
-            continue
-        local = grad.to_local() if hasattr(grad, "to_local") else grad
-        if bool(local.count_nonzero()):  # distributed runs give unused parameters zero gradients
-            unseen.append(getattr(p, "dp_name", None) or f"a parameter of shape {tuple(p.shape)}")
-    if unseen:
-        raise RuntimeError(
-            f"Trainable parameters {unseen} received a gradient in the backward pass but no per-sample gradient: "
-            "the model reads them outside the forward of the module that holds them (a ParameterDict, or another "
-            "module using their tensor directly), where no per-sample rule sees the use. Freeze them "
-            "(requires_grad_(False)), or use them only through their own module's forward (see docs/layers.rst)."
-        )
-
-
-def _grads_now(params: List[nn.Parameter]) -> Dict[int, Tuple[Any, int]]:
-    """``id(param)`` → (weak reference to its gradient, the gradient's version), for :func:`_check_all_seen`."""
-    return {id(p): (weakref.ref(p.grad), p.grad._version) for p in params if p.grad is not None}
 
 
 @torch.no_grad()
@@ -96,7 +60,7 @@ class GradientShards(Protocol):
         """The value of ``param.grad`` for this rank's noised ``shard`` (FSDP2: a DTensor over it)."""
 
 
-class DPOptimizer(Optimizer):
+class DPOptimizer(WrappedOptimizer):
     """An optimizer whose ``step`` is the DP-SGD update (Abadi et al. 2016, "Deep Learning with DP").
 
     ``step(closure)`` first runs the closure (forward + backward: Lightning calls ``step`` this way),
@@ -197,11 +161,9 @@ class DPOptimizer(Optimizer):
         shards: Optional[GradientShards] = None,
         adaptive_clipping: "AdaptiveClipping | Dict[str, float] | None" = None,
     ) -> None:
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
         if isinstance(optimizer, DPOptimizer):
             raise ValueError("`optimizer` is already a DPOptimizer; wrap the original optimizer once.")
-        self.original_optimizer = optimizer
+        super().__init__(optimizer)
         self.noise_multiplier = check_non_negative("noise_multiplier", noise_multiplier)
         self.max_grad_norm = check_positive("max_grad_norm", max_grad_norm)
         self._clipping_mode = check_choice("clipping_mode", clipping_mode, CLIPPING_MODES)
@@ -228,15 +190,8 @@ class DPOptimizer(Optimizer):
         self.steps_taken = 0
         self.dropped_samples = 0
         self.dropped_in_step = 0
-        self._known_grads: Dict[int, Tuple[Any, int]] = {}  # see _check_all_seen
+        self._known_grads: Dict[int, Tuple[Any, int]] = {}  # see clipping.check_all_seen
         self._summed_divisor = 1.0  # what param.summed_grad is divided by (see add_noise)
-        # Optimizer base-class bookkeeping that torch's hooks and profiler expect to exist.
-        self._optimizer_step_pre_hooks: Dict[int, Callable] = {}
-        self._optimizer_step_post_hooks: Dict[int, Callable] = {}
-        self._optimizer_state_dict_pre_hooks: Dict[int, Callable] = {}
-        self._optimizer_state_dict_post_hooks: Dict[int, Callable] = {}
-        self._optimizer_load_state_dict_pre_hooks: Dict[int, Callable] = {}
-        self._optimizer_load_state_dict_post_hooks: Dict[int, Callable] = {}
         set_clipping_mode(self.params, clipping_mode)
 
     @property
@@ -277,45 +232,9 @@ class DPOptimizer(Optimizer):
     def non_finite(self, value: str) -> None:
         self._non_finite = check_choice("non_finite", value, NON_FINITE)
 
-    # --- the wrapped optimizer's state is ours (shared objects, no copies) -------------------------
-    @property
-    def param_groups(self) -> List[Dict[str, Any]]:  # type: ignore[override]
-        """The wrapped optimizer's parameter groups."""
-        return self.original_optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: List[Dict[str, Any]]) -> None:
-        self.original_optimizer.param_groups = value
-
-    @property
-    def state(self) -> Dict[Any, Any]:  # type: ignore[override]
-        """The wrapped optimizer's state."""
-        return self.original_optimizer.state
-
-    @state.setter
-    def state(self, value: Dict[Any, Any]) -> None:
-        self.original_optimizer.state = value
-
-    @property
-    def defaults(self) -> Dict[str, Any]:  # type: ignore[override]
-        """The wrapped optimizer's defaults."""
-        return self.original_optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value: Dict[str, Any]) -> None:
-        self.original_optimizer.defaults = value
-
-    def state_dict(self) -> Dict[str, Any]:
-        """The wrapped optimizer's state dict (checkpoints stay loadable without lightning_dp)."""
-        return self.original_optimizer.state_dict()
-
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Load into the wrapped optimizer."""
-        self.original_optimizer.load_state_dict(state_dict)
-
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """Add a parameter group to the wrapped optimizer (its parameters are clipped and noised too)."""
-        self.original_optimizer.add_param_group(param_group)
+        super().add_param_group(param_group)
         set_clipping_mode(self.params, self.clipping_mode)
 
     def __repr__(self) -> str:
@@ -326,11 +245,6 @@ class DPOptimizer(Optimizer):
         )
 
     # --- DP-SGD ---------------------------------------------------------------------------------------
-    @property
-    def params(self) -> List[nn.Parameter]:
-        """Every trainable parameter the optimizer updates (each gets clipped gradients and noise)."""
-        return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
-
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear gradients and per-sample gradients.
 
@@ -373,8 +287,8 @@ class DPOptimizer(Optimizer):
                 with_samples.append(p)
                 parts.append(p_parts)
         if self.shards is None:  # a sharded model's gradients are the sharding's own (FSDP)
-            _check_all_seen(params, with_samples, self._known_grads)
-            self._known_grads = _grads_now(params)
+            check_all_seen(params, with_samples, self._known_grads)
+            self._known_grads = grads_now(params)
         if not with_samples:
             return torch.zeros(0)
         batch_sizes = {part.batch_size for ps in parts for part in ps}
@@ -469,7 +383,7 @@ class DPOptimizer(Optimizer):
                 self.combine(grads)
         for p, grad in zip(params, grads):
             p.grad = grad if self.shards is None else self.shards.to_grad(p, grad)
-        self._known_grads = _grads_now(params)
+        self._known_grads = grads_now(params)
 
     def _zero_grad_of(self, p: nn.Parameter) -> torch.Tensor:
         if self.shards is not None:
