@@ -47,7 +47,8 @@ def _worker(rank: int, world: int, port: int, args, results) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
     noise = SecureRNG() if args.secure_mode else GaussianNoise(seed=rank)
-    generator = noise if args.secure_mode else torch.Generator().manual_seed(1000 + rank)
+    # as DPDDPStrategy does: seeded runs key the same stream from the rank's seed (reproducible, not secret)
+    generator = noise if args.secure_mode else SecureRNG(seed=f"lightning_dp.secure_aggregation:{rank}".encode())
     aggregator = SecureAggregator(rank, world, generator)
     aggregator.setup()
     expected = args.batch * world

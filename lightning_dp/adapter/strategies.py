@@ -13,6 +13,7 @@ import torch
 
 from ..config import DPConfig
 from ..grad_sample import GradSampleHooks, attach_grad_sample_hooks
+from ..noise import SecureRNG
 from ..secure_aggregation import DEFAULT_BITS, DEFAULT_SCALE, DistributedDiscreteGaussianAccountant, SecureAggregator
 from ..validation import validate
 from .data import DataMixin
@@ -270,8 +271,8 @@ class DDPDP(DPStrategyMixin):
             return super()._gradient_exchange()
         if self.config.secure_mode:
             generator: Any = self.noise  # SecureRNG: rounding and noise from the OS-keyed ChaCha20/AES stream
-        else:
-            generator = torch.Generator().manual_seed((self.noise.seed + 104729) % (1 << 63))
+        else:  # reproducible: the same fast keystream keyed from this rank's seed (a seeded run is not secret)
+            generator = SecureRNG(seed=f"lightning_dp.secure_aggregation:{self.noise.seed}".encode())
         aggregator = SecureAggregator(
             self.global_rank, self.world_size, generator, min_honest_ranks=self.config.min_honest_ranks,
             scale=DEFAULT_SCALE,

@@ -46,7 +46,8 @@ class SecureAggregator:
     Args:
         rank: this rank; world_size: the number of ranks W (``W · 2^bits < 2^63``).
         generator: the source of rounding and noise randomness: a :class:`~lightning_dp.noise.SecureRNG`
-            (secure mode) or a seeded ``torch.Generator`` (reproducible, not secure).
+            (OS-keyed in secure mode; ``DPDDPStrategy`` keys one from the rank's seed in seeded runs, the
+            fast path) or a seeded ``torch.Generator`` (reproducible, not secure, slower).
         min_honest_ranks: ``h``, the ranks whose noise shares alone must give the noise: each rank adds
             variance ``(σs)²/h``, so ε holds while at most ``W − h`` ranks are corrupt. Default ``W − 1``
             (at least 1): every peer, knowing its own share, still sees noise of std at least σC.
