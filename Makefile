@@ -23,9 +23,11 @@ demo: $(STAMP)
 	$(PY) examples/train_digits.py
 
 # The whole suite under `import lightning as L`, then the Lightning tests again under pytorch_lightning.
+# One intra-op thread per process: the tests' models are tiny (thread hand-offs cost more than they save)
+# and the distributed tests run several processes at once; tests about threads set their own counts.
 test: $(STAMP)
-	$(PY) -m pytest tests
-	LIGHTNING_DP_TEST_NAMESPACE=pytorch_lightning $(PY) -m pytest tests -m lightning
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests
+	OMP_NUM_THREADS=1 LIGHTNING_DP_TEST_NAMESPACE=pytorch_lightning $(PY) -m pytest tests -m lightning
 
 docs: $(STAMP)
 	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
