@@ -154,14 +154,7 @@ class DPConfig:
     @classmethod
     def from_arguments(cls, arguments: Mapping[str, Any]) -> "DPConfig":
         """A config from a function's arguments (``locals()``): the names that are fields are taken,
-        everything else (``self``, ``device``, ``**kwargs``) is ignored, except ``bands`` among the
-        ``**kwargs`` of a Lightning strategy, which is refused: BandMF is for make_private only for now."""
-        extra = arguments.get("kwargs")
-        if isinstance(extra, Mapping) and "bands" in extra and "bands" not in arguments:
-            raise ValueError(
-                f"`bands` (BandMF correlated noise, got bands={extra['bands']!r}) is supported by make_private only "
-                "for now: the Lightning strategies do not take it (their samplers and checkpoints are DP-SGD's)."
-            )
+        everything else (``self``, ``device``, ``**kwargs``) is ignored."""
         return cls(**{f.name: arguments[f.name] for f in fields(cls) if f.name in arguments})
 
     def to_dict(self) -> Dict[str, Any]:

@@ -23,7 +23,7 @@ from ..config import DPConfig
 from ..grad_sample.registry import get_dp_forward, get_grad_sampler
 from ..optimizer import DPOptimizer
 from ..sampling import batch_size_of, is_empty_batch, map_tensors, split_batch
-from .strategies import DPStrategyMixin, refuse_secure_aggregation
+from .strategies import BANDS_REFUSAL, DPStrategyMixin, refuse_options
 
 _D = DPConfig
 _FACTORED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
@@ -252,11 +252,12 @@ class FSDPDP(DPStrategyMixin, _ShardedBackward):
         reshard_after_forward: Optional[bool] = None,
         **kwargs: Any,
     ) -> None:
-        refuse_secure_aggregation(
-            "DPFSDPStrategy", kwargs, "its clipped sums are reduce-scattered into shards after every backward pass "
-            "(float sums of each parameter shard, one collective per layer), not one masked integer vector per step; "
-            "secure aggregation is implemented for DPDDPStrategy(secure_aggregation=True).",
-        )
+        refuse_options("DPFSDPStrategy", kwargs, {
+            ("secure_aggregation", "min_honest_ranks"): "its clipped sums are reduce-scattered into shards after "
+            "every backward pass (float sums of each parameter shard, one collective per layer), not one masked "
+            "integer vector per step; secure aggregation is implemented for DPDDPStrategy(secure_aggregation=True).",
+            ("bands",): BANDS_REFUSAL,
+        })
         config = DPConfig.from_arguments(locals())
         for name in ("data_parallel_size", "tensor_parallel_size"):
             if name in kwargs:

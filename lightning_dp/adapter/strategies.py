@@ -7,7 +7,7 @@ and :class:`DDPDP` add what their host strategy needs and carry the explicit, do
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -23,17 +23,22 @@ from .reporting import ReportMixin
 from .state import PrivacyStateMixin
 from .steps import StepsMixin
 
-_NO_SECURE_AGGREGATION = ("secure_aggregation", "min_honest_ranks")
+BANDS_REFUSAL = (
+    "BandMF correlated noise is supported by make_private only for now: the Lightning strategies' samplers and "
+    "checkpoints are DP-SGD's."
+)
 
 
-def refuse_secure_aggregation(strategy: str, kwargs: Dict[str, Any], why: str) -> None:
-    """Raise a clear error when ``secure_aggregation``/``min_honest_ranks`` reach a strategy without it."""
-    given = {name: kwargs[name] for name in _NO_SECURE_AGGREGATION if name in kwargs}
-    if given and (given.get("secure_aggregation") or given.get("min_honest_ranks") is not None):
-        listed = ", ".join(f"{k}={v!r}" for k, v in given.items())
-        raise ValueError(f"{strategy} does not take `secure_aggregation` (got {listed}): {why}")
-    for name in given:
-        kwargs.pop(name)
+def refuse_options(strategy: str, kwargs: Dict[str, Any], refused: Dict[Tuple[str, ...], str]) -> None:
+    """Raise a clear error for DP options a strategy does not take (instead of the host strategy's bare
+    ``TypeError`` on an unknown keyword), in place of ``kwargs``: for each group of option names, the reason.
+    Options given at their :class:`~lightning_dp.config.DPConfig` default are taken out of ``kwargs`` silently."""
+    for names, why in refused.items():
+        given = {name: kwargs.pop(name) for name in names if name in kwargs}
+        if any(value != getattr(DPConfig, name) for name, value in given.items()):
+            listed = ", ".join(f"{k}={v!r}" for k, v in given.items())
+            raise ValueError(f"{strategy} does not take `{names[0]}` (got {listed}): {why}")
+
 
 _DEVICE = Union[torch.device, str, int]
 _D = DPConfig  # defaults of the explicit signatures below are DPConfig's: written once
@@ -175,10 +180,11 @@ class SingleDeviceDP(DPStrategyMixin):
         device: Optional[_DEVICE] = None,
         **kwargs: Any,
     ) -> None:
-        refuse_secure_aggregation(
-            "DPStrategy", kwargs, "one device has nothing to aggregate (its clipped sum never leaves it). Use "
-            "DPDDPStrategy(secure_aggregation=True) to train across data owners.",
-        )
+        refuse_options("DPStrategy", kwargs, {
+            ("secure_aggregation", "min_honest_ranks"): "one device has nothing to aggregate (its clipped sum never "
+            "leaves it). Use DPDDPStrategy(secure_aggregation=True) to train across data owners.",
+            ("bands",): BANDS_REFUSAL,
+        })
         config = DPConfig.from_arguments(locals())
         super().__init__(device=device if device is not None else "cpu", **kwargs)
         self._device_given = device is not None
@@ -256,6 +262,7 @@ class DDPDP(DPStrategyMixin):
         min_honest_ranks: Optional[int] = _D.min_honest_ranks,
         **kwargs: Any,
     ) -> None:
+        refuse_options("DPDDPStrategy", kwargs, {("bands",): BANDS_REFUSAL})
         config = DPConfig.from_arguments(locals())
         super().__init__(**kwargs)
         self._init_dp(config)
