@@ -230,6 +230,12 @@ def job_num_nodes(out_dir: str) -> None:
     path = os.path.join(out_dir, "ddp.ckpt")
     fit("ddp_first", out_dir, DPDDPStrategy(**noisy), num_nodes=2, max_steps=2, save_to=path, **loader)
     fit("ddp_resumed", out_dir, DPDDPStrategy(**noisy), num_nodes=2, max_steps=4, ckpt_path=path, **loader)
+    # The same with secure aggregation: its seeded rounding and noise stream continues too.
+    secure = dict(noisy, secure_aggregation=True)
+    fit("sa_uninterrupted", out_dir, DPDDPStrategy(**secure), num_nodes=2, max_steps=4, **loader)
+    path = os.path.join(out_dir, "sa.ckpt")
+    fit("sa_first", out_dir, DPDDPStrategy(**secure), num_nodes=2, max_steps=2, save_to=path, **loader)
+    fit("sa_resumed", out_dir, DPDDPStrategy(**secure), num_nodes=2, max_steps=4, ckpt_path=path, **loader)
 
 
 if __name__ == "__main__":

@@ -37,3 +37,11 @@ def test_ddp_resume_continues_every_ranks_own_streams(results):
     assert_resume_matches(whole, resumed)
     for (x0, _), (x1, _) in zip(resumed[0]["batches"], resumed[1]["batches"]):
         assert x0.shape != x1.shape or not torch.equal(x0, x1)
+
+
+@pytest.mark.slow
+def test_secure_aggregation_resume_continues_its_seeded_stream(results):
+    """Seeded secure aggregation: the resumed run rounds and noises with the stream where the checkpoint
+    left it, so 2 + 2 steps give the weights and ε of 4 steps at once (the pair keys are new in every
+    fit: masks cancel whatever they are)."""
+    assert_resume_matches(load(results, "sa_uninterrupted"), load(results, "sa_resumed"))

@@ -37,6 +37,7 @@ class PrivacyStateMixin:
         self._budgets: Set[Tuple[float, float]] = set()
         self._settings_of_checkpoint: Optional[Dict[str, Any]] = None
         self._adapted_norm_of_checkpoint: Optional[float] = None
+        self._rank_state_of_checkpoint: Optional[Dict[str, Any]] = None  # this rank's, from the checkpoint
         self._refused_steps = 0  # steps the budget guard refused
         self._dropped_before = 0  # non-finite samples dropped before a resumed checkpoint
         self._seeded_rank: Optional[int] = None
@@ -179,9 +180,15 @@ class PrivacyStateMixin:
             self._seed_generators()
             return
         own = ranks[self.global_rank]
+        self._rank_state_of_checkpoint = own
         self.noise.load_state_dict(own["noise"])
         if own.get("sampler") is not None:
             self._sampling_generator.set_state(own["sampler"])
+
+    def _extra_rank_states(self) -> Dict[str, Any]:
+        """More seeded per-rank generator states for checkpoints (``{}``; the DDP strategy adds secure
+        aggregation's), restored from :attr:`_rank_state_of_checkpoint` by whoever owns them."""
+        return {}
 
     def _gather_rank_states(self) -> Optional[List[Dict[str, Any]]]:
         """Every rank's seeded generator states, gathered on every rank (a collective; ``None`` for one
@@ -190,7 +197,8 @@ class PrivacyStateMixin:
             return None
         if not (dist.is_available() and dist.is_initialized()):
             return None
-        own = {"noise": self.noise.state_dict(), "sampler": self._sampling_generator.get_state()}
+        own = {"noise": self.noise.state_dict(), "sampler": self._sampling_generator.get_state(),
+               **self._extra_rank_states()}
         gathered: List[Any] = [None] * self.world_size
         dist.all_gather_object(gathered, own)
         return gathered

@@ -280,6 +280,9 @@ class DDPDP(DPStrategyMixin):
             generator: Any = self.noise  # SecureRNG: rounding and noise from the OS-keyed ChaCha20/AES stream
         else:  # reproducible: the same fast keystream keyed from this rank's seed (a seeded run is not secret)
             generator = SecureRNG(seed=f"lightning_dp.secure_aggregation:{self.noise.seed}".encode())
+            resumed = (self._rank_state_of_checkpoint or {}).get("aggregation")
+            if resumed is not None:  # a resumed seeded run continues the stream where the checkpoint left it
+                generator.load_state_dict(resumed)
         aggregator = SecureAggregator(
             self.global_rank, self.world_size, generator, min_honest_ranks=self.config.min_honest_ranks,
             scale=DEFAULT_SCALE,
@@ -289,6 +292,12 @@ class DDPDP(DPStrategyMixin):
         self.accountant.configure(dim=dim, num_shares=aggregator.min_honest_ranks)  # type: ignore[attr-defined]
         self._aggregator = aggregator
         return {"combine": aggregator, "noise_shares": 1}
+
+    def _extra_rank_states(self) -> Dict[str, Any]:
+        """In seeded runs, the position of secure aggregation's rounding and noise stream (never a key)."""
+        if self._aggregator is None or self.config.secure_mode:
+            return {}
+        return {"aggregation": self._aggregator.generator.state_dict()}
 
     def _secure_aggregation_summary(self) -> Optional[Dict[str, Any]]:
         """The mechanism, b, the scale and the threat model for the privacy report (``None`` without it)."""
