@@ -19,7 +19,7 @@ import functools
 import json
 import statistics
 import warnings
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -79,17 +79,13 @@ def coefficients(steps: int, bands: int, workload: str) -> tuple:
     return tuple(banded_toeplitz_coefficients(steps, bands, workload).tolist())
 
 
-def train_once(x: torch.Tensor, y: torch.Tensor, seed: int, epsilon: float, recipe: Dict[str, Any]) -> tuple:
-    """Train on the split of ``seed`` at ``epsilon``: (test accuracy, ε certified by the accountant)."""
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    train, test = perm[:TRAIN], perm[TRAIN:]
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
-    q = BATCH / TRAIN
-    steps = EPOCHS * round(1 / q)
+def train_with_recipe(model: nn.Module, xs: torch.Tensor, ys: torch.Tensor, *, sigma: Optional[float], q: float,
+                      steps: int, epochs: int, batch: int, seed: int, recipe: Dict[str, Any]) -> tuple:
+    """Train ``model`` on ``(xs, ys)`` with ``recipe`` for ``epochs`` of Poisson batches at rate ``q`` (cyclic
+    Poisson with the recipe's ``bands``), privately at noise multiplier ``sigma`` (``None``: without privacy,
+    the same batches). Returns (the DP optimizer or ``None``, the EMA or ``None``)."""
     bands = int(recipe.get("bands", 1))
-    sigma = calibrated_sigma(epsilon, q, steps, bands)
-    lr = recipe["lr"] / sigma if recipe.get("lr_per_sigma") else recipe["lr"]
+    lr = recipe["lr"] / sigma if recipe.get("lr_per_sigma") and sigma else recipe["lr"]
     params = model.parameters()
     if recipe["optimizer"] == "sgd":
         inner = torch.optim.SGD(params, lr=lr, momentum=recipe.get("momentum", 0.0),
@@ -98,11 +94,13 @@ def train_once(x: torch.Tensor, y: torch.Tensor, seed: int, epsilon: float, reci
         inner = torch.optim.Adam(params, lr=lr)
     else:
         raise ValueError(f"unknown optimizer {recipe['optimizer']!r}")
-    workload = recipe.get("workload", "prefix")
-    opt = make_private(model, inner, noise_multiplier=sigma, max_grad_norm=recipe["max_grad_norm"],
-                       expected_batch_size=BATCH, sample_rate=q, seed=seed, clipping=recipe["clipping"],
-                       adaptive_clipping=recipe.get("adaptive_clipping"), bands=bands,
-                       noise_coefficients=coefficients(steps, bands, workload) if bands > 1 else None)
+    opt, private = inner, None
+    if sigma is not None:
+        workload = recipe.get("workload", "prefix")
+        opt = private = make_private(
+            model, inner, noise_multiplier=sigma, max_grad_norm=recipe["max_grad_norm"], expected_batch_size=batch,
+            sample_rate=q, seed=seed, clipping=recipe["clipping"], adaptive_clipping=recipe.get("adaptive_clipping"),
+            bands=bands, noise_coefficients=coefficients(steps, bands, workload) if bands > 1 else None)
     schedule = None
     if recipe.get("schedule") == "cosine":
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(inner, T_max=steps)
@@ -113,14 +111,13 @@ def train_once(x: torch.Tensor, y: torch.Tensor, seed: int, epsilon: float, reci
         ema = ExponentialMovingAverage(model, recipe["ema"], warmup=recipe.get("ema_warmup", True))
     sampling = torch.Generator().manual_seed(seed + 10_000)
     if bands > 1:  # the partition is drawn from the same generator, before the first batch
-        sampler = CyclicPoissonBatchSampler(TRAIN, q, bands, generator=sampling)
+        sampler = CyclicPoissonBatchSampler(len(xs), q, bands, generator=sampling)
     else:
-        sampler = PoissonBatchSampler(TRAIN, q, generator=sampling)
-    xs, ys = x[train], y[train]
+        sampler = PoissonBatchSampler(len(xs), q, generator=sampling)
     loss_fn = nn.CrossEntropyLoss()
-    for _ in range(EPOCHS):
-        for batch in sampler:
-            idx = torch.tensor(batch, dtype=torch.long)
+    for _ in range(epochs):
+        for drawn in sampler:
+            idx = torch.tensor(drawn, dtype=torch.long)
             if len(idx):
                 loss_fn(model(xs[idx]), ys[idx]).backward()
             opt.step()  # an empty batch is a noise-only step, accounted like any other
@@ -129,13 +126,32 @@ def train_once(x: torch.Tensor, y: torch.Tensor, seed: int, epsilon: float, reci
                 schedule.step()
             if ema is not None:
                 ema.update()
+    return private, ema
+
+
+def released_accuracy(model: nn.Module, ema: Optional[ExponentialMovingAverage], x: torch.Tensor, y: torch.Tensor) -> float:
+    """Accuracy of the released model: the EMA's average when there is one."""
     with torch.no_grad():
         if ema is not None:
             with ema.average_parameters(model):
-                predicted = model(x[test]).argmax(1)
+                predicted = model(x).argmax(1)
         else:
-            predicted = model(x[test]).argmax(1)
-    return float((predicted == y[test]).float().mean()), opt.get_epsilon(DELTA)
+            predicted = model(x).argmax(1)
+    return float((predicted == y).float().mean())
+
+
+def train_once(x: torch.Tensor, y: torch.Tensor, seed: int, epsilon: float, recipe: Dict[str, Any]) -> tuple:
+    """Train on the split of ``seed`` at ``epsilon``: (test accuracy, ε certified by the accountant)."""
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    train, test = perm[:TRAIN], perm[TRAIN:]
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    q = BATCH / TRAIN
+    steps = EPOCHS * round(1 / q)
+    sigma = calibrated_sigma(epsilon, q, steps, int(recipe.get("bands", 1)))
+    opt, ema = train_with_recipe(model, x[train], y[train], sigma=sigma, q=q, steps=steps, epochs=EPOCHS, batch=BATCH,
+                                 seed=seed, recipe=recipe)
+    return released_accuracy(model, ema, x[test], y[test]), opt.get_epsilon(DELTA)
 
 
 OPACUS_ISSUE_17 = {

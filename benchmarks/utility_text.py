@@ -28,7 +28,6 @@ seeded by ``seed + 10000``) and flat clipping with ``grad_sample_mode="hooks"``.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import os
@@ -41,13 +40,10 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from lightning_dp import PoissonBatchSampler, get_noise_multiplier, make_private
-from lightning_dp.accounting.bandmf import bandmf_noise_multiplier
-from lightning_dp.averaging import ExponentialMovingAverage
-from lightning_dp.correlated import CyclicPoissonBatchSampler, banded_toeplitz_coefficients
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from utility import RECIPE as DIGITS_RECIPE  # noqa: E402
+from utility import RECIPE as DIGITS_RECIPE, released_accuracy, train_with_recipe  # noqa: E402
+from utility import calibrated_sigma as _sigma_for  # noqa: E402
 
 V, T, D, HEADS = 16, 12, 64, 2
 TRAIN, TEST, EPOCHS, BATCH, DELTA = 6000, 2000, 15, 200, 1e-5
@@ -122,12 +118,9 @@ def steps() -> int:
     return EPOCHS * round(TRAIN / BATCH)
 
 
-@functools.lru_cache(maxsize=None)
 def calibrated_sigma(epsilon: float, bands: int = 1) -> float:
-    q = BATCH / TRAIN
-    if bands == 1:
-        return get_noise_multiplier(epsilon, DELTA, q, steps=steps())
-    return bandmf_noise_multiplier(epsilon, DELTA, q, steps(), bands)
+    """σ for ``epsilon`` at this task's rate and length (``benchmarks/utility.py``'s calibration, cached)."""
+    return _sigma_for(epsilon, BATCH / TRAIN, steps(), bands)
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -136,54 +129,15 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def train_ours(data: tuple, seed: int, epsilon: Optional[float], recipe: Dict[str, Any]) -> Tuple[float, float]:
-    """lightning-dp's ``make_private`` with ``recipe``; ``epsilon=None`` trains without privacy."""
+    """lightning-dp's ``make_private`` with ``recipe`` (``benchmarks/utility.py``'s training loop);
+    ``epsilon=None`` trains without privacy on the same Poisson batches."""
     x, y = data
     xs, ys, xt, yt = x[:TRAIN], y[:TRAIN], x[TRAIN:], y[TRAIN:]
     model = build_model(seed)
-    q = BATCH / TRAIN
-    bands = int(recipe.get("bands", 1))
-    sigma = calibrated_sigma(epsilon, bands) if epsilon is not None else None
-    lr = recipe["lr"] / sigma if recipe.get("lr_per_sigma") and sigma else recipe["lr"]
-    if recipe["optimizer"] == "sgd":
-        inner = torch.optim.SGD(model.parameters(), lr=lr, momentum=recipe.get("momentum", 0.0))
-    elif recipe["optimizer"] == "adam":
-        inner = torch.optim.Adam(model.parameters(), lr=lr)
-    else:
-        raise ValueError(f"unknown optimizer {recipe['optimizer']!r}")
-    opt = inner
-    if epsilon is not None:
-        opt = make_private(model, inner, noise_multiplier=sigma, max_grad_norm=recipe["max_grad_norm"],
-                           expected_batch_size=BATCH, sample_rate=q, seed=seed, clipping=recipe["clipping"],
-                           adaptive_clipping=recipe.get("adaptive_clipping"), bands=bands,
-                           noise_coefficients=tuple(banded_toeplitz_coefficients(steps(), bands).tolist())
-                           if bands > 1 else None)
-    schedule = None
-    if recipe.get("schedule") == "cosine":
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(inner, T_max=steps())
-    ema = ExponentialMovingAverage(model, recipe["ema"]) if recipe.get("ema") else None
-    sampling = torch.Generator().manual_seed(seed + 10_000)
-    if bands > 1:
-        sampler = CyclicPoissonBatchSampler(TRAIN, q, bands, generator=sampling)
-    else:
-        sampler = PoissonBatchSampler(TRAIN, q, generator=sampling)
-    loss_fn = nn.CrossEntropyLoss()
-    for _ in range(EPOCHS):
-        for batch in sampler:
-            idx = torch.tensor(batch, dtype=torch.long)
-            if len(idx):
-                loss_fn(model(xs[idx]), ys[idx]).backward()
-            opt.step()
-            opt.zero_grad()
-            if schedule is not None:
-                schedule.step()
-            if ema is not None:
-                ema.update()
-    if ema is not None:
-        with ema.average_parameters(model):
-            acc = accuracy(model, xt, yt)
-    else:
-        acc = accuracy(model, xt, yt)
-    return acc, (opt.get_epsilon(DELTA) if epsilon is not None else math.inf)
+    sigma = calibrated_sigma(epsilon, int(recipe.get("bands", 1))) if epsilon is not None else None
+    opt, ema = train_with_recipe(model, xs, ys, sigma=sigma, q=BATCH / TRAIN, steps=steps(), epochs=EPOCHS,
+                                 batch=BATCH, seed=seed, recipe=recipe)
+    return released_accuracy(model, ema, xt, yt), (opt.get_epsilon(DELTA) if opt is not None else math.inf)
 
 
 def train_opacus(data: tuple, seed: int, epsilon: float, lr: float, max_grad_norm: float) -> Tuple[float, float]:
