@@ -19,6 +19,16 @@ from tests.namespace import NAME
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 
 
+def run_launching_script(script: Path, *args: object) -> None:
+    """Run ``script`` (a ``Trainer(devices=2)`` fit that Lightning re-launches for rank 1) on a free local
+    port under this test's Lightning namespace; fail with its stderr unless it exits 0."""
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(random.randint(20000, 40000)),
+               PYTHONWARNINGS="ignore", LIGHTNING_DP_TEST_NAMESPACE=NAME)
+    result = subprocess.run([sys.executable, str(script), *map(str, args)], env=env, capture_output=True, text=True,
+                            timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def run_job(job: str, out_dir: Path, nodes: bool = False) -> None:
     """Start both processes with Lightning's cluster environment variables (as torchrun or SLURM would):
     two ranks of one node, or (``nodes``) one rank on each of two nodes."""

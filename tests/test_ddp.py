@@ -2,10 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
-import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,17 +10,14 @@ import torch.nn.functional as F
 
 from lightning_dp import compute_epsilon
 from tests.conftest import clipped_mean_reference, microbatch_grads
+from tests.distributed_helpers import run_launching_script
 from tests.lightning_helpers import TinyClassifier
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
 def _run(mode: str, out_dir: Path) -> list:
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(random.randint(20000, 40000)),
-               PYTHONWARNINGS="ignore")
-    result = subprocess.run([sys.executable, str(WORKER), mode, str(out_dir)], env=env, capture_output=True,
-                            text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_launching_script(WORKER, mode, out_dir)
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 
 

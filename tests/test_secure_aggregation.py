@@ -6,8 +6,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -392,14 +390,10 @@ WORKER = Path(__file__).with_name("secure_aggregation_worker.py")
 
 def test_two_processes_with_secure_aggregation_update_checkpoint_and_report(tmp_path):
     from tests.conftest import clipped_mean_reference, microbatch_grads
+    from tests.distributed_helpers import run_launching_script
     from tests.lightning_helpers import TinyClassifier
-    from tests.namespace import NAME
 
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(random.randint(20000, 40000)),
-               PYTHONWARNINGS="ignore", LIGHTNING_DP_TEST_NAMESPACE=NAME)
-    result = subprocess.run([sys.executable, str(WORKER), str(tmp_path)], env=env, capture_output=True, text=True,
-                            timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_launching_script(WORKER, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert ranks[0]["steps"] == 1
     x = torch.cat([r["batches"][0][0] for r in ranks])
