@@ -134,7 +134,7 @@ def test_native_discrete_gaussian_large_scale_and_secure_generator():
 @native_only
 def test_native_discrete_gaussian_kernel_buffers_and_thread_count():
     native = ddg_module._native
-    u = ddg_module.uniforms(torch.Generator().manual_seed(5), 2 * 80_000).numpy()
+    u = ddg_module.uniform_words(torch.Generator().manual_seed(5), 2 * 80_000).numpy()
     outs = []
     for threads in (1, 2, 3, 8):
         out = np.zeros(40_000, dtype=np.int64)
@@ -151,12 +151,59 @@ def test_native_discrete_gaussian_kernel_buffers_and_thread_count():
     assert np.all(out[filled:] == 7) and np.array_equal(out[:40_000] - 7, outs[0][2])
     # the acceptance rate used to size the buffer is the sampler's
     for variance in (0.7, 30.0, 2.0**40):
-        u = ddg_module.uniforms(torch.Generator().manual_seed(6), 2 * 400_000).numpy()
+        u = ddg_module.uniform_words(torch.Generator().manual_seed(6), 2 * 400_000).numpy()
         filled, _ = native.discrete_gaussian_(u, np.zeros(400_000, dtype=np.int64), variance, 0, 1)
         rate = ddg_module.acceptance_rate(variance)
         assert abs(filled - 400_000 * rate) < 5 * math.sqrt(400_000 * rate * (1 - rate))
     with pytest.raises(ValueError):
         native.discrete_gaussian_(np.zeros(4), np.zeros(2, dtype=np.int64), 0.0, 0, 1)
+
+
+@native_only
+@pytest.mark.parametrize("variance", [4.0, 9.0])
+def test_rounded_gaussian_sampler_matches_the_exact_pmf(variance):
+    """The rounded-Gaussian sampler at small σ, where its rejection step matters: its draws follow the
+    discrete Gaussian, and not the law of a rounded normal (which a missing rejection would give)."""
+    n = 400_000
+    x = torch.zeros(n, dtype=torch.int64)
+    ddg_module.add_discrete_gaussian_(x, variance, torch.Generator().manual_seed(21), method="rounded")
+    assert _chi2_pvalue(x, variance) > 1e-3
+    if variance == 4.0:
+        sigma, support = math.sqrt(variance), 9
+        ks = np.arange(-support, support + 1)
+        rounded_normal = stats.norm.cdf((ks + 0.5) / sigma) - stats.norm.cdf((ks - 0.5) / sigma)
+        observed = np.array([(x == k).sum().item() for k in ks], dtype=np.float64)
+        expected = rounded_normal * n
+        keep = expected >= 5
+        chi2 = ((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum()
+        assert stats.chi2.sf(chi2, int(keep.sum()) - 1) < 1e-8
+
+
+@native_only
+def test_rounded_gaussian_kernel_buffers_thread_count_and_choice():
+    native = ddg_module._native
+    u = ddg_module.uniform_words(torch.Generator().manual_seed(5), 2 * 80_000).numpy()
+    outs = []
+    for threads in (1, 2, 3, 8):
+        out = np.zeros(20_000, dtype=np.int64)
+        outs.append(native.discrete_gaussian_(u.copy(), out, 30.0, 0, threads, 1) + (out,))
+    for filled, used, out in outs:  # the draws do not depend on the thread count
+        assert filled == 20_000 and used == outs[0][1] and np.array_equal(out, outs[0][2])
+    for variance in (9.0, 30.0, 2.0**40):  # the acceptance rate used to size the buffer is the sampler's
+        u = ddg_module.uniform_words(torch.Generator().manual_seed(6), 2 * 400_000).numpy()
+        filled, _ = native.discrete_gaussian_(u, np.zeros(400_000, dtype=np.int64), variance, 0, 1, 1)
+        rate = ddg_module.acceptance_rate(variance, "rounded")
+        assert abs(filled - 400_000 * rate) < 5 * math.sqrt(400_000 * rate * (1 - rate)) + 1
+    with pytest.raises(ValueError, match="even number"):  # candidates come in Box–Muller pairs
+        native.discrete_gaussian_(np.full(6, 0.5), np.zeros(2, dtype=np.int64), 9.0, 0, 1, 1)
+    # "auto" takes the rounded sampler from σ = ROUNDED_MIN_SIGMA on, CKS's below
+    for variance, method in ((ddg_module.ROUNDED_MIN_SIGMA**2, "rounded"), (ddg_module.ROUNDED_MIN_SIGMA**2 / 2, "cks")):
+        a, b = torch.zeros(1000, dtype=torch.int64), torch.zeros(1000, dtype=torch.int64)
+        ddg_module.add_discrete_gaussian_(a, variance, torch.Generator().manual_seed(3))
+        ddg_module.add_discrete_gaussian_(b, variance, torch.Generator().manual_seed(3), method=method)
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="method"):
+        ddg_module.add_discrete_gaussian_(a, 9.0, torch.Generator(), method="karney")
 
 
 @native_only

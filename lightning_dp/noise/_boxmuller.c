@@ -156,10 +156,9 @@ static inline double log_unit(double x) {
     return de * ln2_hi - ((hfsq - (s * (hfsq + R) + de * ln2_lo)) - f);
 }
 
-LDP_CLONES64
-static void sum_normals(const uint64_t *words, Py_ssize_t k, Py_ssize_t size, Py_ssize_t b, Py_ssize_t len,
-                        double scale, double *c, double *s) {
-    /* fdlibm / FreeBSD msun __kernel_sin and __kernel_cos coefficients (|x| <= π/4). */
+/* cos and sin of θ = 2π·turn for turn on the 2^-53 grid in (0, 1): an exact reduction to an octant and
+ * fdlibm / FreeBSD msun's __kernel_sin and __kernel_cos (|x| <= π/4, < 1 ulp). */
+static inline __attribute__((always_inline)) void turn_cos_sin(double turn, double *cos_out, double *sin_out) {
     const double S1 = -1.66666666666666324348e-01, S2 = 8.33333333332248946124e-03,
                  S3 = -1.98412698298579493134e-04, S4 = 2.75573137070700676789e-06,
                  S5 = -2.50507602534068634195e-08, S6 = 1.58969099521155010221e-10;
@@ -170,28 +169,36 @@ static void sum_normals(const uint64_t *words, Py_ssize_t k, Py_ssize_t size, Py
     /* 4·turn + 2^52 + 2^51 rounds 4·turn to the nearest integer q (never a tie: 4·turn = (2j + 1)·2^-51)
      * and holds q in its low mantissa bits; subtracting the constant again gives q exactly. */
     const double magic = 0x1.8p52;
+    const double qm = 4.0 * turn + magic;
+    const double q = qm - magic;                  /* nearest quarter turn, 0..4 */
+    const double x = (turn - 0.25 * q) * two_pi; /* turn − q/4 is exact; x ∈ [-π/4, π/4] */
+    uint64_t quadrant;
+    memcpy(&quadrant, &qm, sizeof quadrant);
+    quadrant &= 3;
+    const double z = x * x, w = z * z;
+    const double rs = S2 + z * (S3 + z * S4) + z * w * (S5 + z * S6);
+    const double sin_x = x + z * x * (S1 + z * rs);
+    const double rc = z * (C1 + z * (C2 + z * C3)) + w * w * (C4 + z * (C5 + z * C6));
+    const double hz = 0.5 * z, one_hz = 1.0 - hz;
+    const double cos_x = one_hz + (((1.0 - one_hz) - hz) + z * rc);
+    /* θ = quadrant·π/2 + x */
+    double cos_t = (quadrant & 1) ? sin_x : cos_x, sin_t = (quadrant & 1) ? cos_x : sin_x;
+    if ((quadrant + 1) & 2) cos_t = -cos_t; /* quadrants 1, 2 */
+    if (quadrant & 2) sin_t = -sin_t;       /* quadrants 2, 3 */
+    *cos_out = cos_t;
+    *sin_out = sin_t;
+}
+
+LDP_CLONES64
+static void sum_normals(const uint64_t *words, Py_ssize_t k, Py_ssize_t size, Py_ssize_t b, Py_ssize_t len,
+                        double scale, double *c, double *s) {
     double r[SUM_BLOCK];
     for (Py_ssize_t i = 0; i < k; i++) {
         const uint64_t *u = words + i * size + b, *v = words + (k + i) * size + b;
         for (Py_ssize_t j = 0; j < len; j++) r[j] = sqrt(-2.0 * log_unit(unit_midpoint(u[j]))) * scale;
         for (Py_ssize_t j = 0; j < len; j++) {
-            const double turn = unit_midpoint(v[j]);
-            const double qm = 4.0 * turn + magic;
-            const double q = qm - magic;                  /* nearest quarter turn, 0..4 */
-            const double x = (turn - 0.25 * q) * two_pi; /* turn − q/4 is exact; x ∈ [-π/4, π/4] */
-            uint64_t quadrant;
-            memcpy(&quadrant, &qm, sizeof quadrant);
-            quadrant &= 3;
-            const double z = x * x, w = z * z;
-            const double rs = S2 + z * (S3 + z * S4) + z * w * (S5 + z * S6);
-            const double sin_x = x + z * x * (S1 + z * rs);
-            const double rc = z * (C1 + z * (C2 + z * C3)) + w * w * (C4 + z * (C5 + z * C6));
-            const double hz = 0.5 * z, one_hz = 1.0 - hz;
-            const double cos_x = one_hz + (((1.0 - one_hz) - hz) + z * rc);
-            /* θ = quadrant·π/2 + x */
-            double cos_t = (quadrant & 1) ? sin_x : cos_x, sin_t = (quadrant & 1) ? cos_x : sin_x;
-            if ((quadrant + 1) & 2) cos_t = -cos_t; /* quadrants 1, 2 */
-            if (quadrant & 2) sin_t = -sin_t;       /* quadrants 2, 3 */
+            double cos_t, sin_t;
+            turn_cos_sin(unit_midpoint(v[j]), &cos_t, &sin_t);
             const double tc = r[j] * cos_t, ts = r[j] * sin_t;
             if (i == 0) {
                 c[j] = tc;
@@ -455,8 +462,8 @@ static PyObject *fill_(PyObject *self, PyObject *args) {
 /* ------------------------------------------------------------ discrete Gaussian (secure aggregation) */
 
 /* discrete_gaussian_: the sampler of Canonne, Kamath & Steinke (2020), Algorithm 3, as the torch path of
- * lightning_dp/secure_aggregation/discrete_gaussian.py, over a caller's buffer of float64 uniforms in
- * (0, 1). A candidate takes two uniforms u, u': sign = (2u < 1), V = 2u mod 1 (exact), G = ⌊-t·ln V⌋
+ * lightning_dp/secure_aggregation/discrete_gaussian.py, over a caller's buffer of 64-bit words, each read as
+ * the uniform unit_midpoint(w) = (2·(w mod 2^52) + 1)·2^-53 in (0, 1). A candidate takes two uniforms u, u': sign = (2u < 1), V = 2u mod 1 (exact), G = ⌊-t·ln V⌋
  * (the discrete Laplace proposal Y = ±G, t = ⌊σ⌋ + 1), accepted when u' < exp(-(G − σ²/t)²/(2σ²)) and
  * Y is not "−0". ln is log_unit (fdlibm, < 1 ulp), exp libmvec's (or libm's), all in float64.
  *
@@ -471,8 +478,8 @@ static PyObject *fill_(PyObject *self, PyObject *args) {
 #define DG_BLOCK 256
 
 LDP_CLONES64
-static Py_ssize_t dg_chunk(double *u, Py_ssize_t size, double t, double shift, double coef) {
-    const double *proposal = u, *test = u + size;
+static Py_ssize_t dg_chunk(uint64_t *u, Py_ssize_t size, double t, double shift, double coef) {
+    const uint64_t *proposal = u, *test = u + size;
     int64_t *out = (int64_t *)u; /* accepted values overwrite proposals already read */
     double y[DG_BLOCK];
     int64_t ok[DG_BLOCK];
@@ -480,14 +487,14 @@ static Py_ssize_t dg_chunk(double *u, Py_ssize_t size, double t, double shift, d
     for (Py_ssize_t b = 0; b < size; b += DG_BLOCK) {
         const Py_ssize_t len = size - b < DG_BLOCK ? size - b : DG_BLOCK;
         for (Py_ssize_t j = 0; j < len; j++) {
-            const double doubled = proposal[b + j] * 2.0;
+            const double doubled = unit_midpoint(proposal[b + j]) * 2.0;
             const int negative = doubled < 1.0;
             const double v = negative ? doubled : doubled - 1.0;
             const double g = floor(log_unit(v) * -t);
             const double z = g - shift;
             const double p = exp(z * z * coef);
             y[j] = negative ? -g : g;
-            ok[j] = (test[b + j] < p) & !(negative & (g == 0.0));
+            ok[j] = (unit_midpoint(test[b + j]) < p) & !(negative & (g == 0.0));
         }
         for (Py_ssize_t j = 0; j < len; j++) {
             out[n] = (int64_t)y[j]; /* n <= b + j: a proposal of this block or an earlier one, already read */
@@ -497,17 +504,64 @@ static Py_ssize_t dg_chunk(double *u, Py_ssize_t size, double t, double shift, d
     return n;
 }
 
-/* discrete_gaussian_(uniforms, out, variance, add, threads) -> (filled, used). */
+/* The rounded-Gaussian sampler (method 1), for large σ: a candidate is X = round(Z) of a Box–Muller normal
+ * Z = σ·sqrt(-2 ln u)·(cos or sin)(2π v) (float64, the arithmetic of sum_normals), accepted with probability
+ * exp((Z² − X²)/(2σ²) − c). Then P(X = x, accepted) = ∫_{x−½}^{x+½} φ_σ(z)·e^{(z² − x²)/(2σ²) − c} dz
+ * = e^{−c}·e^{−x²/(2σ²)}/(√(2π)σ): exactly the discrete Gaussian kernel, provided the acceptance is at most 1
+ * for every Z the proposal can give. Z² − X² = e·(Z + X) with e = Z − X in [−½, ½] (exact in float64), so
+ * |Z² − X²| ≤ |Z| + ¼ ≤ R + ¼ with R = σ·sqrt(106 ln 2) < 8.5718σ, the largest radius on the 2⁻⁵³ grid of the
+ * uniforms; c = (8.5718σ + 1)/(2σ²) covers it. A chunk's 2·size uniforms are the radius uniforms of its
+ * size/2 pairs, their angle uniforms, then the size acceptance tests; candidate j < size/2 is pair j's
+ * cosine, candidate size/2 + j its sine. Accepted values overwrite the chunk's start, in candidate order. */
+LDP_CLONES64
+static Py_ssize_t dg_rounded_chunk(uint64_t *u, Py_ssize_t size, double sigma, double inv_two_var, double slack) {
+    const Py_ssize_t half = size / 2;
+    const uint64_t *radius = u, *angle = u + half, *test = u + size;
+    double z[DG_CHUNK], y[DG_BLOCK], t[DG_BLOCK];
+    int64_t kept[DG_CHUNK], ok[DG_BLOCK];
+    for (Py_ssize_t j = 0; j < half; j++) {
+        const double r = sigma * sqrt(-2.0 * log_unit(unit_midpoint(radius[j])));
+        double cos_t, sin_t;
+        turn_cos_sin(unit_midpoint(angle[j]), &cos_t, &sin_t);
+        z[j] = r * cos_t;
+        z[half + j] = r * sin_t;
+    }
+    Py_ssize_t n = 0;
+    for (Py_ssize_t b = 0; b < size; b += DG_BLOCK) {
+        const Py_ssize_t len = size - b < DG_BLOCK ? size - b : DG_BLOCK;
+        /* accept when u < e^y, y = (Z² − X²)/(2σ²) − c <= 0. Since e^y >= 1 + y, u < (1 + y) − 2^-50 (the
+         * margin covers the two roundings) accepts without the exponential; the rest (a fraction of about
+         * c of the candidates) is decided by u < exp(y). */
+        for (Py_ssize_t j = 0; j < len; j++) {
+            const double zj = z[b + j], x = floor(zj + 0.5), e = zj - x;
+            y[j] = e * (zj + x) * inv_two_var - slack;
+            t[j] = unit_midpoint(test[b + j]);
+            ok[j] = t[j] < (1.0 + y[j]) - 0x1p-50;
+            z[b + j] = x;
+        }
+        for (Py_ssize_t j = 0; j < len; j++) {
+            kept[n] = (int64_t)z[b + j];
+            n += ok[j] || t[j] < exp(y[j]);
+        }
+    }
+    memcpy(u, kept, sizeof(int64_t) * (size_t)n);
+    return n;
+}
+
+/* discrete_gaussian_(uniforms, out, variance, add, threads[, method]) -> (filled, used): method 0 is
+ * Canonne–Kamath–Steinke, method 1 the rounded Gaussian (an even number of candidates per chunk). */
 static PyObject *discrete_gaussian_(PyObject *self, PyObject *args) {
     Py_buffer ubuf, obuf;
     double variance;
-    int add, threads;
+    int add, threads, method = 0;
     (void)self;
-    if (!PyArg_ParseTuple(args, "w*w*dii", &ubuf, &obuf, &variance, &add, &threads)) return NULL;
-    if (!(variance > 0.0) || !isfinite(variance) || threads < 1 || ubuf.len % 8 || obuf.len % 8) {
+    if (!PyArg_ParseTuple(args, "w*w*dii|i", &ubuf, &obuf, &variance, &add, &threads, &method)) return NULL;
+    if (!(variance > 0.0) || !isfinite(variance) || threads < 1 || ubuf.len % 8 || obuf.len % 8 ||
+        (method != 0 && method != 1) || (method == 1 && ubuf.len % 32)) {
         PyBuffer_Release(&ubuf);
         PyBuffer_Release(&obuf);
-        PyErr_SetString(PyExc_ValueError, "discrete_gaussian_: need finite variance > 0, threads >= 1, 8-byte buffers");
+        PyErr_SetString(PyExc_ValueError, "discrete_gaussian_: need finite variance > 0, threads >= 1, 8-byte buffers, "
+                                          "method 0 or 1 (method 1: an even number of candidates)");
         return NULL;
     }
     const Py_ssize_t count = obuf.len / 8, candidates = ubuf.len / 16;
@@ -520,7 +574,8 @@ static PyObject *discrete_gaussian_(PyObject *self, PyObject *args) {
     }
     Py_ssize_t *starts = counts + (chunks > 0 ? chunks : 1);
     const double sigma = sqrt(variance), t = floor(sigma) + 1.0, shift = variance / t, coef = -0.5 / variance;
-    double *u = (double *)ubuf.buf;
+    const double slack = (8.5718 * sigma + 1.0) * -coef; /* the rounded sampler's c */
+    uint64_t *u = (uint64_t *)ubuf.buf;
     int64_t *out = (int64_t *)obuf.buf;
     Py_ssize_t filled = 0, used = 0, last = 0;
     if (threads > chunks) threads = chunks > 0 ? (int)chunks : 1;
@@ -530,7 +585,8 @@ static PyObject *discrete_gaussian_(PyObject *self, PyObject *args) {
 #endif
     for (Py_ssize_t i = 0; i < chunks; i++) {
         const Py_ssize_t first = i * DG_CHUNK, size = candidates - first < DG_CHUNK ? candidates - first : DG_CHUNK;
-        counts[i] = dg_chunk(u + 2 * first, size, t, shift, coef);
+        counts[i] = method == 0 ? dg_chunk(u + 2 * first, size, t, shift, coef)
+                                : dg_rounded_chunk(u + 2 * first, size, sigma, -coef, slack);
     }
     for (last = 0; last < chunks && filled < count; last++) {
         const Py_ssize_t first = last * DG_CHUNK, size = candidates - first < DG_CHUNK ? candidates - first : DG_CHUNK;
@@ -558,20 +614,21 @@ static PyObject *discrete_gaussian_(PyObject *self, PyObject *args) {
     return Py_BuildValue("nn", filled, used);
 }
 
-/* encode_(x, kind, uniforms, values, mask, factor, limit, modulus_mask, threads) -> int: secure aggregation's
+/* encode_(x, kind, words, values, mask, factor, limit, modulus_mask, threads) -> int: secure aggregation's
  * fused rounding step over n = len(values) coordinates:
- *   v_i = (int64)⌊x_i·factor + u_i⌋ + values_i     (x float32 (kind 0) or float64 (kind 2), product and sum in
+ *   v_i = (int64)⌊x_i·factor + u_i⌋ + values_i     (u_i = unit_midpoint(words_i); x float32 (kind 0) or
+ *                                                  float64 (kind 2), product and sum in
  *                                                  float64, as the torch path; values_i: the noise share)
  *   values_i = (v_i + mask_i) & modulus_mask
  * Returns how many v_i had |v_i| >= limit or a non-finite / out-of-range ⌊x·factor + u⌋ (then the
  * caller must raise: the modular sum could wrap). */
 LDP_CLONES64
-static Py_ssize_t encode_range(const char *x, int kind, const double *u, int64_t *values, const int64_t *mask,
+static Py_ssize_t encode_range(const char *x, int kind, const uint64_t *u, int64_t *values, const int64_t *mask,
                                Py_ssize_t n, double factor, int64_t limit, int64_t modulus_mask) {
     Py_ssize_t bad = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         const double xi = kind == 0 ? (double)((const float *)x)[i] : ((const double *)x)[i];
-        const double f = floor(xi * factor + u[i]);
+        const double f = floor(xi * factor + unit_midpoint(u[i]));
         const int in_range = fabs(f) < 0x1p62;
         const int64_t v = (int64_t)((uint64_t)(in_range ? (int64_t)f : 0) + (uint64_t)values[i]);
         bad += !in_range | (v >= limit) | (v <= -limit);
@@ -603,7 +660,7 @@ static PyObject *encode_(PyObject *self, PyObject *args) {
 #endif
         for (Py_ssize_t b = 0; b < blocks; b++) {
             const Py_ssize_t first = b * block, len = n - first < block ? n - first : block;
-            bad += encode_range((const char *)xb.buf + first * itemsize, kind, (const double *)ub.buf + first,
+            bad += encode_range((const char *)xb.buf + first * itemsize, kind, (const uint64_t *)ub.buf + first,
                                 (int64_t *)vb.buf + first, (const int64_t *)mb.buf + first, len, factor,
                                 (int64_t)limit, (int64_t)modulus_mask);
         }
@@ -678,12 +735,12 @@ static PyMethodDef methods[] = {
      "decode_(summed, out, kind, bits, factor, threads): out = signed(summed mod 2^bits) * factor (float64, "
      "rounded once to out: kind 0 float32, 2 float64)."},
     {"discrete_gaussian_", discrete_gaussian_, METH_VARARGS,
-     "discrete_gaussian_(uniforms, out, variance, add, threads) -> (filled, used): discrete Gaussian N_Z(0, "
-     "variance) draws (CKS 2020) from a float64 buffer of uniforms in (0, 1) (destroyed), stored (add=0) or "
+     "discrete_gaussian_(words, out, variance, add, threads, method=0) -> (filled, used): discrete Gaussian "
+     "N_Z(0, variance) draws (method 0: CKS 2020; 1: rounded Gaussian with rejection) from a buffer of 64-bit words, read as uniforms (2(w mod 2^52)+1)/2^53 (destroyed), stored (add=0) or "
      "added (add=1) to the int64 buffer out; filled: outputs written (the first ones), used: uniforms used."},
     {"encode_", encode_, METH_VARARGS,
-     "encode_(x, kind, uniforms, values, mask, factor, limit, modulus_mask, threads) -> bad: values = "
-     "(floor(x*factor + u) + values + mask) & modulus_mask in place (int64); bad counts |value| >= limit."},
+     "encode_(x, kind, words, values, mask, factor, limit, modulus_mask, threads) -> bad: values = "
+     "(floor(x*factor + u(words)) + values + mask) & modulus_mask in place (int64); bad counts |value| >= limit."},
     {"fill_", fill_, METH_VARARGS,
      "fill_(keystream, k, pairs, chunk, scale, targets, threads): all chunks of a draw, as sum_normals_, on "
      "`threads` OpenMP threads; chunk i's keystream comes from keystream(first_pair, size, buffer)."},

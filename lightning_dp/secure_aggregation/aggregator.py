@@ -27,7 +27,7 @@ import torch
 
 from .._checks import check_int, check_non_negative, check_positive
 from . import discrete_gaussian as _dg
-from .discrete_gaussian import sample_discrete_gaussian, uniforms
+from .discrete_gaussian import sample_discrete_gaussian, uniform_words, uniforms
 from .masks import PairwiseMasks
 
 __all__ = ["DEFAULT_BITS", "DEFAULT_SCALE", "SecureAggregator"]
@@ -139,11 +139,11 @@ class SecureAggregator:
         limit = (1 << (self.bits - 1)) // self.world_size
         if _native_ready(parts, device):
             # the rounding uniforms first, then the share, as the torch path draws them
-            u = uniforms(self.generator, numel)
+            u = uniform_words(self.generator, numel)  # encode_ reads them as uniforms
             values = torch.zeros(numel, dtype=torch.int64)
             if variance > 0:
                 _dg.add_discrete_gaussian_(values, variance, self.generator)
-            mask = self.masks.mask(self.steps, numel, self.bits, device)
+            mask = self.masks.signed_mask(self.steps, numel, self.bits, device)  # encode_ reduces mod 2^b
             factor, modulus_mask, threads = self.scale / sensitivity, self.modulus - 1, torch.get_num_threads()
             bad, offset = 0, 0
             u_np, values_np, mask_np = u.numpy(), values.numpy(), mask.numpy()

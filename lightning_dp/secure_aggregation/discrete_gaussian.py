@@ -1,22 +1,37 @@
-"""The discrete Gaussian ``N_Z(0, σ²)`` on the integers: the sampler of Canonne, Kamath & Steinke (2020),
-*The Discrete Gaussian for Differential Privacy* (NeurIPS 2020, arXiv:2004.00010), Algorithm 3, vectorised.
+"""The discrete Gaussian ``N_Z(0, σ²)`` on the integers: ``P(X = x) ∝ exp(-x² / (2σ²))`` for every integer
+``x``. Two exact samplers, vectorised; both draw float64 uniforms from the run's generator.
 
-``P(X = x) ∝ exp(-x² / (2σ²))`` for every integer ``x``. The sampler draws ``Y`` from the discrete Laplace
-law ``P(Y = y) ∝ exp(-|y|/t)`` with ``t = ⌊σ⌋ + 1`` (a random sign times a geometric variable) and
-accepts it with probability ``exp(-(|Y| - σ²/t)² / (2σ²))``; accepted values have exactly the discrete
-Gaussian law (CKS 2020, Theorem 6). All pending coordinates are drawn together, round after round, until
-every one is accepted (a few rounds; each round needs two uniforms per pending coordinate).
+**CKS** (Canonne, Kamath & Steinke 2020, *The Discrete Gaussian for Differential Privacy*, NeurIPS 2020,
+arXiv:2004.00010, Algorithm 3): draw ``Y`` from the discrete Laplace law ``P(Y = y) ∝ exp(-|y|/t)`` with
+``t = ⌊σ⌋ + 1`` (a random sign times a geometric variable) and accept it with probability
+``exp(-(|Y| - σ²/t)² / (2σ²))``; accepted values have exactly the discrete Gaussian law (CKS 2020,
+Theorem 6). About 76 % of candidates are accepted at large σ; each needs two uniforms, a logarithm and an
+exponential. All pending coordinates are drawn together, round after round, until every one is accepted.
 
-**Precision.** As in the reference implementation of Kairouz, Liu & Steinke (2021), each geometric variable
-and each acceptance test is computed in float64 from a 53-bit uniform (``⌊-t·log U⌋`` and ``U' < p``), not
-with the rational arithmetic of CKS's Algorithms 1–2: the law is exact up to the float64 evaluation of
-``log`` and ``exp`` (relative error of a few 2⁻⁵³ per probability). The sampler is not constant-time.
+**Rounded Gaussian with rejection** (native kernel, σ ≥ :data:`ROUNDED_MIN_SIGMA`; the secure aggregator's
+shares have σ of order ``2^20``): draw ``Z ~ N(0, σ²)`` by Box–Muller (float64, as
+:class:`~lightning_dp.noise.SecureRNG`'s normals), let ``X = round(Z)`` and accept with probability
+``exp((Z² − X²)/(2σ²) − c)``. Then ``P(X = x, accepted) = ∫_{x−½}^{x+½} φ_σ(z) e^{(z² − x²)/(2σ²) − c} dz
+= e^{−c} e^{−x²/(2σ²)}/(√(2π)σ)``: exactly the discrete Gaussian kernel, as long as the acceptance
+probability never exceeds 1. ``|Z² − X²| ≤ |Z| + ¼`` and Box–Muller on the 2⁻⁵³ grid never gives
+``|Z| > 8.5717σ``, so ``c = (8.5718σ + 1)/(2σ²)`` suffices; the acceptance rate is ``≈ e^{−c}`` (99.6 % at
+σ = 1024). Two uniforms per candidate and, for nearly every candidate, no exponential (``u < 1 + y − 2⁻⁵⁰``
+accepts, as ``e^y ≥ 1 + y``; only the rest compute ``exp``). It is the discrete Gaussian of the 2⁻⁵³
+grid's Box–Muller law: the tail beyond 8.57σ (mass about 10⁻¹⁷) is never drawn, as for the continuous
+noise (:class:`~lightning_dp.noise.SecureRNG`). Tested against the exact pmf at σ = 2 and 3, where the
+rejection matters (a rounded normal without it fails the test).
 
-**Native kernel.** On CPU, where ``lightning_dp.noise._boxmuller`` was built (:func:`native_kernel`), the
-same algorithm runs in C (``discrete_gaussian_``: fdlibm's ``log``, libmvec's ``exp``, vectorised) over one
-buffer of uniforms from the same generator, sized for the expected acceptance rate plus a margin and topped
-up when short; it is cut into fixed chunks, so the draws do not depend on the thread count
-(``torch.get_num_threads()`` OpenMP threads). The two paths draw from the same law, not the same values.
+**Precision.** As in the reference implementation of Kairouz, Liu & Steinke (2021), each geometric variable,
+normal and acceptance test is computed in float64 from 53-bit uniforms (``⌊-t·log U⌋``, ``U' < p``), not with
+the rational arithmetic of CKS's Algorithms 1–2: the law is exact up to the float64 evaluation of ``log``,
+``exp``, ``sin``/``cos`` (relative error of a few 2⁻⁵³ per probability). The samplers are not constant-time.
+
+**Native kernel.** On CPU, where ``lightning_dp.noise._boxmuller`` was built (:func:`native_kernel`), both
+run in C (``discrete_gaussian_``: fdlibm's ``log``, ``sin`` and ``cos`` kernels, libmvec's ``exp``,
+vectorised) over one buffer of uniforms from the same generator, sized for the expected acceptance rate
+plus a margin and topped up when short; it is cut into fixed chunks, so the draws do not depend on the
+thread count (``torch.get_num_threads()`` OpenMP threads). The torch path (no extension, or CUDA) runs
+CKS. All paths draw from the same law, not the same values.
 """
 from __future__ import annotations
 
@@ -27,10 +42,11 @@ import torch
 
 from .._checks import check_int, check_non_negative
 from ..noise._parallel import load_native
+from ..noise.secure_normal import uniform_from_words_
 
 DeviceLike = Union[torch.device, str]
 
-__all__ = ["discrete_gaussian_pmf", "native_kernel", "sample_discrete_gaussian", "uniforms"]
+__all__ = ["discrete_gaussian_pmf", "native_kernel", "sample_discrete_gaussian", "uniform_words", "uniforms"]
 
 
 def _load_kernel() -> Any:
@@ -48,19 +64,26 @@ def native_kernel() -> bool:
     return _native is not None
 
 
-def uniforms(generator: Any, count: int, device: DeviceLike = "cpu") -> torch.Tensor:
-    """``count`` i.i.d. uniforms in the open interval (0, 1), float64 on ``device``, from ``generator``:
-    a :class:`~lightning_dp.noise.SecureRNG` (its ``uniform``: cryptographically secure) or a seeded
-    ``torch.Generator`` (reproducible, not secure). Both give ``(2j + 1)·2⁻⁵³``, ``j`` uniform on ``[0, 2⁵²)``."""
+def uniform_words(generator: Any, count: int, device: DeviceLike = "cpu") -> torch.Tensor:
+    """``count`` int64 words whose low 52 bits ``j`` are i.i.d. uniform: the uniforms of :func:`uniforms` are
+    ``(2j + 1)·2⁻⁵³``. The native kernels take these words and convert them themselves (one pass fewer)."""
     device = torch.device(device)
     if isinstance(generator, torch.Generator):
-        j = torch.randint(0, 1 << 52, (count,), generator=generator, dtype=torch.int64, device=generator.device)
-        return j.to(torch.float64).mul_(2.0).add_(1.0).mul_(2.0**-53).to(device)
-    if hasattr(generator, "uniform"):
-        return generator.uniform((count,), device=device, dtype=torch.float64)
+        words = torch.randint(0, 1 << 52, (count,), generator=generator, dtype=torch.int64, device=generator.device)
+        return words.to(device)
+    if hasattr(generator, "uniform") and hasattr(generator, "_words"):
+        return generator._words(count, device)
     raise TypeError(
         f"`generator` must be a lightning_dp.noise.SecureRNG or a torch.Generator, got {type(generator).__name__}."
     )
+
+
+def uniforms(generator: Any, count: int, device: DeviceLike = "cpu") -> torch.Tensor:
+    """``count`` i.i.d. uniforms in the open interval (0, 1), float64 on ``device``, from ``generator``:
+    a :class:`~lightning_dp.noise.SecureRNG` (cryptographically secure: the words of its ``uniform``) or a
+    seeded ``torch.Generator`` (reproducible, not secure). Both give ``(2j + 1)·2⁻⁵³``, ``j`` uniform on
+    ``[0, 2⁵²)`` (:func:`uniform_words`)."""
+    return uniform_from_words_(uniform_words(generator, count, device))
 
 
 @torch.no_grad()
@@ -94,32 +117,57 @@ def sample_discrete_gaussian(variance: float, count: int, generator: Any, device
     return out
 
 
-def acceptance_rate(variance: float) -> float:
-    """The probability that one candidate (two uniforms) of the sampler is accepted:
-    ``½(1 − e^{-1/t})·e^{-σ²/(2t²)}·Σ_y e^{-y²/(2σ²)}`` (discrete Laplace times acceptance is the Gaussian
-    kernel; "−0" is rejected). For sizing the uniform buffer only."""
+ROUNDED_MIN_SIGMA = 32.0
+"""From this σ on, the native kernel draws with the rounded-Gaussian sampler (``method="rounded"`` of
+:func:`add_discrete_gaussian_`); below it with CKS's. Both give the discrete Gaussian; the rounded one
+accepts ``e^{-c}`` of its candidates (87 % at σ = 32, 99.6 % at σ = 1024), CKS's about 76 % at large σ
+and with a logarithm and an exponential per candidate."""
+
+_ROUNDED_RADIUS = 8.5718
+"""Above the largest Box–Muller radius on the 2⁻⁵³ grid, ``sqrt(106 ln 2) = 8.57167…`` (the native kernel's)."""
+
+
+def _gaussian_kernel_sum(variance: float) -> float:
+    """``Σ_y e^{-y²/(2σ²)}`` over the integers."""
     sigma = math.sqrt(variance)
-    t = math.floor(sigma) + 1
     if sigma < 8:
         reach = int(40 * sigma) + 2
-        theta = sum(math.exp(-(y * y) / (2.0 * variance)) for y in range(-reach, reach + 1))
-    else:  # Poisson summation: the correction 2·exp(-2π²σ²) is below 10⁻⁵⁰⁰
-        theta = math.sqrt(2.0 * math.pi * variance)
+        return sum(math.exp(-(y * y) / (2.0 * variance)) for y in range(-reach, reach + 1))
+    return math.sqrt(2.0 * math.pi * variance)  # Poisson summation: the correction 2·exp(-2π²σ²) < 10⁻⁵⁰⁰
+
+
+def acceptance_rate(variance: float, method: str = "cks") -> float:
+    """The probability that one candidate (two uniforms) of the sampler is accepted. CKS:
+    ``½(1 − e^{-1/t})·e^{-σ²/(2t²)}·Σ_y e^{-y²/(2σ²)}`` (discrete Laplace times acceptance is the Gaussian
+    kernel; "−0" is rejected). Rounded Gaussian: ``e^{-c}·Σ_y e^{-y²/(2σ²)}/(√(2π)σ)`` with
+    ``c = (8.5718σ + 1)/(2σ²)``. For sizing the uniform buffer only."""
+    sigma = math.sqrt(variance)
+    theta = _gaussian_kernel_sum(variance)
+    if method == "rounded":
+        return math.exp(-(_ROUNDED_RADIUS * sigma + 1.0) / (2.0 * variance)) * theta / math.sqrt(2.0 * math.pi * variance)
+    t = math.floor(sigma) + 1
     return 0.5 * -math.expm1(-1.0 / t) * math.exp(-variance / (2.0 * t * t)) * theta
 
 
-def add_discrete_gaussian_(out: torch.Tensor, variance: float, generator: Any) -> torch.Tensor:
+def add_discrete_gaussian_(out: torch.Tensor, variance: float, generator: Any, method: str = "auto") -> torch.Tensor:
     """In place: add ``out.numel()`` i.i.d. draws of ``N_Z(0, variance)`` to the contiguous CPU int64 tensor
-    ``out``, in the native kernel (requires :func:`native_kernel`). Returns ``out``."""
+    ``out``, in the native kernel (requires :func:`native_kernel`). Returns ``out``.
+
+    ``method``: ``"cks"`` (Canonne, Kamath & Steinke), ``"rounded"`` (the rounded-Gaussian sampler, see the
+    module docstring) or ``"auto"`` (default: rounded from σ = :data:`ROUNDED_MIN_SIGMA` on)."""
     if _native is None:
         raise RuntimeError("add_discrete_gaussian_ needs the native kernel (lightning_dp.noise._boxmuller).")
     if out.dtype != torch.int64 or out.device.type != "cpu" or not out.is_contiguous():
         raise ValueError("`out` must be a contiguous CPU int64 tensor.")
     variance = check_non_negative("variance", variance)
+    if method == "auto":
+        method = "rounded" if variance >= ROUNDED_MIN_SIGMA**2 else "cks"
+    if method not in ("cks", "rounded"):
+        raise ValueError(f"`method` must be 'auto', 'cks' or 'rounded', got {method!r}.")
     count = out.numel()
     if variance == 0.0 or count == 0:
         return out
-    rate = acceptance_rate(variance)
+    rate = acceptance_rate(variance, method)
     flat = out.view(-1).numpy()
     threads = torch.get_num_threads()
     filled = 0
@@ -128,8 +176,9 @@ def add_discrete_gaussian_(out: torch.Tensor, variance: float, generator: Any) -
         # remaining/rate candidates on average, give or take sqrt(remaining·(1 - rate))/rate: with a margin
         # of 4 of those (+ 64) a top-up is rare (~3·10⁻⁵) and the surplus small (~0.2% at d = 670 000)
         candidates = int((remaining + 4 * math.sqrt(remaining * (1 - rate))) / rate) + 64
-        u = uniforms(generator, 2 * candidates).numpy()
-        got, _ = _native.discrete_gaussian_(u, flat[filled:], variance, 1, threads)
+        candidates += candidates % 2  # the rounded sampler takes candidates in Box–Muller pairs
+        u = uniform_words(generator, 2 * candidates).numpy()
+        got, _ = _native.discrete_gaussian_(u, flat[filled:], variance, 1, threads, 0 if method == "cks" else 1)
         filled += got
     return out
 
