@@ -253,8 +253,19 @@ class Plan:
 
     def epsilon(self, counts: Sequence[int], delta: float) -> float:
         """Smallest ``eps >= 0`` with ``delta_upper(eps) <= delta`` for these step counts."""
-        log_phi = sum(n * lp for n, lp in zip(counts, self._log_phi))
-        pmf = sp_fft.irfft(np.exp(log_phi), self.width)
+        # Σ n·log φ over the entries taken (n > 0). A coefficient φ = 0 (log = −inf) is kept out of the
+        # product, where n·(−inf + 0j) would give a NaN imaginary part, and zeroes its bin afterwards.
+        log_phi, zero = np.zeros(self.width // 2 + 1, dtype=complex), np.zeros(self.width // 2 + 1, dtype=bool)
+        for n, lp in zip(counts, self._log_phi):
+            if n:
+                finite = np.isfinite(lp.real)
+                zero |= ~finite
+                log_phi += n * np.where(finite, lp, 0.0)
+        phi = np.exp(log_phi)
+        phi[zero] = 0.0
+        pmf = sp_fft.irfft(phi, self.width)
+        if not np.all(np.isfinite(pmf)):  # never turn a numerical failure into a small ε
+            raise FloatingPointError("PRV accountant: the composed privacy loss distribution is not finite.")
         pmf = np.roll(pmf, -(self.i_low % self.width))
         counts_arr = np.asarray(counts, dtype=float)
         # Mass above the window (Chernoff), at +inf, and the floating-point noise of the FFT.
