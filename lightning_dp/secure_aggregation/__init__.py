@@ -4,7 +4,7 @@ Kairouz, Liu & Steinke (ICML 2021), *The Distributed Discrete Gaussian Mechanism
 with Secure Aggregation*, adapted to example-level DP-SGD across data owners (ranks). Plain PyTorch, no
 Lightning import:
 
-- :mod:`.discrete_gaussian` — the exact-law discrete Gaussian sampler (Canonne, Kamath & Steinke 2020);
+- :mod:`.discrete_gaussian` — exact-law discrete Gaussian samplers (a rounded Gaussian with rejection for large σ; Canonne, Kamath & Steinke 2020 below);
 - :mod:`.masks` — X25519 pairwise keys and ChaCha20 masks that cancel in the sum;
 - :mod:`.aggregator` — :class:`SecureAggregator`, the ``combine`` of a :class:`~lightning_dp.DPOptimizer`;
 - :mod:`.accounting` — ε of the subsampled distributed discrete Gaussian.
