@@ -4,7 +4,9 @@ a target ε, with or without ``secure_aggregation`` (Lightning re-launches this 
 writes σ, the certified ε and the test accuracy to ``OUT_DIR/MODE.json``::
 
     MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 OMP_NUM_THREADS=1 \
-        python benchmarks/secure_aggregation_utility.py {plain,secure} OUT_DIR EPSILON SEED
+        python benchmarks/secure_aggregation_utility.py {plain,secure} OUT_DIR EPSILON SEED [BATCH_PER_RANK [EPOCHS]]
+
+BATCH_PER_RANK (default 128) sets the sampling rate q = 2·BATCH_PER_RANK/1437; EPOCHS defaults to 60.
 """
 from __future__ import annotations
 
@@ -23,13 +25,13 @@ from tests.namespace import DPDDPStrategy  # noqa: E402
 from train_digits import DigitsMLP, digits_loaders  # noqa: E402
 
 
-def main(mode: str, out_dir: str, epsilon: float, seed: int) -> None:
+def main(mode: str, out_dir: str, epsilon: float, seed: int, batch_per_rank: int = 128, epochs: int = 60) -> None:
     pl.seed_everything(seed)
-    train, test = digits_loaders(batch_size=128, seed=seed)  # 128 per rank: 256 expected in all
+    train, test = digits_loaders(batch_size=batch_per_rank, seed=seed)  # per rank: twice that expected in all
     model = DigitsMLP(lr=0.1, momentum=0.9)
     strategy = DPDDPStrategy(target_epsilon=epsilon, delta=1e-5, max_grad_norm=1.0, seed=seed,
                              secure_aggregation=mode == "secure")
-    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=60, logger=False,
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=epochs, logger=False,
                          default_root_dir=out_dir, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False)
     trainer.fit(model, train_dataloaders=train)
@@ -44,10 +46,12 @@ def main(mode: str, out_dir: str, epsilon: float, seed: int) -> None:
         "noise_multiplier": trainer.strategy.noise_multiplier,
         "accountant": trainer.strategy.accountant.mechanism,
         "steps": trainer.global_step,
+        "batch_per_rank": batch_per_rank,
+        "epochs": epochs,
     }
     with open(os.path.join(out_dir, f"{mode}.json"), "w") as f:
         json.dump(result, f)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]))
+    main(sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), *(int(a) for a in sys.argv[5:7]))
