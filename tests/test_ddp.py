@@ -68,3 +68,26 @@ def test_adaptive_clipping_follows_the_union_batch_on_every_rank(tmp_path):
     assert 0 < unclipped < len(norms)  # the count says something
     expected = 1.7 * math.exp(-0.7 * (unclipped / 16 - 0.5))
     assert [r["max_grad_norm"] for r in ranks] == [pytest.approx(expected, rel=1e-6)] * 2
+
+
+def test_clipped_sums_are_all_reduced_in_few_buckets():
+    """combine_clipped_sums packs the tensors of one dtype into flat buckets: every element is summed as by
+    one all-reduce per tensor, with one collective per bucket (here a fake all-reduce over 3 equal ranks)."""
+    from lightning_dp.adapter.strategies import all_reduce_sum_coalesced
+
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g, dtype=torch.float64),
+               torch.randn(4, 6, generator=g).t(), torch.randn(2000, generator=g), torch.randn(1, generator=g)]
+    expected = [3 * t for t in tensors]
+    calls = []
+
+    def fake_all_reduce(t):
+        assert t.is_contiguous()
+        calls.append((t.dtype, t.numel()))
+        t.mul_(3)
+
+    all_reduce_sum_coalesced(tensors, bucket_bytes=4 * 1000, all_reduce=fake_all_reduce)
+    for t, e in zip(tensors, expected):
+        assert torch.equal(t, e)
+    # float32: [15 + 24] then the 2000-element tensor alone, then [1]; float64: [7]
+    assert calls == [(torch.float32, 39), (torch.float32, 2000), (torch.float32, 1), (torch.float64, 7)]
