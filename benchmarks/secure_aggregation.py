@@ -4,7 +4,8 @@
 
 Each of ``--ranks`` CPU processes (gloo, one thread each) trains the MLP 784-512-512-10 (669 706 parameters)
 with a :class:`~lightning_dp.DPOptimizer` on random data, exactly as the DDP strategy wires it: ``plain``
-adds Gaussian noise of std σC/√W to its clipped sum and all-reduces float32 (``combine_clipped_sums``);
+adds Gaussian noise of std σC/√W to its clipped sum and all-reduces float32 in one bucket
+(``combine_clipped_sums``);
 ``secure`` hands the sum to a :class:`~lightning_dp.secure_aggregation.SecureAggregator` (stochastic rounding,
 discrete Gaussian share, pairwise ChaCha20 masks, int64 all-reduce). Both modes alternate step by step in the
 same processes; the table gives the median step time (zero_grad, forward, backward, clip, noise, exchange,
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_dp import DPOptimizer
+from lightning_dp.adapter.strategies import all_reduce_sum_coalesced
 from lightning_dp.grad_sample import attach_grad_sample_hooks
 from lightning_dp.noise import GaussianNoise, SecureRNG
 from lightning_dp.secure_aggregation import SecureAggregator
@@ -34,11 +36,6 @@ from lightning_dp.secure_aggregation.discrete_gaussian import native_kernel
 
 def _mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
-
-
-def _plain_combine(tensors):
-    for t in tensors:
-        dist.all_reduce(t)
 
 
 def _worker(rank: int, world: int, port: int, args, results) -> None:
@@ -56,7 +53,7 @@ def _worker(rank: int, world: int, port: int, args, results) -> None:
     for mode in ("plain", "secure"):
         model = _mlp()
         attach_grad_sample_hooks(model)
-        combine = _plain_combine if mode == "plain" else aggregator
+        combine = all_reduce_sum_coalesced if mode == "plain" else aggregator  # as DPDDPStrategy combines
         optimizers[mode] = (model, DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0,
                                                max_grad_norm=1.0, expected_batch_size=expected, noise=noise,
                                                combine=combine, noise_shares=world if mode == "plain" else 1))
