@@ -8,7 +8,7 @@ import random
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -65,14 +65,16 @@ def real_rows(batches: list):
 
 
 def reference_update(weights: Dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, max_grad_norm: float,
-                     expected_batch_size: int, clipping: str = "flat") -> Dict[str, torch.Tensor]:
+                     expected_batch_size: int, clipping: str = "flat",
+                     model: Optional[torch.nn.Module] = None) -> Dict[str, torch.Tensor]:
     """Textbook DP-SGD update without noise, one process, float64 (zero for an empty union batch); per-layer
-    clipping clips each of the K parameter tensors to C/√K."""
+    clipping clips each of the K parameter tensors to C/√K. ``model`` takes ``weights`` (default: the FSDP
+    worker's net)."""
     from tests.fsdp_worker import build_net
 
     if x.shape[0] == 0:
         return {k: torch.zeros_like(v, dtype=torch.float64) for k, v in weights.items()}
-    model = build_net()
+    model = build_net() if model is None else model
     model.load_state_dict(weights)
     grads = microbatch_grads(model, x, lambda out, i: F.cross_entropy(out, y[i : i + 1], reduction="sum"))
     if clipping == "flat":

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from lightning_dp import compute_epsilon
-from tests.conftest import clipped_mean_reference, microbatch_grads
-from tests.distributed_helpers import run_launching_script
+from tests.conftest import microbatch_grads
+from tests.distributed_helpers import reference_update, run_launching_script
 from tests.lightning_helpers import TinyClassifier
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
@@ -31,10 +31,7 @@ def test_two_processes_without_noise_equal_one_process_with_the_global_batch(tmp
     assert len(rows) == len(set(rows)), "every example is in at most one rank's batch"
     x = torch.cat([r["batches"][0][0] for r in ranks])
     y = torch.cat([r["batches"][0][1] for r in ranks])
-    model = TinyClassifier()
-    model.load_state_dict(ranks[0]["initial"])
-    grads = microbatch_grads(model, x, lambda out, i: F.cross_entropy(out, y[i : i + 1], reduction="sum"))
-    update = clipped_mean_reference(grads, 0.05, 16)
+    update = reference_update(ranks[0]["initial"], x, y, 0.05, 16, model=TinyClassifier())
     for name, value in ranks[0]["initial"].items():
         expected = value.double() - 0.5 * update[name]
         for r in ranks:  # both ranks hold the same weights

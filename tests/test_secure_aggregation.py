@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 from scipy import special, stats
 
 from lightning_dp import make_private
@@ -87,10 +86,16 @@ from lightning_dp.secure_aggregation import discrete_gaussian as ddg_module  # n
 native_only = pytest.mark.skipif(not ddg_module.native_kernel(), reason="lightning_dp.noise._boxmuller not built")
 
 
-def _chi2_pvalue(x, variance):
+def _chi2_pvalue(x, variance, law="discrete_gaussian"):
+    """Chi-square p-value of the draws ``x`` against the discrete Gaussian (or ``law="rounded_normal"``:
+    round(N(0, variance))) on ``|k| <= 4σ + 1`` plus the tail."""
     n = x.numel()
     support = int(4 * math.sqrt(variance)) + 1
-    pmf = discrete_gaussian_pmf(variance, support).numpy()
+    if law == "rounded_normal":
+        ks, sigma = np.arange(-support, support + 1), math.sqrt(variance)
+        pmf = stats.norm.cdf((ks + 0.5) / sigma) - stats.norm.cdf((ks - 0.5) / sigma)
+    else:
+        pmf = discrete_gaussian_pmf(variance, support).numpy()
     observed = np.array([(x == k).sum().item() for k in range(-support, support + 1)], dtype=np.float64)
     expected = pmf * n
     keep = expected >= 5
@@ -131,32 +136,60 @@ def test_native_discrete_gaussian_large_scale_and_secure_generator():
     assert stats.ks_2samp(x.numpy(), y.numpy()).pvalue > 1e-3
 
 
-@native_only
-def test_native_discrete_gaussian_kernel_buffers_and_thread_count():
-    native = ddg_module._native
+def _kernel_draws(method, variance, count, threads, add_to=None):
+    """The native kernel over the same 160,000 words (seed 5): (filled, used, out)."""
     u = ddg_module.uniform_words(torch.Generator().manual_seed(5), 2 * 80_000).numpy()
-    outs = []
-    for threads in (1, 2, 3, 8):
-        out = np.zeros(40_000, dtype=np.int64)
-        filled, used = native.discrete_gaussian_(u.copy(), out, 9.0, 0, threads)
-        outs.append((filled, used, out))
-    for filled, used, out in outs:  # the draws do not depend on the thread count
-        assert filled == 40_000 and used == outs[0][1] and np.array_equal(out, outs[0][2])
-    assert used % 2 == 0 and used < 160_000  # only the chunks it needed
+    out = np.zeros(count, dtype=np.int64) if add_to is None else add_to
+    filled, used = ddg_module._native.discrete_gaussian_(u, out, variance, int(add_to is not None), threads, method)
+    return filled, used, out
+
+
+@native_only
+@pytest.mark.parametrize("method,variance,count", [(0, 9.0, 40_000), (1, 30.0, 20_000)])
+def test_native_discrete_gaussian_draws_do_not_depend_on_the_thread_count(method, variance, count):
+    outs = [_kernel_draws(method, variance, count, threads) for threads in (1, 2, 3, 8)]
+    for filled, used, out in outs:
+        assert filled == count and used == outs[0][1] and np.array_equal(out, outs[0][2])
+    assert outs[0][1] % 2 == 0 and outs[0][1] < 160_000  # only the chunks it needed
+
+
+@native_only
+@pytest.mark.parametrize("method", ["cks", "rounded"])
+def test_native_acceptance_rate_is_the_samplers(method):
+    """The acceptance rate used to size the buffer of uniforms is the sampler's."""
+    for variance in ((0.7, 30.0, 2.0**40) if method == "cks" else (9.0, 30.0, 2.0**40)):
+        u = ddg_module.uniform_words(torch.Generator().manual_seed(6), 2 * 400_000).numpy()
+        filled, _ = ddg_module._native.discrete_gaussian_(u, np.zeros(400_000, dtype=np.int64), variance, 0, 1,
+                                                          0 if method == "cks" else 1)
+        rate = ddg_module.acceptance_rate(variance, method)
+        assert abs(filled - 400_000 * rate) < 5 * math.sqrt(400_000 * rate * (1 - rate)) + 1
+
+
+@native_only
+def test_native_discrete_gaussian_kernel_buffers():
+    native = ddg_module._native
+    _, _, first = _kernel_draws(0, 9.0, 40_000, 1)
     # short of uniforms: fills what it can, reports all of them used; adds (add=1) to what is there
-    out = np.full(200_000, 7, dtype=np.int64)
-    filled, used = native.discrete_gaussian_(u.copy(), out, 9.0, 1, 2)
+    filled, used, out = _kernel_draws(0, 9.0, 200_000, 2, add_to=np.full(200_000, 7, dtype=np.int64))
     rate = ddg_module.acceptance_rate(9.0)
     assert used == 160_000 and abs(filled - 80_000 * rate) < 5 * math.sqrt(80_000 * rate * (1 - rate))
-    assert np.all(out[filled:] == 7) and np.array_equal(out[:40_000] - 7, outs[0][2])
-    # the acceptance rate used to size the buffer is the sampler's
-    for variance in (0.7, 30.0, 2.0**40):
-        u = ddg_module.uniform_words(torch.Generator().manual_seed(6), 2 * 400_000).numpy()
-        filled, _ = native.discrete_gaussian_(u, np.zeros(400_000, dtype=np.int64), variance, 0, 1)
-        rate = ddg_module.acceptance_rate(variance)
-        assert abs(filled - 400_000 * rate) < 5 * math.sqrt(400_000 * rate * (1 - rate))
+    assert np.all(out[filled:] == 7) and np.array_equal(out[:40_000] - 7, first)
     with pytest.raises(ValueError):
         native.discrete_gaussian_(np.zeros(4), np.zeros(2, dtype=np.int64), 0.0, 0, 1)
+    with pytest.raises(ValueError, match="even number"):  # the rounded sampler's candidates come in pairs
+        native.discrete_gaussian_(np.full(6, 0.5), np.zeros(2, dtype=np.int64), 9.0, 0, 1, 1)
+
+
+@native_only
+def test_auto_takes_the_rounded_sampler_from_its_threshold():
+    """"auto" takes the rounded sampler from σ = ROUNDED_MIN_SIGMA on, CKS's below."""
+    for variance, method in ((ddg_module.ROUNDED_MIN_SIGMA**2, "rounded"), (ddg_module.ROUNDED_MIN_SIGMA**2 / 2, "cks")):
+        a, b = torch.zeros(1000, dtype=torch.int64), torch.zeros(1000, dtype=torch.int64)
+        ddg_module.add_discrete_gaussian_(a, variance, torch.Generator().manual_seed(3))
+        ddg_module.add_discrete_gaussian_(b, variance, torch.Generator().manual_seed(3), method=method)
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="method"):
+        ddg_module.add_discrete_gaussian_(a, 9.0, torch.Generator(), method="karney")
 
 
 @native_only
@@ -169,41 +202,7 @@ def test_rounded_gaussian_sampler_matches_the_exact_pmf(variance):
     ddg_module.add_discrete_gaussian_(x, variance, torch.Generator().manual_seed(21), method="rounded")
     assert _chi2_pvalue(x, variance) > 1e-3
     if variance == 4.0:
-        sigma, support = math.sqrt(variance), 9
-        ks = np.arange(-support, support + 1)
-        rounded_normal = stats.norm.cdf((ks + 0.5) / sigma) - stats.norm.cdf((ks - 0.5) / sigma)
-        observed = np.array([(x == k).sum().item() for k in ks], dtype=np.float64)
-        expected = rounded_normal * n
-        keep = expected >= 5
-        chi2 = ((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum()
-        assert stats.chi2.sf(chi2, int(keep.sum()) - 1) < 1e-8
-
-
-@native_only
-def test_rounded_gaussian_kernel_buffers_thread_count_and_choice():
-    native = ddg_module._native
-    u = ddg_module.uniform_words(torch.Generator().manual_seed(5), 2 * 80_000).numpy()
-    outs = []
-    for threads in (1, 2, 3, 8):
-        out = np.zeros(20_000, dtype=np.int64)
-        outs.append(native.discrete_gaussian_(u.copy(), out, 30.0, 0, threads, 1) + (out,))
-    for filled, used, out in outs:  # the draws do not depend on the thread count
-        assert filled == 20_000 and used == outs[0][1] and np.array_equal(out, outs[0][2])
-    for variance in (9.0, 30.0, 2.0**40):  # the acceptance rate used to size the buffer is the sampler's
-        u = ddg_module.uniform_words(torch.Generator().manual_seed(6), 2 * 400_000).numpy()
-        filled, _ = native.discrete_gaussian_(u, np.zeros(400_000, dtype=np.int64), variance, 0, 1, 1)
-        rate = ddg_module.acceptance_rate(variance, "rounded")
-        assert abs(filled - 400_000 * rate) < 5 * math.sqrt(400_000 * rate * (1 - rate)) + 1
-    with pytest.raises(ValueError, match="even number"):  # candidates come in Box–Muller pairs
-        native.discrete_gaussian_(np.full(6, 0.5), np.zeros(2, dtype=np.int64), 9.0, 0, 1, 1)
-    # "auto" takes the rounded sampler from σ = ROUNDED_MIN_SIGMA on, CKS's below
-    for variance, method in ((ddg_module.ROUNDED_MIN_SIGMA**2, "rounded"), (ddg_module.ROUNDED_MIN_SIGMA**2 / 2, "cks")):
-        a, b = torch.zeros(1000, dtype=torch.int64), torch.zeros(1000, dtype=torch.int64)
-        ddg_module.add_discrete_gaussian_(a, variance, torch.Generator().manual_seed(3))
-        ddg_module.add_discrete_gaussian_(b, variance, torch.Generator().manual_seed(3), method=method)
-        assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="method"):
-        ddg_module.add_discrete_gaussian_(a, 9.0, torch.Generator(), method="karney")
+        assert _chi2_pvalue(x, variance, law="rounded_normal") < 1e-8
 
 
 @native_only
@@ -436,8 +435,7 @@ WORKER = Path(__file__).with_name("secure_aggregation_worker.py")
 
 
 def test_two_processes_with_secure_aggregation_update_checkpoint_and_report(tmp_path):
-    from tests.conftest import clipped_mean_reference, microbatch_grads
-    from tests.distributed_helpers import run_launching_script
+    from tests.distributed_helpers import reference_update, run_launching_script
     from tests.lightning_helpers import TinyClassifier
 
     run_launching_script(WORKER, tmp_path)
@@ -445,10 +443,7 @@ def test_two_processes_with_secure_aggregation_update_checkpoint_and_report(tmp_
     assert ranks[0]["steps"] == 1
     x = torch.cat([r["batches"][0][0] for r in ranks])
     y = torch.cat([r["batches"][0][1] for r in ranks])
-    model = TinyClassifier()
-    model.load_state_dict(ranks[0]["initial"])
-    grads = microbatch_grads(model, x, lambda out, i: F.cross_entropy(out, y[i : i + 1], reduction="sum"))
-    update = clipped_mean_reference(grads, 0.05, 16)
+    update = reference_update(ranks[0]["initial"], x, y, 0.05, 16, model=TinyClassifier())
     bound = 0.5 * 2 * (0.05 / 16) / ranks[0]["scale"]  # lr · W · u/s: each rank rounds by < u/s
     for name, value in ranks[0]["initial"].items():
         expected = value.double() - 0.5 * update[name]
