@@ -29,7 +29,7 @@ Chernoff bound computed from the discrete PLD's own moment-generating function.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 from scipy import fft as sp_fft
@@ -179,24 +179,47 @@ class LogMGF:
 # --------------------------------------------------------------------------------------------------
 # Composition plan: one direction, one history shape
 # --------------------------------------------------------------------------------------------------
+class StepPLD(Protocol):
+    """One kind of step, one direction: what :class:`Plan` needs of it."""
+
+    def moments(self) -> Tuple[float, float]:
+        """Mean and variance of the step's privacy loss (only used to choose the grid step)."""
+
+    def discretise(self, h: float, tail_top: float, tail_bottom: float) -> Tuple[int, np.ndarray, float]:
+        """``(j_low, pmf, mass_inf)`` of a discrete PLD on the grid ``j h`` that dominates the step's pair,
+        with at most ``tail_top`` at ``+inf``."""
+
+
+class GaussianStep:
+    """The Poisson-subsampled Gaussian at noise multiplier ``sigma`` and rate ``q``, one ``direction``."""
+
+    def __init__(self, sigma: float, q: float, direction: str) -> None:
+        self.sigma, self.q, self.direction = sigma, q, direction
+
+    def moments(self) -> Tuple[float, float]:
+        return moments(self.sigma, self.q, self.direction)
+
+    def discretise(self, h: float, tail_top: float, tail_bottom: float) -> Tuple[int, np.ndarray, float]:
+        return discretise(self.sigma, self.q, self.direction, h, tail_top, tail_bottom)
+
+
 class Plan:
-    """Everything needed to evaluate ``epsilon`` for step counts up to ``counts`` of the segments
-    ``[(sigma, q), ...]`` (one direction): grid step, window, per-segment log characteristic
+    """Everything needed to evaluate ``epsilon`` for step counts up to ``counts`` of the segments'
+    ``steps`` (:class:`StepPLD`, one direction): grid step, window, per-segment log characteristic
     functions, Chernoff log-MGFs and masses at infinity. :meth:`epsilon` then costs one complex
     exponential, one inverse FFT and one cumulative sum over the window."""
 
     def __init__(
         self,
-        segments: Sequence[Tuple[float, float]],
+        steps: Sequence["StepPLD"],
         counts: Sequence[int],
         low_counts: Sequence[int],
         delta: float,
-        direction: str,
     ) -> None:
         tau = _TAIL_FRACTION * delta
         self.log_tau = math.log(tau)
         total = float(sum(counts))
-        stats = [moments(s, q, direction) for s, q in segments]
+        stats = [step.moments() for step in steps]
         var = sum(n * v for n, (_, v) in zip(counts, stats))
         h = min(2.0 * math.sqrt(_RHO * var / total), _MAX_H)
         # Chernoff exponents: a ladder (ratio 2) from 0.25 (heavy tails: rare steps with a large
@@ -209,9 +232,9 @@ class Plan:
             self.h = h
             self._pmfs: List[Tuple[int, np.ndarray]] = []
             mgfs, inf_masses = [], []
-            for (sigma, q), n in zip(segments, counts):
-                tail = tau / (len(segments) * n)
-                j_low, pmf, mass_inf = discretise(sigma, q, direction, h, tail, tail)
+            for step, n in zip(steps, counts):
+                tail = tau / (len(steps) * n)
+                j_low, pmf, mass_inf = step.discretise(h, tail, tail)
                 self._pmfs.append((j_low, pmf))
                 mgfs.append(LogMGF(j_low, pmf, h, 0.25 / total))
                 inf_masses.append(mass_inf)

@@ -122,7 +122,7 @@ class PRVAccountant(Accountant):
         plans = self._plans.get(plan_key)
         if plans is None:
             plans = [
-                _pld.Plan(segments, base + [high], base + [low], delta, direction)
+                _pld.Plan([_pld.GaussianStep(s, q, direction) for s, q in segments], base + [high], base + [low], delta)
                 for direction in _pld.DIRECTIONS
             ]
             self._plans[plan_key] = plans

@@ -31,6 +31,7 @@ import numpy as np
 from scipy import special
 
 from .._checks import check_int, check_non_negative, check_open_unit, check_positive, check_rate
+from ..accounting import _pld, _profile
 from ..accounting.base import Accountant, HistoryEntry
 from ..accounting.rdp import _epsilon_from_rdp
 
@@ -121,19 +122,60 @@ def subsampled_rdp(orders: Sequence[int], sample_rate: float, base_rdp: np.ndarr
     return out
 
 
-def _step_rdp(noise_multiplier: float, sample_rate: float, dim: int, scale: float, num_shares: int,
-              orders: Sequence[int]) -> np.ndarray:
-    """RDP at ``orders`` of one DDG step at noise multiplier σ (total std σC of the honest shares)."""
-    if sample_rate == 0.0:
-        return np.zeros(len(orders))
-    if noise_multiplier == 0.0:
-        return np.full(len(orders), np.inf)
+def _unsampled_rdp(noise_multiplier: float, dim: int, scale: float, num_shares: int, max_order: int) -> np.ndarray:
+    """RDP at orders ``2 .. max_order`` of one unsampled DDG step at noise multiplier σ (total std σC of
+    the honest shares)."""
     total_std = noise_multiplier * scale  # in integer units: a sample's clipped contribution is s
     l2 = rounded_l2_norm_bound(scale, dim)
     l1 = rounded_l1_norm_bound(l2, dim)
     tau = ddg_tau(total_std / math.sqrt(num_shares), num_shares)
-    base = ddg_rdp(range(2, max(orders) + 1), l2 / total_std, l1 / total_std, tau, dim)
+    return ddg_rdp(range(2, max_order + 1), l2 / total_std, l1 / total_std, tau, dim)
+
+
+def _step_rdp(noise_multiplier: float, sample_rate: float, dim: int, scale: float, num_shares: int,
+              orders: Sequence[int]) -> np.ndarray:
+    """RDP at ``orders`` of one Poisson-subsampled DDG step (route 3a of the module docstring)."""
+    if sample_rate == 0.0:
+        return np.zeros(len(orders))
+    if noise_multiplier == 0.0:
+        return np.full(len(orders), np.inf)
+    base = _unsampled_rdp(noise_multiplier, dim, scale, num_shares, max(orders))
     return subsampled_rdp(orders, sample_rate, base)
+
+
+def _epsilon_by_rdp(history: Sequence[HistoryEntry], delta: float, dim: int, scale: float, num_shares: int,
+                    orders: Sequence[int]) -> float:
+    """Route 3a: subsampled RDP (Zhu & Wang, Theorem 6), composed, converted."""
+    rdp = np.zeros(len(orders))
+    for sigma, q, n in history:
+        rdp = rdp + n * _step_rdp(sigma, q, dim, scale, num_shares, orders)
+    eps, _ = _epsilon_from_rdp(np.asarray(orders, dtype=np.float64), rdp, delta)
+    return eps
+
+
+def _epsilon_by_profile(history: Sequence[HistoryEntry], delta: float, dim: int, scale: float, num_shares: int,
+                        orders: Sequence[int]) -> float:
+    """Route 3b: the unsampled step's profile from its RDP, subsampled, one dominating pair per step,
+    composed as a privacy-loss distribution (:mod:`lightning_dp.accounting._profile`)."""
+    merged: Dict[Tuple[float, float], int] = {}
+    for sigma, q, n in history:
+        if q > 0 and n > 0:
+            merged[(sigma, q)] = merged.get((sigma, q), 0) + n
+    if not merged:
+        return 0.0
+    if any(sigma == 0 for sigma, _ in merged):
+        return math.inf
+    ints = np.arange(2, max(orders) + 1, dtype=np.float64)
+    steps, counts = [], []
+    for (sigma, q), n in sorted(merged.items()):
+        base = _unsampled_rdp(sigma, dim, scale, num_shares, max(orders))
+        steps.append((lambda eps, base=base: _profile.delta_from_rdp(ints, base, eps), q))
+        counts.append(n)
+    return max(
+        _pld.Plan([_profile.SubsampledProfileStep(f, q, direction) for f, q in steps], counts, counts, delta)
+        .epsilon(counts, delta)
+        for direction in _pld.DIRECTIONS
+    )
 
 
 def ddg_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float, *, dim: int,
@@ -206,11 +248,8 @@ class DistributedDiscreteGaussianAccountant(Accountant):
                 "when the secure-aggregation strategy sets up its optimizer."
             )
         delta = check_open_unit("delta", delta)
-        rdp = np.zeros(len(self.orders))
-        for sigma, q, n in history:
-            rdp = rdp + n * _step_rdp(sigma, q, self.dim, self.scale, self.num_shares, self.orders)
-        eps, _ = _epsilon_from_rdp(np.asarray(self.orders, dtype=np.float64), rdp, delta)
-        return eps
+        args = (history, delta, self.dim, self.scale, self.num_shares, self.orders)
+        return min(_epsilon_by_rdp(*args), _epsilon_by_profile(*args))  # two upper bounds: the smaller holds
 
     def fresh(self) -> "DistributedDiscreteGaussianAccountant":
         """An empty accountant with this one's parameters (scale, dim, shares, orders): for calibration."""
