@@ -16,11 +16,18 @@ Federated Learning with Secure Aggregation* (arXiv:2102.06387), and of their ref
    ``min(α·a²/2 + τd, α/2·(a² + 2bτ + τ²d), α/2·(a + τ√d)²)`` where ``a = Δ₂/(√n σ_s)``,
    ``b = Δ₁/(√n σ_s)`` and ``τ = 10 Σ_{k=1}^{n-1} exp(-2π²σ_s² k/(k+1))``. Here ``n`` is the number of
    *honest* ranks (``min_honest_ranks``): only their shares are counted.
-3. **Poisson subsampling**: the general upper bound of Zhu & Wang (ICML 2019), *Poisson Subsampled Rényi
-   Differential Privacy* (Theorem 6; the reference code's ``_compute_rdp_subsampled(upper_bound=True)``),
-   at integer orders, and never above the unsampled RDP.
-4. **Composition** over the steps (RDP adds up) and conversion to (ε, δ) with Canonne, Kamath & Steinke
-   (2020) Prop. 12, as :class:`~lightning_dp.accounting.RDPAccountant` does.
+3. **Poisson subsampling**, two routes, each an upper bound; ε is the smaller:
+
+   a. the general RDP bound of Zhu & Wang (ICML 2019), *Poisson Subsampled Rényi Differential Privacy*
+      (Theorem 6; the reference code's ``_compute_rdp_subsampled(upper_bound=True)``), at integer
+      orders and never above the unsampled RDP; composition over the steps (RDP adds up) and conversion
+      to (ε, δ) with Canonne, Kamath & Steinke (2020) Prop. 12, as
+      :class:`~lightning_dp.accounting.RDPAccountant` does. Tight at small sampling rates; at large
+      ones its ``3·Σ_{l≥3}`` terms do not vanish however large the noise;
+   b. the unsampled step's privacy profile from its RDP (the same conversion), the amplification of a
+      privacy profile by Poisson sampling in each order (add and remove), one dominating pair per order
+      and the composition of its privacy-loss distribution (:mod:`lightning_dp.accounting._profile`, the
+      numerics of the PRV accountant). It pays only for the RDP-to-profile conversion of one step.
 """
 from __future__ import annotations
 
