@@ -1,13 +1,13 @@
 """Cost of secure aggregation per DP-SGD step: DPDDPStrategy's plain exchange vs secure_aggregation=True.
 
-    python benchmarks/secure_aggregation.py [--ranks 2] [--steps 20] [--batch 64] [--secure-mode]
+    python benchmarks/secure_aggregation.py [--ranks 2] [--steps 20] [--batch 64] [--secure-mode] [--bits 48]
 
 Each of ``--ranks`` CPU processes (gloo, one thread each) trains the MLP 784-512-512-10 (669 706 parameters)
 with a :class:`~lightning_dp.DPOptimizer` on random data, exactly as the DDP strategy wires it: ``plain``
 adds Gaussian noise of std σC/√W to its clipped sum and all-reduces float32 in one bucket
 (``combine_clipped_sums``);
 ``secure`` hands the sum to a :class:`~lightning_dp.secure_aggregation.SecureAggregator` (stochastic rounding,
-discrete Gaussian share, pairwise ChaCha20 masks, int64 all-reduce). Both modes alternate step by step in the
+discrete Gaussian share, pairwise ChaCha20 masks, int64 all-reduce, int32 with ``--bits 30``). Both modes alternate step by step in the
 same processes; the table gives the median step time (zero_grad, forward, backward, clip, noise, exchange,
 optimizer step), the median time of the exchange alone (noise + combine) and the bytes each rank hands to the
 all-reduce per step.
@@ -46,7 +46,7 @@ def _worker(rank: int, world: int, port: int, args, results) -> None:
     noise = SecureRNG() if args.secure_mode else GaussianNoise(seed=rank)
     # as DPDDPStrategy does: seeded runs key the same stream from the rank's seed (reproducible, not secret)
     generator = noise if args.secure_mode else SecureRNG(seed=f"lightning_dp.secure_aggregation:{rank}".encode())
-    aggregator = SecureAggregator(rank, world, generator)
+    aggregator = SecureAggregator(rank, world, generator, bits=args.bits)
     aggregator.setup()
     expected = args.batch * world
     optimizers = {}
@@ -81,7 +81,7 @@ def _worker(rank: int, world: int, port: int, args, results) -> None:
     if rank == 0:
         results.update({m: (statistics.median(times[m]), statistics.median(exchange[m])) for m in times})
         results["dim"] = d
-        results["bytes"] = {"plain": 4 * d, "secure": 8 * d}
+        results["bytes"] = {"plain": 4 * d, "secure": aggregator.message_dtype.itemsize * d}
     dist.destroy_process_group()
 
 
@@ -91,6 +91,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--secure-mode", action="store_true", help="noise and rounding from SecureRNG")
+    parser.add_argument("--bits", type=int, default=48,
+                        help="modular bits b (default 48); b <= 30 at 2 ranks sends int32 messages")
     args = parser.parse_args()
     manager = mp.Manager()
     results = manager.dict()
@@ -98,7 +100,7 @@ def main() -> None:
                        start_method="spawn", join=True)
     plain, secure = results["plain"], results["secure"]
     print(f"MLP 784-512-512-10 (d = {results['dim']}), {args.ranks} ranks, batch {args.batch}/rank, "
-          f"{'SecureRNG' if args.secure_mode else 'seeded generators'}, median of {args.steps} steps, "
+          f"{'SecureRNG' if args.secure_mode else 'seeded generators'}, bits {args.bits}, median of {args.steps} steps, "
           f"native secure-aggregation kernels: {'yes' if native_kernel() else 'no (torch ops)'}")
     print("| exchange | step ms | noise + exchange ms | bytes to all-reduce / rank / step |")
     print("|---|---|---|---|")

@@ -315,6 +315,36 @@ def test_modular_sum_never_wraps_in_the_documented_range():
         SecureAggregator(0, 4, torch.Generator(), bits=62)  # 4·2^62 ≥ 2^63: the int64 sum could overflow
 
 
+@pytest.mark.parametrize("world,bits,dtype", [(2, 30, torch.int32), (3, 29, torch.int32), (3, 30, torch.int64),
+                                               (2, 31, torch.int64)])
+def test_int32_messages_when_the_sum_fits(world, bits, dtype, monkeypatch):
+    """W·2^b <= 2^31: the all-reduce gets int32 (half the bytes) and the result is the int64 exchange's, bit for
+    bit, also near the largest values that may not wrap; otherwise int64."""
+    g = torch.Generator().manual_seed(5)
+    big = ((1 << (bits - 1)) // world - 10_000) / 2.0**10  # 10,000 below the limit: ~20 noise stds of room
+    xs = [torch.cat([torch.randn(5000, generator=g, dtype=torch.float64) * 0.01,
+                     torch.tensor([big, -big], dtype=torch.float64)]) for _ in range(world)]
+
+    def run():
+        aggs = _aggregators(world, bits=bits, scale=2.0**10)
+        messages = [a._encode([x], x.numel(), torch.device("cpu"), 0.5, 1.0) for a, x in zip(aggs, xs)]
+        summed, seen, outs = sum(messages), [], [x.clone() for x in xs]
+        for a, out in zip(aggs, outs):
+            a._all_reduce = lambda t: (seen.append(t.dtype), t.copy_(summed))
+            a.steps = 0
+            a([out], std=0.5, sensitivity=1.0)
+        return outs, set(seen), aggs[0].bytes_sent
+
+    outs, seen, sent = run()
+    assert seen == {dtype} and sent == 5002 * (4 if dtype == torch.int32 else 8)
+    monkeypatch.setattr(SecureAggregator, "message_dtype", property(lambda self: torch.int64))
+    reference, seen, _ = run()
+    assert seen == {torch.int64}
+    for a, b in zip(outs, reference):
+        assert torch.equal(a, b)
+    assert outs[0][-2].item() > 0.99 * world * big and outs[0][-1].item() < -0.99 * world * big  # not wrapped
+
+
 def _gloo_worker(rank: int, world_size: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

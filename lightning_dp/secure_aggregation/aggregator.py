@@ -4,7 +4,7 @@ One call per optimizer step, on every rank (it is a collective)::
 
     y_i   = ⌊x_i·s/u + U⌋ + z_i                   (stochastic rounding; z_i ~ N_Z(0, (σs)²/h))
     m_i   = (y_i + Σ_{j>i} mask_ij − Σ_{j<i} mask_ji) mod 2^b
-    Σ m_i = Σ y_i mod 2^b                         (int64 all-reduce SUM, then mod 2^b: exact, W·2^b < 2^63)
+    Σ m_i = Σ y_i mod 2^b                         (int64 all-reduce SUM, int32 if W·2^b <= 2^31; then mod 2^b: exact)
     out   = signed(Σ m_i mod 2^b) · u/s
 
 ``x_i`` is rank ``i``'s clipped sum divided by the expected batch size, ``u = C/B`` (one example moves
@@ -51,11 +51,14 @@ class SecureAggregator:
         min_honest_ranks: ``h``, the ranks whose noise shares alone must give the noise: each rank adds
             variance ``(σs)²/h``, so ε holds while at most ``W − h`` ranks are corrupt. Default ``W − 1``
             (at least 1): every peer, knowing its own share, still sees noise of std at least σC.
-        bits: ``b``, bits of the modular space (default :data:`DEFAULT_BITS`).
+        bits: ``b``, bits of the modular space (default :data:`DEFAULT_BITS`). With ``W·2^b <= 2^31``
+            (``b <= 30`` at 2 ranks) the messages are int32, half the bytes; every rank's value must then
+            stay below ``2^(b−1)/W`` (``2^28`` at ``b = 30``: 256 units ``C/B`` at the default scale).
         scale: ``s``, integers per unit ``C/B`` (default :data:`DEFAULT_SCALE`).
         masks: this rank's :class:`PairwiseMasks` with keys agreed (tests); default: new keys, exchanged
             with ``all_reduce_fn``'s process group by ``torch.distributed.all_gather_object`` in :meth:`setup`.
-        all_reduce: the SUM all-reduce of an int64 tensor, in place (default ``torch.distributed.all_reduce``).
+        all_reduce: the SUM all-reduce of an integer tensor (:attr:`message_dtype`), in place (default
+            ``torch.distributed.all_reduce``).
     """
 
     adds_noise = True
@@ -91,7 +94,7 @@ class SecureAggregator:
         self.masks = masks if masks is not None else PairwiseMasks(self.rank, self.world_size)
         self._all_reduce = all_reduce
         self.steps = 0
-        self.bytes_sent = 0  # the int64 all-reduce's input, per step summed (the payload; the ring moves ~2×)
+        self.bytes_sent = 0  # the all-reduce's input, per step summed (the payload; the ring moves ~2×)
 
     # ---------------------------------------------------------------------------------------- set-up
     def setup(self, all_gather_object: Optional[Callable[[List[Any], Any], None]] = None) -> None:
@@ -106,6 +109,12 @@ class SecureAggregator:
         self.masks.agree(keys)
 
     # ------------------------------------------------------------------------------------- the parts
+    @property
+    def message_dtype(self) -> torch.dtype:
+        """What goes to the all-reduce: int32 when ``W·2^b <= 2^31`` (the sum of W values below ``2^b``
+        fits: half the bytes of int64), else int64."""
+        return torch.int32 if self.world_size << self.bits <= 1 << 31 else torch.int64
+
     @property
     def modulus(self) -> int:
         """``2^b``."""
@@ -195,9 +204,12 @@ class SecureAggregator:
             return
         numel = sum(t.numel() for t in tensors)
         message = self._encode(tensors, numel, tensors[0].device, std, sensitivity)
+        if self.message_dtype != torch.int64:  # values < 2^b and W·2^b <= 2^31: the int32 sum is exact
+            message = message.to(self.message_dtype)
         if self.world_size > 1:
             (self._all_reduce or _all_reduce_sum)(message)
         self.bytes_sent += message.numel() * message.element_size()
+        message = message.to(torch.int64)  # no copy when it already is
         offset = 0
         if _native_ready(tensors, message.device) and message.is_contiguous():
             summed, factor, threads = message.numpy(), sensitivity / self.scale, torch.get_num_threads()
