@@ -95,7 +95,8 @@ class PairwiseMasks:
 
     def pair_mask(self, other: int, step: int, numel: int, bits: int, device: torch.device = torch.device("cpu")) -> torch.Tensor:
         """The mask this rank shares with rank ``other`` at ``step``: ``numel`` int64 values in ``[0, 2^bits)``
-        (ChaCha20 keystream words modulo ``2^bits``). Both ranks of the pair compute the same values."""
+        (ChaCha20 keystream words, 32-bit for ``bits <= 32`` and 64-bit above, modulo ``2^bits``). Both ranks
+        of the pair compute the same values."""
         if self._pair_keys is None:
             raise RuntimeError(
                 "PairwiseMasks has no pair keys: call agree() with every rank's public key first (a pickled "
@@ -104,8 +105,10 @@ class PairwiseMasks:
         step = check_int("step", step, 0)
         if step >= _MAX_STEPS:
             raise ValueError(f"`step` must be below 2**96 (the nonce), got {step}.")
-        words = chacha20_keystream(self._pair_keys[other], step.to_bytes(12, "little"), 0, 8 * numel, device=device)
-        return words.view(torch.int64).bitwise_and_((1 << bits) - 1)
+        width = 4 if bits <= 32 else 8  # 32-bit keystream words suffice for b <= 32: half the keystream
+        words = chacha20_keystream(self._pair_keys[other], step.to_bytes(12, "little"), 0, width * numel, device=device)
+        words = words.view(torch.int32).to(torch.int64) if width == 4 else words.view(torch.int64)
+        return words.bitwise_and_((1 << bits) - 1)
 
     def mask(self, step: int, numel: int, bits: int, device: torch.device = torch.device("cpu")) -> torch.Tensor:
         """This rank's total mask at ``step`` modulo ``2^bits``: ``Σ_{j > i} m_ij − Σ_{j < i} m_ji``, as int64
