@@ -136,31 +136,38 @@ def test_native_discrete_gaussian_large_scale_and_secure_generator():
     assert stats.ks_2samp(x.numpy(), y.numpy()).pvalue > 1e-3
 
 
-def _kernel_draws(method, variance, count, threads, add_to=None):
-    """The native kernel over the same 160,000 words (seed 5): (filled, used, out)."""
-    u = ddg_module.uniform_words(torch.Generator().manual_seed(5), 2 * 80_000).numpy()
+def _kernel_words(method, variance, candidates):
+    """The words the native kernel takes for ``candidates``: two each (CKS) or the rounded sampler's layout."""
+    return 2 * candidates if method == 0 else ddg_module._native.dg_rounded_words(variance, candidates)[0]
+
+
+def _kernel_draws(method, variance, count, threads, add_to=None, candidates=80_000):
+    """The native kernel over the same words (seed 5) for ``candidates``: (filled, used, out, words)."""
+    words = _kernel_words(method, variance, candidates)
+    u = ddg_module.uniform_words(torch.Generator().manual_seed(5), words).numpy()
     out = np.zeros(count, dtype=np.int64) if add_to is None else add_to
-    filled, used = ddg_module._native.discrete_gaussian_(u, out, variance, int(add_to is not None), threads, method)
-    return filled, used, out
+    extra = () if method == 0 else (candidates,)
+    filled, used = ddg_module._native.discrete_gaussian_(u, out, variance, int(add_to is not None), threads, method,
+                                                         *extra)
+    return filled, used, out, words
 
 
 @native_only
-@pytest.mark.parametrize("method,variance,count", [(0, 9.0, 40_000), (1, 30.0, 20_000)])
+@pytest.mark.parametrize("method,variance,count", [(0, 9.0, 40_000), (1, 30.0, 20_000), (1, 2.0**40, 40_000)])
 def test_native_discrete_gaussian_draws_do_not_depend_on_the_thread_count(method, variance, count):
     outs = [_kernel_draws(method, variance, count, threads) for threads in (1, 2, 3, 8)]
-    for filled, used, out in outs:
+    for filled, used, out, _ in outs:
         assert filled == count and used == outs[0][1] and np.array_equal(out, outs[0][2])
-    assert outs[0][1] % 2 == 0 and outs[0][1] < 160_000  # only the chunks it needed
+    assert outs[0][1] < outs[0][3]  # only the chunks it needed
 
 
 @native_only
 @pytest.mark.parametrize("method", ["cks", "rounded"])
 def test_native_acceptance_rate_is_the_samplers(method):
     """The acceptance rate used to size the buffer of uniforms is the sampler's."""
+    kind = 0 if method == "cks" else 1
     for variance in ((0.7, 30.0, 2.0**40) if method == "cks" else (9.0, 30.0, 2.0**40)):
-        u = ddg_module.uniform_words(torch.Generator().manual_seed(6), 2 * 400_000).numpy()
-        filled, _ = ddg_module._native.discrete_gaussian_(u, np.zeros(400_000, dtype=np.int64), variance, 0, 1,
-                                                          0 if method == "cks" else 1)
+        filled, _, _, _ = _kernel_draws(kind, variance, 400_000, 1, candidates=400_000)
         rate = ddg_module.acceptance_rate(variance, method)
         assert abs(filled - 400_000 * rate) < 5 * math.sqrt(400_000 * rate * (1 - rate)) + 1
 
@@ -168,16 +175,44 @@ def test_native_acceptance_rate_is_the_samplers(method):
 @native_only
 def test_native_discrete_gaussian_kernel_buffers():
     native = ddg_module._native
-    _, _, first = _kernel_draws(0, 9.0, 40_000, 1)
+    _, _, first, _ = _kernel_draws(0, 9.0, 40_000, 1)
     # short of uniforms: fills what it can, reports all of them used; adds (add=1) to what is there
-    filled, used, out = _kernel_draws(0, 9.0, 200_000, 2, add_to=np.full(200_000, 7, dtype=np.int64))
+    filled, used, out, _ = _kernel_draws(0, 9.0, 200_000, 2, add_to=np.full(200_000, 7, dtype=np.int64))
     rate = ddg_module.acceptance_rate(9.0)
     assert used == 160_000 and abs(filled - 80_000 * rate) < 5 * math.sqrt(80_000 * rate * (1 - rate))
     assert np.all(out[filled:] == 7) and np.array_equal(out[:40_000] - 7, first)
     with pytest.raises(ValueError):
         native.discrete_gaussian_(np.zeros(4), np.zeros(2, dtype=np.int64), 0.0, 0, 1)
-    with pytest.raises(ValueError, match="even number"):  # the rounded sampler's candidates come in pairs
-        native.discrete_gaussian_(np.full(6, 0.5), np.zeros(2, dtype=np.int64), 9.0, 0, 1, 1)
+    words = native.dg_rounded_words(30.0, 5000)[0]
+    with pytest.raises(ValueError, match="dg_rounded_words"):  # the rounded sampler's layout needs its words
+        native.discrete_gaussian_(np.zeros(words - 1, dtype=np.int64), np.zeros(2, dtype=np.int64), 30.0, 0, 1, 1, 5000)
+    # every word all ones: every candidate is a top-layer wedge that fails, one reserve uniform each, so the
+    # reserve runs out: an error, and nothing written
+    out, words = np.full(10, 3, dtype=np.int64), native.dg_rounded_words(2.0**40, 5000)[0]
+    with pytest.raises(RuntimeError, match="reserve"):
+        native.discrete_gaussian_(np.full(words, -1, dtype=np.int64), out, 2.0**40, 1, 1, 1, 5000)
+    assert np.all(out == 3)
+
+
+@native_only
+def test_ziggurat_layers_have_equal_area():
+    x, f, r, v, zmax = ddg_module._native.ziggurat_table()
+    assert r == pytest.approx(3.6541528853610088, rel=1e-15)  # Marsaglia & Tsang (2000), 256 layers
+    assert v == pytest.approx(r * math.exp(-r * r / 2) + math.sqrt(math.pi / 2) * math.erfc(r / math.sqrt(2)), rel=1e-15)
+    areas = np.array([x[i] * (f[i + 1] - f[i]) for i in range(1, 256)])
+    assert np.abs(areas / v - 1).max() < 1e-12 and x[0] * f[0] == pytest.approx(v, rel=1e-15)
+    assert x[256] == 0.0 and f[256] == 1.0 and np.all(np.diff(x) < 0)
+    assert zmax >= r + 53 * math.log(2) / r  # the largest |Z| the tail can give on the 2^-53 grid
+
+
+@native_only
+def test_rounded_sampler_at_large_scale_is_the_normal():
+    """At σ = 1000 the rounding and the rejection are invisible; the ziggurat's shape is not."""
+    x = torch.zeros(300_000, dtype=torch.int64)
+    ddg_module.add_discrete_gaussian_(x, 1e6, torch.Generator().manual_seed(11), method="rounded")
+    assert stats.kstest(x.double().numpy() / 1000.0, "norm").pvalue > 1e-3
+    tail = (x.abs() > 3.6541528853610088 * 1000).double().mean().item()  # the ziggurat's tail branch
+    assert tail == pytest.approx(2 * stats.norm.sf(3.6541528853610088), rel=0.15)
 
 
 @native_only

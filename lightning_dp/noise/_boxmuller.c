@@ -504,68 +504,164 @@ static Py_ssize_t dg_chunk(uint64_t *u, Py_ssize_t size, double t, double shift,
     return n;
 }
 
-/* The rounded-Gaussian sampler (method 1), for large σ: a candidate is X = round(Z) of a Box–Muller normal
- * Z = σ·sqrt(-2 ln u)·(cos or sin)(2π v) (float64, the arithmetic of sum_normals), accepted with probability
- * exp((Z² − X²)/(2σ²) − c). Then P(X = x, accepted) = ∫_{x−½}^{x+½} φ_σ(z)·e^{(z² − x²)/(2σ²) − c} dz
- * = e^{−c}·e^{−x²/(2σ²)}/(√(2π)σ): exactly the discrete Gaussian kernel, provided the acceptance is at most 1
- * for every Z the proposal can give. Z² − X² = e·(Z + X) with e = Z − X in [−½, ½] (exact in float64), so
- * |Z² − X²| ≤ |Z| + ¼ ≤ R + ¼ with R = σ·sqrt(106 ln 2) < 8.5718σ, the largest radius on the 2⁻⁵³ grid of the
- * uniforms; c = (8.5718σ + 1)/(2σ²) covers it. A chunk's 2·size uniforms are the radius uniforms of its
- * size/2 pairs, their angle uniforms, then the size acceptance tests; candidate j < size/2 is pair j's
- * cosine, candidate size/2 + j its sine. Accepted values overwrite the chunk's start, in candidate order. */
-LDP_CLONES64
-static Py_ssize_t dg_rounded_chunk(uint64_t *u, Py_ssize_t size, double sigma, double inv_two_var, double slack) {
-    const Py_ssize_t half = size / 2;
-    const uint64_t *radius = u, *angle = u + half, *test = u + size;
-    double z[DG_CHUNK], y[DG_BLOCK], t[DG_BLOCK];
-    int64_t kept[DG_CHUNK], ok[DG_BLOCK];
-    for (Py_ssize_t j = 0; j < half; j++) {
-        const double r = sigma * sqrt(-2.0 * log_unit(unit_midpoint(radius[j])));
-        double cos_t, sin_t;
-        turn_cos_sin(unit_midpoint(angle[j]), &cos_t, &sin_t);
-        z[j] = r * cos_t;
-        z[half + j] = r * sin_t;
+/* The rounded-Gaussian sampler (method 1), for large σ: a candidate is X = round(σZ) of a standard normal Z
+ * drawn by the ziggurat (Marsaglia & Tsang 2000, 256 layers, tables below), accepted with probability
+ * exp((σ²Z² − X²)/(2σ²) − c). Then P(X = x, accepted) ∝ ∫_{x−½}^{x+½} φ_σ(z)·e^{(z² − x²)/(2σ²)} dz
+ * = e^{−x²/(2σ²)}: exactly the discrete Gaussian kernel, provided the acceptance never exceeds 1.
+ * |(σZ)² − X²| ≤ |σZ| + ¼ and the ziggurat on the 2⁻⁵³ grid never gives |Z| > ZIG_ZMAX (its tail,
+ * R + a with a = −ln U/R, U ≥ 2⁻⁵³), so c = (ZIG_ZMAX·σ + 1)/(2σ²) covers it.
+ *
+ * Chunk layout (size candidates, zig_chunk_words(size, p) words): size words, candidate j's in word j (its
+ * point in the layer from the low 52 bits, unit_midpoint; its layer from bits 52-59, its sign from bit 60:
+ * the generators give 64 random bits per word), then a reserve of uniforms consumed in order by the rare
+ * steps: a wedge test (1 uniform), a tail attempt (2), and the acceptance tests. A candidate's
+ * acceptance is Bernoulli(e^y), y = (σ²Z² − X²)/(2σ²) − c in [−2c, 0], drawn as "no event, or an event
+ * and then Bernoulli((e^y − e^{−2c})/(1 − e^{−2c}))" with events of probability p = 1 − e^{−2c},
+ * independent of everything else: which normals see an event is a Bernoulli(p) sequence, drawn by its
+ * geometric gaps (1 uniform each) — about 2p uniforms per candidate instead of 1. A chunk whose reserve
+ * runs out (sized at > 10 standard deviations above its mean use) raises instead of guessing. */
+#define ZIG_LAYERS 256
+static double zig_x[ZIG_LAYERS + 1], zig_f[ZIG_LAYERS + 1], zig_r, zig_v, zig_zmax;
+
+/* zig_x[i] is layer i's right edge, zig_f[i] = e^{−zig_x[i]²/2}; layer i (i >= 1) is the rectangle
+ * [0, zig_x[i]] × [zig_f[i], zig_f[i+1]] of area v; layer 0 is [0, R] × [0, f(R)] plus the tail beyond R
+ * (area v: zig_x[0] = v/f(R) is its virtual width). Returns the top layer's area minus v. */
+static double zig_build(double r) {
+    const double fr = exp(-0.5 * r * r);
+    const double v = r * fr + sqrt(M_PI / 2.0) * erfc(r / sqrt(2.0));
+    zig_r = r;
+    zig_v = v;
+    zig_x[0] = v / fr;
+    zig_x[1] = r;
+    zig_f[0] = fr;
+    zig_f[1] = fr;
+    for (int i = 1; i < ZIG_LAYERS - 1; i++) {
+        const double next = v / zig_x[i] + zig_f[i];
+        if (next >= 1.0) return -1.0; /* r too small: the layers reach the top early */
+        zig_x[i + 1] = sqrt(-2.0 * log(next));
+        zig_f[i + 1] = next;
     }
-    Py_ssize_t n = 0;
-    for (Py_ssize_t b = 0; b < size; b += DG_BLOCK) {
-        const Py_ssize_t len = size - b < DG_BLOCK ? size - b : DG_BLOCK;
-        /* accept when u < e^y, y = (Z² − X²)/(2σ²) − c <= 0. Since e^y >= 1 + y, u < (1 + y) − 2^-50 (the
-         * margin covers the two roundings) accepts without the exponential; the rest (a fraction of about
-         * c of the candidates) is decided by u < exp(y). */
-        for (Py_ssize_t j = 0; j < len; j++) {
-            const double zj = z[b + j], x = floor(zj + 0.5), e = zj - x;
-            y[j] = e * (zj + x) * inv_two_var - slack;
-            t[j] = unit_midpoint(test[b + j]);
-            ok[j] = t[j] < (1.0 + y[j]) - 0x1p-50;
-            z[b + j] = x;
-        }
-        for (Py_ssize_t j = 0; j < len; j++) {
-            kept[n] = (int64_t)z[b + j];
-            n += ok[j] || t[j] < exp(y[j]);
-        }
-    }
-    memcpy(u, kept, sizeof(int64_t) * (size_t)n);
-    return n;
+    zig_x[ZIG_LAYERS] = 0.0;
+    zig_f[ZIG_LAYERS] = 1.0;
+    return zig_x[ZIG_LAYERS - 1] * (1.0 - zig_f[ZIG_LAYERS - 1]) - v;
 }
 
-/* discrete_gaussian_(uniforms, out, variance, add, threads[, method]) -> (filled, used): method 0 is
- * Canonne–Kamath–Steinke, method 1 the rounded Gaussian (an even number of candidates per chunk). */
+/* R such that all 256 layers have the same area (bisection to the last bit; Marsaglia & Tsang's
+ * R = 3.6541528853610088 to 16 digits), then the tables for it. */
+static void zig_init(void) {
+    double lo = 3.5, hi = 3.8;
+    for (int k = 0; k < 200 && hi - lo > 0.0; k++) {
+        const double mid = 0.5 * (lo + hi);
+        if (mid == lo || mid == hi) break;
+        if (zig_build(mid) > 0.0) hi = mid; else lo = mid;
+    }
+    zig_build(lo);
+    zig_zmax = (zig_r + 53.0 * M_LN2 / zig_r) * (1.0 + 0x1p-40);
+}
+
+static Py_ssize_t zig_reserve(Py_ssize_t size, double p_event) {
+    const double mean = (double)size * (0.02 + 2.0 * p_event) + 1.0; /* wedges ~1.5 %, tails, events */
+    return (Py_ssize_t)ceil(mean + 12.0 * sqrt(3.0 * mean) + 32.0);
+}
+
+static Py_ssize_t zig_chunk_words(Py_ssize_t size, double p_event) {
+    return size + zig_reserve(size, p_event);
+}
+
+/* The rounded sampler's c and event probability p at this σ. */
+static void zig_acceptance(double sigma, double *c, double *p_event) {
+    *c = (zig_zmax * sigma + 1.0) / (2.0 * sigma * sigma);
+    *p_event = -expm1(-2.0 * *c);
+}
+
+LDP_CLONES64
+static Py_ssize_t dg_rounded_chunk(uint64_t *u, Py_ssize_t size, double sigma, double c, double p_event) {
+    const uint64_t *next = u + size, *end = next + zig_reserve(size, p_event);
+    const double inv_two_var = 0.5 / (sigma * sigma), e2c = exp(-2.0 * c), log1m_p = log1p(-p_event);
+    double z[DG_CHUNK], rounded[DG_CHUNK];
+    int32_t code[DG_CHUNK]; /* layer | sign << 8 | fast << 9 */
+    /* every candidate as if on the fast path (vectorised); the slow ones are redone below */
+    for (Py_ssize_t j = 0; j < size; j++) {
+        const uint64_t w = u[j];
+        const int64_t layer = (int64_t)((w >> 52) & 255u), negative = (int64_t)((w >> 60) & 1u);
+        const double x = unit_midpoint(w) * zig_x[layer];
+        const double zs = negative ? -(sigma * x) : sigma * x;
+        z[j] = x;
+        rounded[j] = floor(zs + 0.5);
+        code[j] = (int32_t)(layer | negative << 8 | (int64_t)(x < zig_x[layer + 1]) << 9);
+    }
+    int exhausted = 0;
+#define ZIG_NEXT() (next < end ? unit_midpoint(*next++) : (exhausted = 1, 0.5))
+    double gap = floor(log_unit(ZIG_NEXT()) / log1m_p);
+    int64_t *out = (int64_t *)u; /* accepted values overwrite words already read */
+    Py_ssize_t n = 0;
+    for (Py_ssize_t j = 0; j < size; j++) {
+        double x = z[j], value = rounded[j];
+        if (!(code[j] >> 9)) {
+            const int layer = code[j] & 255;
+            if (layer == 0) { /* the tail beyond R: Marsaglia's exponential rejection, to acceptance */
+                double a, b;
+                do {
+                    a = -log_unit(ZIG_NEXT()) / zig_r;
+                    b = -log_unit(ZIG_NEXT());
+                } while (2.0 * b < a * a && !exhausted);
+                x = zig_r + a;
+            } else { /* a wedge: under the curve or nothing */
+                const double y = zig_f[layer] + ZIG_NEXT() * (zig_f[layer + 1] - zig_f[layer]);
+                if (!(y < exp(-0.5 * x * x))) {
+                    if (exhausted) return -1;
+                    continue;
+                }
+            }
+            value = floor(((code[j] >> 8) & 1 ? -(sigma * x) : sigma * x) + 0.5);
+        }
+        if (gap >= 1.0) { /* no event: accepted */
+            gap -= 1.0;
+            out[n++] = (int64_t)value;
+            continue;
+        }
+        /* an event: Bernoulli((e^y − e^{−2c})/(1 − e^{−2c})), with y + 2c = e(σZ + X)/(2σ²) + c */
+        const double zs = (code[j] >> 8) & 1 ? -(sigma * x) : sigma * x, e = zs - value;
+        const double threshold = e2c * expm1(e * (zs + value) * inv_two_var + c) / p_event;
+        const int accept = ZIG_NEXT() < threshold;
+        gap = floor(log_unit(ZIG_NEXT()) / log1m_p);
+        if (exhausted) return -1;
+        if (accept) out[n++] = (int64_t)value;
+    }
+#undef ZIG_NEXT
+    return exhausted ? -1 : n;
+}
+
+/* discrete_gaussian_(uniforms, out, variance, add, threads[, method, candidates]) -> (filled, used): method 0
+ * is Canonne–Kamath–Steinke (two words per candidate; candidates = len/2), method 1 the rounded Gaussian
+ * (`candidates` of them in dg_rounded_words(variance, candidates) words). `used`: the words of the chunks
+ * that gave the output. */
 static PyObject *discrete_gaussian_(PyObject *self, PyObject *args) {
     Py_buffer ubuf, obuf;
     double variance;
     int add, threads, method = 0;
+    Py_ssize_t candidates = -1;
     (void)self;
-    if (!PyArg_ParseTuple(args, "w*w*dii|i", &ubuf, &obuf, &variance, &add, &threads, &method)) return NULL;
+    if (!PyArg_ParseTuple(args, "w*w*dii|in", &ubuf, &obuf, &variance, &add, &threads, &method, &candidates))
+        return NULL;
+    const double sigma = sqrt(variance), t = floor(sigma) + 1.0, shift = variance / t, coef = -0.5 / variance;
+    double c = 0.0, p_event = 0.0;
+    if (method == 1 && variance > 0.0 && isfinite(variance)) zig_acceptance(sigma, &c, &p_event);
+    if (method == 0) candidates = ubuf.len / 16;
+    const Py_ssize_t chunks = candidates > 0 ? (candidates + DG_CHUNK - 1) / DG_CHUNK : 0;
+    const Py_ssize_t full_words = method == 1 ? zig_chunk_words(DG_CHUNK, p_event) : 2 * DG_CHUNK;
+    const Py_ssize_t last_size = candidates - (chunks - 1) * DG_CHUNK;
+    const Py_ssize_t needed = chunks == 0 ? 0 : (chunks - 1) * full_words +
+        (method == 1 ? zig_chunk_words(last_size, p_event) : 2 * last_size);
     if (!(variance > 0.0) || !isfinite(variance) || threads < 1 || ubuf.len % 8 || obuf.len % 8 ||
-        (method != 0 && method != 1) || (method == 1 && ubuf.len % 32)) {
+        (method != 0 && method != 1) || candidates < 0 || (method == 1 && ubuf.len / 8 < needed)) {
         PyBuffer_Release(&ubuf);
         PyBuffer_Release(&obuf);
         PyErr_SetString(PyExc_ValueError, "discrete_gaussian_: need finite variance > 0, threads >= 1, 8-byte buffers, "
-                                          "method 0 or 1 (method 1: an even number of candidates)");
+                                          "method 0 or 1 (method 1: candidates >= 0 and dg_rounded_words of them)");
         return NULL;
     }
-    const Py_ssize_t count = obuf.len / 8, candidates = ubuf.len / 16;
-    const Py_ssize_t chunks = (candidates + DG_CHUNK - 1) / DG_CHUNK;
+    const Py_ssize_t count = obuf.len / 8;
     Py_ssize_t *counts = PyMem_Calloc((size_t)(chunks > 0 ? chunks : 1), 2 * sizeof(Py_ssize_t));
     if (counts == NULL) {
         PyBuffer_Release(&ubuf);
@@ -573,11 +669,10 @@ static PyObject *discrete_gaussian_(PyObject *self, PyObject *args) {
         return PyErr_NoMemory();
     }
     Py_ssize_t *starts = counts + (chunks > 0 ? chunks : 1);
-    const double sigma = sqrt(variance), t = floor(sigma) + 1.0, shift = variance / t, coef = -0.5 / variance;
-    const double slack = (8.5718 * sigma + 1.0) * -coef; /* the rounded sampler's c */
     uint64_t *u = (uint64_t *)ubuf.buf;
     int64_t *out = (int64_t *)obuf.buf;
     Py_ssize_t filled = 0, used = 0, last = 0;
+    int exhausted = 0;
     if (threads > chunks) threads = chunks > 0 ? (int)chunks : 1;
     Py_BEGIN_ALLOW_THREADS
 #ifdef _OPENMP
@@ -586,32 +681,77 @@ static PyObject *discrete_gaussian_(PyObject *self, PyObject *args) {
     for (Py_ssize_t i = 0; i < chunks; i++) {
         const Py_ssize_t first = i * DG_CHUNK, size = candidates - first < DG_CHUNK ? candidates - first : DG_CHUNK;
         counts[i] = method == 0 ? dg_chunk(u + 2 * first, size, t, shift, coef)
-                                : dg_rounded_chunk(u + 2 * first, size, sigma, -coef, slack);
+                                : dg_rounded_chunk(u + i * full_words, size, sigma, c, p_event);
     }
-    for (last = 0; last < chunks && filled < count; last++) {
+    for (Py_ssize_t i = 0; i < chunks; i++) exhausted |= counts[i] < 0;
+    for (last = 0; !exhausted && last < chunks && filled < count; last++) {
         const Py_ssize_t first = last * DG_CHUNK, size = candidates - first < DG_CHUNK ? candidates - first : DG_CHUNK;
         starts[last] = filled;
         if (counts[last] > count - filled) counts[last] = count - filled;
         filled += counts[last];
-        used += 2 * size;
+        used += method == 0 ? 2 * size : (size == DG_CHUNK ? full_words : zig_chunk_words(size, p_event));
     }
+    if (!exhausted) {
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(threads) schedule(static)
 #endif
-    for (Py_ssize_t i = 0; i < last; i++) {
-        const int64_t *values = (const int64_t *)(u + 2 * i * DG_CHUNK);
-        int64_t *dst = out + starts[i];
-        if (add) {
-            for (Py_ssize_t j = 0; j < counts[i]; j++) dst[j] += values[j];
-        } else {
-            memcpy(dst, values, sizeof(int64_t) * (size_t)counts[i]);
+        for (Py_ssize_t i = 0; i < last; i++) {
+            const int64_t *values = (const int64_t *)(u + i * full_words);
+            int64_t *dst = out + starts[i];
+            if (add) {
+                for (Py_ssize_t j = 0; j < counts[i]; j++) dst[j] += values[j];
+            } else {
+                memcpy(dst, values, sizeof(int64_t) * (size_t)counts[i]);
+            }
         }
     }
     Py_END_ALLOW_THREADS
     PyMem_Free(counts);
     PyBuffer_Release(&ubuf);
     PyBuffer_Release(&obuf);
+    if (exhausted) {
+        PyErr_SetString(PyExc_RuntimeError, "discrete_gaussian_: a chunk's reserve of uniforms ran out (expected "
+                                            "never: it is sized > 10 standard deviations above its use); nothing was written");
+        return NULL;
+    }
     return Py_BuildValue("nn", filled, used);
+}
+
+/* dg_rounded_words(variance, candidates) -> (words, normal_rate, c): the buffer discrete_gaussian_'s
+ * method 1 takes for `candidates`, the fraction of candidates that give a normal (the ziggurat's area
+ * ratio) and the c of its acceptance. */
+static PyObject *dg_rounded_words(PyObject *self, PyObject *args) {
+    double variance;
+    Py_ssize_t candidates;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "dn", &variance, &candidates)) return NULL;
+    if (!(variance > 0.0) || !isfinite(variance) || candidates < 0) {
+        PyErr_SetString(PyExc_ValueError, "dg_rounded_words: need finite variance > 0 and candidates >= 0");
+        return NULL;
+    }
+    double c, p_event;
+    zig_acceptance(sqrt(variance), &c, &p_event);
+    const Py_ssize_t chunks = (candidates + DG_CHUNK - 1) / DG_CHUNK;
+    const Py_ssize_t words = chunks == 0 ? 0 : (chunks - 1) * zig_chunk_words(DG_CHUNK, p_event) +
+        zig_chunk_words(candidates - (chunks - 1) * DG_CHUNK, p_event);
+    return Py_BuildValue("ndd", words, sqrt(M_PI / 2.0) / (ZIG_LAYERS * zig_v), c);
+}
+
+/* ziggurat_table() -> (x, f, r, v, zmax): the rounded sampler's tables (for tests). */
+static PyObject *ziggurat_table(PyObject *self, PyObject *noargs) {
+    (void)self;
+    (void)noargs;
+    PyObject *x = PyList_New(ZIG_LAYERS + 1), *f = PyList_New(ZIG_LAYERS + 1);
+    if (x == NULL || f == NULL) {
+        Py_XDECREF(x);
+        Py_XDECREF(f);
+        return NULL;
+    }
+    for (int i = 0; i <= ZIG_LAYERS; i++) {
+        PyList_SET_ITEM(x, i, PyFloat_FromDouble(zig_x[i]));
+        PyList_SET_ITEM(f, i, PyFloat_FromDouble(zig_f[i]));
+    }
+    return Py_BuildValue("NNddd", x, f, zig_r, zig_v, zig_zmax);
 }
 
 /* encode_(x, kind, words, values, mask, factor, limit, modulus_mask, threads) -> int: secure aggregation's
@@ -734,16 +874,23 @@ static PyMethodDef methods[] = {
     {"decode_", decode_, METH_VARARGS,
      "decode_(summed, out, kind, bits, factor, threads): out = signed(summed mod 2^bits) * factor (float64, "
      "rounded once to out: kind 0 float32, 2 float64)."},
+    {"dg_rounded_words", dg_rounded_words, METH_VARARGS,
+     "dg_rounded_words(variance, candidates) -> (words, normal_rate, c): the buffer of discrete_gaussian_'s "
+     "method 1 for `candidates`, the ziggurat's fraction of candidates giving a normal, the acceptance's c."},
     {"discrete_gaussian_", discrete_gaussian_, METH_VARARGS,
-     "discrete_gaussian_(words, out, variance, add, threads, method=0) -> (filled, used): discrete Gaussian "
-     "N_Z(0, variance) draws (method 0: CKS 2020; 1: rounded Gaussian with rejection) from a buffer of 64-bit words, read as uniforms (2(w mod 2^52)+1)/2^53 (destroyed), stored (add=0) or "
-     "added (add=1) to the int64 buffer out; filled: outputs written (the first ones), used: uniforms used."},
+     "discrete_gaussian_(words, out, variance, add, threads, method=0, candidates=-1) -> (filled, used): "
+     "discrete Gaussian N_Z(0, variance) draws (method 0: CKS 2020, 2 words per candidate; 1: rounded "
+     "ziggurat Gaussian with rejection, dg_rounded_words(variance, candidates) words) from a buffer of 64-bit "
+     "words, read as uniforms (2(w mod 2^52)+1)/2^53 (destroyed), stored (add=0) or added (add=1) to the int64 "
+     "buffer out; filled: outputs written (the first ones), used: words used."},
     {"encode_", encode_, METH_VARARGS,
      "encode_(x, kind, words, values, mask, factor, limit, modulus_mask, threads) -> bad: values = "
      "(floor(x*factor + u(words)) + values + mask) & modulus_mask in place (int64); bad counts |value| >= limit."},
     {"fill_", fill_, METH_VARARGS,
      "fill_(keystream, k, pairs, chunk, scale, targets, threads): all chunks of a draw, as sum_normals_, on "
      "`threads` OpenMP threads; chunk i's keystream comes from keystream(first_pair, size, buffer)."},
+    {"ziggurat_table", ziggurat_table, METH_NOARGS,
+     "ziggurat_table() -> (x, f, r, v, zmax): the rounded sampler's 256-layer ziggurat (for tests)."},
     {"sum_normals_", sum_normals_, METH_VARARGS,
      "sum_normals_(words, k, size, scale, targets): the 2*size outputs of a chunk of 2*k*size uint64 "
      "keystream words, layout (2, k, size): scale * sum over i of sqrt(-2 ln u_i) cos(2 pi v_i) for pairs "
@@ -755,6 +902,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_boxmuller", NULL, -1, methods};
 
 PyMODINIT_FUNC PyInit__boxmuller(void) {
+    zig_init();
     PyObject *m = PyModule_Create(&module);
 #ifdef _OPENMP
     const int openmp = 1;

@@ -9,26 +9,31 @@ Theorem 6). About 76 % of candidates are accepted at large σ; each needs two un
 exponential. All pending coordinates are drawn together, round after round, until every one is accepted.
 
 **Rounded Gaussian with rejection** (native kernel, σ ≥ :data:`ROUNDED_MIN_SIGMA`; the secure aggregator's
-shares have σ of order ``2^20``): draw ``Z ~ N(0, σ²)`` by Box–Muller (float64, as
-:class:`~lightning_dp.noise.SecureRNG`'s normals), let ``X = round(Z)`` and accept with probability
-``exp((Z² − X²)/(2σ²) − c)``. Then ``P(X = x, accepted) = ∫_{x−½}^{x+½} φ_σ(z) e^{(z² − x²)/(2σ²) − c} dz
-= e^{−c} e^{−x²/(2σ²)}/(√(2π)σ)``: exactly the discrete Gaussian kernel, as long as the acceptance
-probability never exceeds 1. ``|Z² − X²| ≤ |Z| + ¼`` and Box–Muller on the 2⁻⁵³ grid never gives
-``|Z| > 8.5717σ``, so ``c = (8.5718σ + 1)/(2σ²)`` suffices; the acceptance rate is ``≈ e^{−c}`` (99.6 % at
-σ = 1024). Two uniforms per candidate and, for nearly every candidate, no exponential (``u < 1 + y − 2⁻⁵⁰``
-accepts, as ``e^y ≥ 1 + y``; only the rest compute ``exp``). It is the discrete Gaussian of the 2⁻⁵³
-grid's Box–Muller law: the tail beyond 8.57σ (mass about 10⁻¹⁷) is never drawn, as for the continuous
-noise (:class:`~lightning_dp.noise.SecureRNG`). Tested against the exact pmf at σ = 2 and 3, where the
-rejection matters (a rounded normal without it fails the test).
+shares have σ of order ``2^20``): draw ``Z ~ N(0, 1)`` by the ziggurat (Marsaglia & Tsang 2000, *The
+Ziggurat Method for Generating Random Variables*, 256 layers of equal area, the base radius solved for at
+load time), let ``X = round(σZ)`` and accept with probability ``exp((σ²Z² − X²)/(2σ²) − c)``. Then
+``P(X = x, accepted) = ∫_{x−½}^{x+½} φ_σ(z) e^{(z² − x²)/(2σ²) − c} dz = e^{−c} e^{−x²/(2σ²)}/(√(2π)σ)``:
+exactly the discrete Gaussian kernel, as long as the acceptance probability never exceeds 1.
+``|σ²Z² − X²| ≤ σ|Z| + ¼`` and the ziggurat on the 2⁻⁵³ grid never gives ``|Z| > 13.71`` (its tail is
+``R + a`` with ``a = −ln U/R``, ``U ≥ 2⁻⁵³``), so ``c = (13.71σ + 1)/(2σ²)`` suffices. The ziggurat takes
+one word per candidate (its low 52 bits a uniform, 9 of the top bits the layer and the sign; 99.3 % give a
+normal at once, the wedges and the tail take a few
+more); the acceptance test, ``Bernoulli(e^y)`` with ``y ∈ [−2c, 0]``, is drawn as an event of probability
+``1 − e^{−2c}`` (independent of the normal: its gaps are geometric, one uniform each) followed, only then,
+by a test of probability ``(e^y − e^{−2c})/(1 − e^{−2c})``: at σ = ``2^20`` about 1.3·10⁻⁵ of the candidates
+see an event, so the sampler needs about 1.07 words per coordinate instead of the 2 of a test per candidate.
+It is the discrete Gaussian of the 2⁻⁵³ grid's ziggurat law: the tail beyond 13.71σ is never drawn.
+Tested against the exact pmf at σ = 2 and 3, where the rejection matters (a rounded normal without it
+fails the test).
 
 **Precision.** As in the reference implementation of Kairouz, Liu & Steinke (2021), each geometric variable,
 normal and acceptance test is computed in float64 from 53-bit uniforms (``⌊-t·log U⌋``, ``U' < p``), not with
-the rational arithmetic of CKS's Algorithms 1–2: the law is exact up to the float64 evaluation of ``log``,
-``exp``, ``sin``/``cos`` (relative error of a few 2⁻⁵³ per probability). The samplers are not constant-time.
+the rational arithmetic of CKS's Algorithms 1–2: the law is exact up to the float64 evaluation of ``log``
+and ``exp`` and the ziggurat's tables (relative error of a few 2⁻⁵³ per probability). The samplers are not constant-time.
 
 **Native kernel.** On CPU, where ``lightning_dp.noise._boxmuller`` was built (:func:`native_kernel`), both
-run in C (``discrete_gaussian_``: fdlibm's ``log``, ``sin`` and ``cos`` kernels, libmvec's ``exp``,
-vectorised) over one buffer of uniforms from the same generator, sized for the expected acceptance rate
+run in C (``discrete_gaussian_``: fdlibm's ``log`` kernel, libmvec's ``exp``, vectorised where the
+sampler allows) over one buffer of uniforms from the same generator, sized for the expected acceptance rate
 plus a margin and topped up when short; it is cut into fixed chunks, so the draws do not depend on the
 thread count (``torch.get_num_threads()`` OpenMP threads). The torch path (no extension, or CUDA) runs
 CKS. All paths draw from the same law, not the same values.
@@ -65,12 +70,13 @@ def native_kernel() -> bool:
 
 
 def uniform_words(generator: Any, count: int, device: DeviceLike = "cpu") -> torch.Tensor:
-    """``count`` int64 words whose low 52 bits ``j`` are i.i.d. uniform: the uniforms of :func:`uniforms` are
-    ``(2j + 1)·2⁻⁵³``. The native kernels take these words and convert them themselves (one pass fewer)."""
+    """``count`` int64 words of 64 i.i.d. uniform bits; with ``j`` their low 52 bits, the uniforms of
+    :func:`uniforms` are ``(2j + 1)·2⁻⁵³``. The native kernels take these words and convert them themselves
+    (one pass fewer); the rounded sampler also reads their top bits."""
     device = torch.device(device)
-    if isinstance(generator, torch.Generator):
-        words = torch.randint(0, 1 << 52, (count,), generator=generator, dtype=torch.int64, device=generator.device)
-        return words.to(device)
+    if isinstance(generator, torch.Generator):  # two 32-bit draws per word: all 64 bits uniform
+        halves = torch.randint(0, 1 << 32, (2, count), generator=generator, dtype=torch.int64, device=generator.device)
+        return halves[0].bitwise_left_shift_(32).bitwise_or_(halves[1]).to(device)
     if hasattr(generator, "uniform") and hasattr(generator, "_words"):
         return generator._words(count, device)
     raise TypeError(
@@ -120,11 +126,8 @@ def sample_discrete_gaussian(variance: float, count: int, generator: Any, device
 ROUNDED_MIN_SIGMA = 32.0
 """From this σ on, the native kernel draws with the rounded-Gaussian sampler (``method="rounded"`` of
 :func:`add_discrete_gaussian_`); below it with CKS's. Both give the discrete Gaussian; the rounded one
-accepts ``e^{-c}`` of its candidates (87 % at σ = 32, 99.6 % at σ = 1024), CKS's about 76 % at large σ
-and with a logarithm and an exponential per candidate."""
-
-_ROUNDED_RADIUS = 8.5718
-"""Above the largest Box–Muller radius on the 2⁻⁵³ grid, ``sqrt(106 ln 2) = 8.57167…`` (the native kernel's)."""
+accepts about ``0.993·e^{-c}`` of its candidates (80 % at σ = 32, 99.3 % at σ = 2^20), CKS's about 76 % at
+large σ and with a logarithm and an exponential per candidate."""
 
 
 def _gaussian_kernel_sum(variance: float) -> float:
@@ -137,14 +140,17 @@ def _gaussian_kernel_sum(variance: float) -> float:
 
 
 def acceptance_rate(variance: float, method: str = "cks") -> float:
-    """The probability that one candidate (two uniforms) of the sampler is accepted. CKS:
+    """The probability that one candidate of the sampler is accepted. CKS (two uniforms):
     ``½(1 − e^{-1/t})·e^{-σ²/(2t²)}·Σ_y e^{-y²/(2σ²)}`` (discrete Laplace times acceptance is the Gaussian
-    kernel; "−0" is rejected). Rounded Gaussian: ``e^{-c}·Σ_y e^{-y²/(2σ²)}/(√(2π)σ)`` with
-    ``c = (8.5718σ + 1)/(2σ²)``. For sizing the uniform buffer only."""
+    kernel; "−0" is rejected). Rounded Gaussian: the ziggurat's fraction of candidates that give a normal
+    times ``e^{-c}·Σ_y e^{-y²/(2σ²)}/(√(2π)σ)`` (the native kernel's ``c``). For sizing the buffers only."""
     sigma = math.sqrt(variance)
     theta = _gaussian_kernel_sum(variance)
     if method == "rounded":
-        return math.exp(-(_ROUNDED_RADIUS * sigma + 1.0) / (2.0 * variance)) * theta / math.sqrt(2.0 * math.pi * variance)
+        if _native is None:
+            raise RuntimeError("The rounded sampler needs the native kernel (lightning_dp.noise._boxmuller).")
+        _, normal_rate, c = _native.dg_rounded_words(variance, 0)
+        return normal_rate * math.exp(-c) * theta / math.sqrt(2.0 * math.pi * variance)
     t = math.floor(sigma) + 1
     return 0.5 * -math.expm1(-1.0 / t) * math.exp(-variance / (2.0 * t * t)) * theta
 
@@ -176,9 +182,13 @@ def add_discrete_gaussian_(out: torch.Tensor, variance: float, generator: Any, m
         # remaining/rate candidates on average, give or take sqrt(remaining·(1 - rate))/rate: with a margin
         # of 4 of those (+ 64) a top-up is rare (~3·10⁻⁵) and the surplus small (~0.2% at d = 670 000)
         candidates = int((remaining + 4 * math.sqrt(remaining * (1 - rate))) / rate) + 64
-        candidates += candidates % 2  # the rounded sampler takes candidates in Box–Muller pairs
-        u = uniform_words(generator, 2 * candidates).numpy()
-        got, _ = _native.discrete_gaussian_(u, flat[filled:], variance, 1, threads, 0 if method == "cks" else 1)
+        if method == "cks":
+            u = uniform_words(generator, 2 * candidates).numpy()
+            got, _ = _native.discrete_gaussian_(u, flat[filled:], variance, 1, threads, 0)
+        else:
+            words, _, _ = _native.dg_rounded_words(variance, candidates)
+            u = uniform_words(generator, words).numpy()
+            got, _ = _native.discrete_gaussian_(u, flat[filled:], variance, 1, threads, 1, candidates)
         filled += got
     return out
 
