@@ -241,14 +241,15 @@ def test_rounded_gaussian_sampler_matches_the_exact_pmf(variance):
 
 
 @native_only
-def test_native_and_torch_aggregation_paths_agree(monkeypatch):
+@pytest.mark.parametrize("bits", [48, 30])  # 30 at 2 ranks: the kernel adds the peer's raw 32-bit keystream
+def test_native_and_torch_aggregation_paths_agree(monkeypatch, bits):
     """Without noise both paths draw the same rounding uniforms: the messages and the decoded sums are equal."""
     g = torch.Generator().manual_seed(8)
     xs = [[torch.randn(300, 7, generator=g) * 0.01, torch.randn(50, generator=g, dtype=torch.float64) * 0.01,
            torch.randn(40, 30, generator=g).t()] for _ in range(2)]  # float32, float64, non-contiguous
 
     def run():
-        aggs = _aggregators(2, scale=2.0**16)
+        aggs = _aggregators(2, scale=2.0**16, bits=bits)
         messages = [a._encode(x, sum(t.numel() for t in x), torch.device("cpu"), 0.0, 0.05) for a, x in zip(aggs, xs)]
         outs = [[t.clone() for t in x] for x in xs]
         summed = messages[0] + messages[1]

@@ -754,42 +754,49 @@ static PyObject *ziggurat_table(PyObject *self, PyObject *noargs) {
     return Py_BuildValue("NNddd", x, f, zig_r, zig_v, zig_zmax);
 }
 
-/* encode_(x, kind, words, values, mask, factor, limit, modulus_mask, threads) -> int: secure aggregation's
- * fused rounding step over n = len(values) coordinates:
- *   v_i = (int64)⌊x_i·factor + u_i⌋ + values_i     (u_i = unit_midpoint(words_i); x float32 (kind 0) or
- *                                                  float64 (kind 2), product and sum in
- *                                                  float64, as the torch path; values_i: the noise share)
- *   values_i = (v_i + mask_i) & modulus_mask
+/* encode_(x, kind, words, values, mask, mask_kind, factor, limit, modulus_mask, threads) -> int: secure
+ * aggregation's fused rounding step over n = len(values) coordinates:
+ *   v_i = (int64)⌊x_i·factor + u_i⌋ + values_i     (u_i = (w_i + ½)·2^-32 for the 32-bit word w_i of `words`
+ *                                                  (n uint32); x float32 (kind 0) or float64 (kind 2),
+ *                                                  product and sum in float64, as the torch path;
+ *                                                  values_i: the noise share)
+ *   values_i = (v_i ± mask_i) & modulus_mask       (mask: n int64 added (mask_kind 0), or n uint32 keystream
+ *                                                  words added (1) or subtracted (2))
  * Returns how many v_i had |v_i| >= limit or a non-finite / out-of-range ⌊x·factor + u⌋ (then the
  * caller must raise: the modular sum could wrap). */
 LDP_CLONES64
-static Py_ssize_t encode_range(const char *x, int kind, const uint64_t *u, int64_t *values, const int64_t *mask,
-                               Py_ssize_t n, double factor, int64_t limit, int64_t modulus_mask) {
+static Py_ssize_t encode_range(const char *x, int kind, const uint32_t *u, int64_t *values, const void *mask,
+                               int mask_kind, Py_ssize_t n, double factor, int64_t limit, int64_t modulus_mask) {
     Py_ssize_t bad = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         const double xi = kind == 0 ? (double)((const float *)x)[i] : ((const double *)x)[i];
-        const double f = floor(xi * factor + unit_midpoint(u[i]));
+        const double f = floor(xi * factor + ((double)u[i] + 0.5) * 0x1p-32);
         const int in_range = fabs(f) < 0x1p62;
         const int64_t v = (int64_t)((uint64_t)(in_range ? (int64_t)f : 0) + (uint64_t)values[i]);
         bad += !in_range | (v >= limit) | (v <= -limit);
-        values[i] = (int64_t)(((uint64_t)v + (uint64_t)mask[i]) & (uint64_t)modulus_mask); /* mod 2^64, no UB */
+        const uint64_t m = mask_kind == 0 ? (uint64_t)((const int64_t *)mask)[i]
+                         : mask_kind == 1 ? (uint64_t)((const uint32_t *)mask)[i]
+                                          : (uint64_t)0 - (uint64_t)((const uint32_t *)mask)[i];
+        values[i] = (int64_t)(((uint64_t)v + m) & (uint64_t)modulus_mask); /* mod 2^64, no UB */
     }
     return bad;
 }
 
 static PyObject *encode_(PyObject *self, PyObject *args) {
     Py_buffer xb, ub, vb, mb;
-    int kind, threads;
+    int kind, mask_kind, threads;
     double factor;
     long long limit, modulus_mask;
     (void)self;
-    if (!PyArg_ParseTuple(args, "y*iy*w*y*dLLi", &xb, &kind, &ub, &vb, &mb, &factor, &limit, &modulus_mask, &threads))
+    if (!PyArg_ParseTuple(args, "y*iy*w*y*idLLi", &xb, &kind, &ub, &vb, &mb, &mask_kind, &factor, &limit,
+                          &modulus_mask, &threads))
         return NULL;
-    const Py_ssize_t n = vb.len / 8, itemsize = kind == 0 ? 4 : 8;
+    const Py_ssize_t n = vb.len / 8, itemsize = kind == 0 ? 4 : 8, mask_size = mask_kind == 0 ? 8 : 4;
     PyObject *result = NULL;
-    if ((kind != 0 && kind != 2) || threads < 1 || xb.len != n * itemsize || ub.len != n * 8 || mb.len != n * 8
-        || vb.len % 8) {
-        PyErr_SetString(PyExc_ValueError, "encode_: need kind 0 or 2, threads >= 1 and buffers of n elements");
+    if ((kind != 0 && kind != 2) || mask_kind < 0 || mask_kind > 2 || threads < 1 || xb.len != n * itemsize ||
+        ub.len != n * 4 || mb.len != n * mask_size || vb.len % 8) {
+        PyErr_SetString(PyExc_ValueError, "encode_: need kind 0 or 2, mask_kind 0-2, threads >= 1 and buffers of "
+                                          "n elements (words: uint32; mask: int64, or uint32 for mask_kind 1-2)");
     } else {
         Py_ssize_t bad = 0;
         const Py_ssize_t block = 1 << 14, blocks = (n + block - 1) / block;
@@ -800,9 +807,9 @@ static PyObject *encode_(PyObject *self, PyObject *args) {
 #endif
         for (Py_ssize_t b = 0; b < blocks; b++) {
             const Py_ssize_t first = b * block, len = n - first < block ? n - first : block;
-            bad += encode_range((const char *)xb.buf + first * itemsize, kind, (const uint64_t *)ub.buf + first,
-                                (int64_t *)vb.buf + first, (const int64_t *)mb.buf + first, len, factor,
-                                (int64_t)limit, (int64_t)modulus_mask);
+            bad += encode_range((const char *)xb.buf + first * itemsize, kind, (const uint32_t *)ub.buf + first,
+                                (int64_t *)vb.buf + first, (const char *)mb.buf + first * mask_size, mask_kind, len,
+                                factor, (int64_t)limit, (int64_t)modulus_mask);
         }
         Py_END_ALLOW_THREADS
         result = PyLong_FromSsize_t(bad);
@@ -884,8 +891,9 @@ static PyMethodDef methods[] = {
      "words, read as uniforms (2(w mod 2^52)+1)/2^53 (destroyed), stored (add=0) or added (add=1) to the int64 "
      "buffer out; filled: outputs written (the first ones), used: words used."},
     {"encode_", encode_, METH_VARARGS,
-     "encode_(x, kind, words, values, mask, factor, limit, modulus_mask, threads) -> bad: values = "
-     "(floor(x*factor + u(words)) + values + mask) & modulus_mask in place (int64); bad counts |value| >= limit."},
+     "encode_(x, kind, words, values, mask, mask_kind, factor, limit, modulus_mask, threads) -> bad: values = "
+     "(floor(x*factor + (w+1/2)/2^32) + values +- mask) & modulus_mask in place (int64; w the uint32 words, mask "
+     "int64 added (mask_kind 0) or uint32 added (1) / subtracted (2)); bad counts |value| >= limit."},
     {"fill_", fill_, METH_VARARGS,
      "fill_(keystream, k, pairs, chunk, scale, targets, threads): all chunks of a draw, as sum_normals_, on "
      "`threads` OpenMP threads; chunk i's keystream comes from keystream(first_pair, size, buffer)."},

@@ -27,7 +27,7 @@ import torch
 
 from .._checks import check_int, check_non_negative, check_positive
 from . import discrete_gaussian as _dg
-from .discrete_gaussian import sample_discrete_gaussian, uniform_words, uniforms
+from .discrete_gaussian import sample_discrete_gaussian, uniform_words
 from .masks import PairwiseMasks
 
 __all__ = ["DEFAULT_BITS", "DEFAULT_SCALE", "SecureAggregator"]
@@ -126,9 +126,12 @@ class SecureAggregator:
         return (check_non_negative("std", std) / check_positive("sensitivity", sensitivity) * self.scale) ** 2 / self.min_honest_ranks
 
     def quantize(self, flat: torch.Tensor, sensitivity: float) -> torch.Tensor:
-        """Stochastic rounding ``⌊x·s/u + U⌋`` (U uniform in (0, 1) per coordinate) as int64."""
+        """Stochastic rounding ``⌊x·s/u + U⌋`` (``U = (w + ½)·2⁻³²`` per coordinate, ``w`` a uniform 32-bit
+        word: :func:`rounding_words`) as int64."""
         scaled = flat.to(torch.float64) * (self.scale / sensitivity)
-        return torch.floor(scaled.add_(uniforms(self.generator, flat.numel(), flat.device))).to(torch.int64)
+        words = rounding_words(self.generator, flat.numel()).to(device=flat.device, dtype=torch.int64)
+        u = words.bitwise_and_(0xFFFFFFFF).to(torch.float64).add_(0.5).mul_(2.0**-32)
+        return torch.floor(scaled.add_(u)).to(torch.int64)
 
     def encode(self, flat: torch.Tensor, std: float, sensitivity: float) -> torch.Tensor:
         """This rank's message for the step: quantised, noised, masked, in ``[0, 2^b)`` (int64). Uses the
@@ -148,11 +151,15 @@ class SecureAggregator:
         limit = (1 << (self.bits - 1)) // self.world_size
         if _native_ready(parts, device):
             # the rounding uniforms first, then the share, as the torch path draws them
-            u = uniform_words(self.generator, numel)  # encode_ reads them as uniforms
+            u = rounding_words(self.generator, numel)  # encode_ reads them as uniforms
             values = torch.zeros(numel, dtype=torch.int64)
             if variance > 0:
                 _dg.add_discrete_gaussian_(values, variance, self.generator)
-            mask = self.masks.signed_mask(self.steps, numel, self.bits, device)  # encode_ reduces mod 2^b
+            if self.world_size == 2 and self.bits <= 32:  # one peer: its raw 32-bit keystream, ± in encode_
+                other = 1 - self.rank
+                mask, mask_kind = self.masks.keystream32(other, self.steps, numel, device), 1 if other > self.rank else 2
+            else:
+                mask, mask_kind = self.masks.signed_mask(self.steps, numel, self.bits, device), 0  # reduced by encode_
             factor, modulus_mask, threads = self.scale / sensitivity, self.modulus - 1, torch.get_num_threads()
             bad, offset = 0, 0
             u_np, values_np, mask_np = u.numpy(), values.numpy(), mask.numpy()
@@ -160,8 +167,8 @@ class SecureAggregator:
                 n = part.numel()
                 x = part.detach().contiguous()
                 bad += _dg._native.encode_(x.numpy(), _KIND[x.dtype], u_np[offset : offset + n],
-                                           values_np[offset : offset + n], mask_np[offset : offset + n], factor,
-                                           limit, modulus_mask, threads)
+                                           values_np[offset : offset + n], mask_np[offset : offset + n], mask_kind,
+                                           factor, limit, modulus_mask, threads)
                 offset += n
             if bad:
                 raise self._wrap_error(limit)
@@ -250,6 +257,13 @@ class SecureAggregator:
 
 
 _KIND = {torch.float32: 0, torch.float64: 2}  # dtype -> the native kernels' buffer kind
+
+
+def rounding_words(generator: Any, count: int) -> torch.Tensor:
+    """``count`` uniform 32-bit words (int32, on the CPU) for the stochastic rounding: the halves of
+    ``⌈count/2⌉`` generator words, low half first. The rounding uniform ``(w + ½)·2⁻³²`` is unbiased up
+    to 2⁻³³ of an integer; the privacy analysis holds for any rounding uniforms (both neighbours share them)."""
+    return uniform_words(generator, (count + 1) // 2).view(torch.int32)[:count]
 
 
 def _native_ready(tensors: Sequence[torch.Tensor], device: torch.device) -> bool:

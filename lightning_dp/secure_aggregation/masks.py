@@ -97,6 +97,18 @@ class PairwiseMasks:
         """The mask this rank shares with rank ``other`` at ``step``: ``numel`` int64 values in ``[0, 2^bits)``
         (ChaCha20 keystream words, 32-bit for ``bits <= 32`` and 64-bit above, modulo ``2^bits``). Both ranks
         of the pair compute the same values."""
+        if bits <= 32:  # 32-bit keystream words suffice: half the keystream
+            return self.keystream32(other, step, numel, device).to(torch.int64).bitwise_and_((1 << bits) - 1)
+        words = self._keystream(other, step, 8 * numel, device).view(torch.int64)
+        return words.bitwise_and_((1 << bits) - 1)
+
+    def keystream32(self, other: int, step: int, numel: int, device: torch.device = torch.device("cpu")) -> torch.Tensor:
+        """The pair's raw 32-bit keystream words at ``step`` (``numel`` of them, int32): for ``bits <= 32``,
+        :meth:`pair_mask` is these words modulo ``2^bits`` (the aggregator's kernel reduces them itself)."""
+        return self._keystream(other, step, 4 * numel, device).view(torch.int32)
+
+    def _keystream(self, other: int, step: int, num_bytes: int, device: torch.device) -> torch.Tensor:
+        """``num_bytes`` of the pair's ChaCha20 keystream at ``step`` (the nonce), from block 0."""
         if self._pair_keys is None:
             raise RuntimeError(
                 "PairwiseMasks has no pair keys: call agree() with every rank's public key first (a pickled "
@@ -105,10 +117,7 @@ class PairwiseMasks:
         step = check_int("step", step, 0)
         if step >= _MAX_STEPS:
             raise ValueError(f"`step` must be below 2**96 (the nonce), got {step}.")
-        width = 4 if bits <= 32 else 8  # 32-bit keystream words suffice for b <= 32: half the keystream
-        words = chacha20_keystream(self._pair_keys[other], step.to_bytes(12, "little"), 0, width * numel, device=device)
-        words = words.view(torch.int32).to(torch.int64) if width == 4 else words.view(torch.int64)
-        return words.bitwise_and_((1 << bits) - 1)
+        return chacha20_keystream(self._pair_keys[other], step.to_bytes(12, "little"), 0, num_bytes, device=device)
 
     def mask(self, step: int, numel: int, bits: int, device: torch.device = torch.device("cpu")) -> torch.Tensor:
         """This rank's total mask at ``step`` modulo ``2^bits``: ``Σ_{j > i} m_ij − Σ_{j < i} m_ji``, as int64
