@@ -308,10 +308,7 @@ class DDPDP(DPStrategyMixin):
         else:
             summary = {"mechanism": SecureAggregator.mechanism, "bits": DEFAULT_BITS, "scale": DEFAULT_SCALE,
                        "min_honest_ranks": self.config.min_honest_ranks}
-        summary["accounting"] = (
-            "RDP of the sum of discrete Gaussians (Kairouz, Liu & Steinke 2021, Prop. 14) at sensitivity "
-            "scale + sqrt(d), Poisson subsampling by Zhu & Wang 2019 Thm. 6, integer orders"
-        )
+        summary["accounting"] = DistributedDiscreteGaussianAccountant.description
         return summary
 
     def _register_ddp_hooks(self) -> None:

@@ -232,6 +232,12 @@ class DistributedDiscreteGaussianAccountant(Accountant):
     """
 
     mechanism = "ddg"
+    description = (
+        "RDP of the sum of discrete Gaussians (Kairouz, Liu & Steinke 2021, Prop. 14) at sensitivity scale + "
+        "sqrt(d), integer orders; Poisson subsampling and composition: the smaller ε of Zhu & Wang 2019 Thm. 6 "
+        "(RDP) and the step's privacy profile amplified per order and composed as a privacy-loss distribution"
+    )
+    """How ε is computed, in one line (the privacy report's "Accounting" row)."""
 
     def __init__(self, *, scale: float, dim: Optional[int] = None, num_shares: Optional[int] = None,
                  orders: Sequence[int] = DDG_ORDERS) -> None:
