@@ -4,7 +4,9 @@
 libmvec for :class:`~lightning_dp.noise.GaussianNoise`, float64 sums of normals for
 :class:`~lightning_dp.noise.SecureRNG`) is built on Linux with a C compiler. It is optional: where it
 cannot be built the package installs without it and both generators compute the same streams with
-torch ops (about 1.5× slower for GaussianNoise, about 3× for SecureRNG, on CPU).
+torch ops (about 1.5× slower for GaussianNoise, about 3× for SecureRNG, on CPU). The same extension
+holds secure aggregation's kernels (``_secure_aggregation.c``: discrete Gaussian samplers, encoding,
+decoding); ``_kernels.h`` is what the two files share.
 """
 import sys
 
@@ -15,7 +17,8 @@ if sys.platform.startswith("linux"):
     ext_modules.append(
         Extension(
             "lightning_dp.noise._boxmuller",
-            sources=["lightning_dp/noise/_boxmuller.c"],
+            sources=["lightning_dp/noise/_boxmuller.c", "lightning_dp/noise/_secure_aggregation.c"],
+            depends=["lightning_dp/noise/_kernels.h"],
             # No -ffast-math: the float64 kernel needs IEEE evaluation as written (exact angle
             # reduction), and crtfastmath.o (flush-to-zero for the whole process) is never linked in.
             # The source declares glibc's vector logf/cosf/sinf itself; calls to them vectorise with

@@ -1,0 +1,422 @@
+/* Native kernels of secure aggregation (lightning_dp.secure_aggregation): the discrete Gaussian samplers
+ * (Canonne–Kamath–Steinke, and the rounded ziggurat Gaussian with rejection), the fused rounding / noise /
+ * mask step (encode_) and the decoding (decode_). Part of the lightning_dp.noise._boxmuller extension
+ * (registered in its method table); compiled with the same flags (see setup.py and _boxmuller.c's notes:
+ * no fast-math, no FMA contraction, OpenMP over fixed chunks so that no output depends on the thread count).
+ */
+#include "_kernels.h"
+
+/* ------------------------------------------------------------ discrete Gaussian (secure aggregation) */
+
+/* discrete_gaussian_: the sampler of Canonne, Kamath & Steinke (2020), Algorithm 3, as the torch path of
+ * lightning_dp/secure_aggregation/discrete_gaussian.py, over a caller's buffer of 64-bit words, each read as
+ * the uniform unit_midpoint(w) = (2·(w mod 2^52) + 1)·2^-53 in (0, 1). A candidate takes two uniforms u, u': sign = (2u < 1), V = 2u mod 1 (exact), G = ⌊-t·ln V⌋
+ * (the discrete Laplace proposal Y = ±G, t = ⌊σ⌋ + 1), accepted when u' < exp(-(G − σ²/t)²/(2σ²)) and
+ * Y is not "−0". ln is log_unit (fdlibm, < 1 ulp), exp libmvec's (or libm's), all in float64.
+ *
+ * The buffer is cut into chunks of DG_CHUNK candidates (the last one shorter); chunk i's candidates are
+ * uniforms [2·i·DG_CHUNK, +size) (proposals) and [2·i·DG_CHUNK + size, +size) (acceptance tests). The
+ * accepted values of every chunk, in candidate order, are written as int64 over the chunk's own start
+ * (the buffer is destroyed); the output is the chunks' accepted values in chunk order, the first `count`
+ * of them. A chunk's values depend on its slice alone, so the output does not depend on the thread count
+ * or the schedule. Accepted candidates of i.i.d. candidates, the first `count` of them, are i.i.d. with the
+ * discrete Gaussian law (a stopping time on an i.i.d. sequence). */
+#define DG_CHUNK 4096
+#define DG_BLOCK 256
+
+LDP_CLONES64
+static Py_ssize_t dg_chunk(uint64_t *u, Py_ssize_t size, double t, double shift, double coef) {
+    const uint64_t *proposal = u, *test = u + size;
+    int64_t *out = (int64_t *)u; /* accepted values overwrite proposals already read */
+    double y[DG_BLOCK];
+    int64_t ok[DG_BLOCK];
+    Py_ssize_t n = 0;
+    for (Py_ssize_t b = 0; b < size; b += DG_BLOCK) {
+        const Py_ssize_t len = size - b < DG_BLOCK ? size - b : DG_BLOCK;
+        for (Py_ssize_t j = 0; j < len; j++) {
+            const double doubled = unit_midpoint(proposal[b + j]) * 2.0;
+            const int negative = doubled < 1.0;
+            const double v = negative ? doubled : doubled - 1.0;
+            const double g = floor(log_unit(v) * -t);
+            const double z = g - shift;
+            const double p = exp(z * z * coef);
+            y[j] = negative ? -g : g;
+            ok[j] = (unit_midpoint(test[b + j]) < p) & !(negative & (g == 0.0));
+        }
+        for (Py_ssize_t j = 0; j < len; j++) {
+            out[n] = (int64_t)y[j]; /* n <= b + j: a proposal of this block or an earlier one, already read */
+            n += ok[j];
+        }
+    }
+    return n;
+}
+
+/* The rounded-Gaussian sampler (method 1), for large σ: a candidate is X = round(σZ) of a standard normal Z
+ * drawn by the ziggurat (Marsaglia & Tsang 2000, 256 layers, tables below), accepted with probability
+ * exp((σ²Z² − X²)/(2σ²) − c). Then P(X = x, accepted) ∝ ∫_{x−½}^{x+½} φ_σ(z)·e^{(z² − x²)/(2σ²)} dz
+ * = e^{−x²/(2σ²)}: exactly the discrete Gaussian kernel, provided the acceptance never exceeds 1.
+ * |(σZ)² − X²| ≤ |σZ| + ¼ and the ziggurat on the 2⁻⁵³ grid never gives |Z| > ZIG_ZMAX (its tail,
+ * R + a with a = −ln U/R, U ≥ 2⁻⁵³), so c = (ZIG_ZMAX·σ + 1)/(2σ²) covers it.
+ *
+ * Chunk layout (size candidates, zig_chunk_words(size, p) words): size words, candidate j's in word j (its
+ * point in the layer from the low 52 bits, unit_midpoint; its layer from bits 52-59, its sign from bit 60:
+ * the generators give 64 random bits per word), then a reserve of uniforms consumed in order by the rare
+ * steps: a wedge test (1 uniform), a tail attempt (2), and the acceptance tests. A candidate's
+ * acceptance is Bernoulli(e^y), y = (σ²Z² − X²)/(2σ²) − c in [−2c, 0], drawn as "no event, or an event
+ * and then Bernoulli((e^y − e^{−2c})/(1 − e^{−2c}))" with events of probability p = 1 − e^{−2c},
+ * independent of everything else: which normals see an event is a Bernoulli(p) sequence, drawn by its
+ * geometric gaps (1 uniform each) — about 2p uniforms per candidate instead of 1. A chunk whose reserve
+ * runs out (sized at > 10 standard deviations above its mean use) raises instead of guessing. */
+#define ZIG_LAYERS 256
+static double zig_x[ZIG_LAYERS + 1], zig_f[ZIG_LAYERS + 1], zig_r, zig_v, zig_zmax;
+
+/* zig_x[i] is layer i's right edge, zig_f[i] = e^{−zig_x[i]²/2}; layer i (i >= 1) is the rectangle
+ * [0, zig_x[i]] × [zig_f[i], zig_f[i+1]] of area v; layer 0 is [0, R] × [0, f(R)] plus the tail beyond R
+ * (area v: zig_x[0] = v/f(R) is its virtual width). Returns the top layer's area minus v. */
+static double zig_build(double r) {
+    const double fr = exp(-0.5 * r * r);
+    const double v = r * fr + sqrt(M_PI / 2.0) * erfc(r / sqrt(2.0));
+    zig_r = r;
+    zig_v = v;
+    zig_x[0] = v / fr;
+    zig_x[1] = r;
+    zig_f[0] = fr;
+    zig_f[1] = fr;
+    for (int i = 1; i < ZIG_LAYERS - 1; i++) {
+        const double next = v / zig_x[i] + zig_f[i];
+        if (next >= 1.0) return -1.0; /* r too small: the layers reach the top early */
+        zig_x[i + 1] = sqrt(-2.0 * log(next));
+        zig_f[i + 1] = next;
+    }
+    zig_x[ZIG_LAYERS] = 0.0;
+    zig_f[ZIG_LAYERS] = 1.0;
+    return zig_x[ZIG_LAYERS - 1] * (1.0 - zig_f[ZIG_LAYERS - 1]) - v;
+}
+
+/* R such that all 256 layers have the same area (bisection to the last bit; Marsaglia & Tsang's
+ * R = 3.6541528853610088 to 16 digits), then the tables for it. */
+void ldp_zig_init(void) {
+    double lo = 3.5, hi = 3.8;
+    for (int k = 0; k < 200 && hi - lo > 0.0; k++) {
+        const double mid = 0.5 * (lo + hi);
+        if (mid == lo || mid == hi) break;
+        if (zig_build(mid) > 0.0) hi = mid; else lo = mid;
+    }
+    zig_build(lo);
+    zig_zmax = (zig_r + 53.0 * M_LN2 / zig_r) * (1.0 + 0x1p-40);
+}
+
+static Py_ssize_t zig_reserve(Py_ssize_t size, double p_event) {
+    const double mean = (double)size * (0.02 + 2.0 * p_event) + 1.0; /* wedges ~1.5 %, tails, events */
+    return (Py_ssize_t)ceil(mean + 12.0 * sqrt(3.0 * mean) + 32.0);
+}
+
+static Py_ssize_t zig_chunk_words(Py_ssize_t size, double p_event) {
+    return size + zig_reserve(size, p_event);
+}
+
+/* The rounded sampler's c and event probability p at this σ. */
+static void zig_acceptance(double sigma, double *c, double *p_event) {
+    *c = (zig_zmax * sigma + 1.0) / (2.0 * sigma * sigma);
+    *p_event = -expm1(-2.0 * *c);
+}
+
+LDP_CLONES64
+static Py_ssize_t dg_rounded_chunk(uint64_t *u, Py_ssize_t size, double sigma, double c, double p_event) {
+    const uint64_t *next = u + size, *end = next + zig_reserve(size, p_event);
+    const double inv_two_var = 0.5 / (sigma * sigma), e2c = exp(-2.0 * c), log1m_p = log1p(-p_event);
+    double z[DG_CHUNK], rounded[DG_CHUNK];
+    int32_t code[DG_CHUNK]; /* layer | sign << 8 | fast << 9 */
+    /* every candidate as if on the fast path (vectorised); the slow ones are redone below */
+    for (Py_ssize_t j = 0; j < size; j++) {
+        const uint64_t w = u[j];
+        const int64_t layer = (int64_t)((w >> 52) & 255u), negative = (int64_t)((w >> 60) & 1u);
+        const double x = unit_midpoint(w) * zig_x[layer];
+        const double zs = negative ? -(sigma * x) : sigma * x;
+        z[j] = x;
+        rounded[j] = floor(zs + 0.5);
+        code[j] = (int32_t)(layer | negative << 8 | (int64_t)(x < zig_x[layer + 1]) << 9);
+    }
+    int exhausted = 0;
+#define ZIG_NEXT() (next < end ? unit_midpoint(*next++) : (exhausted = 1, 0.5))
+    double gap = floor(log_unit(ZIG_NEXT()) / log1m_p);
+    int64_t *out = (int64_t *)u; /* accepted values overwrite words already read */
+    Py_ssize_t n = 0;
+    for (Py_ssize_t j = 0; j < size; j++) {
+        double x = z[j], value = rounded[j];
+        if (!(code[j] >> 9)) {
+            const int layer = code[j] & 255;
+            if (layer == 0) { /* the tail beyond R: Marsaglia's exponential rejection, to acceptance */
+                double a, b;
+                do {
+                    a = -log_unit(ZIG_NEXT()) / zig_r;
+                    b = -log_unit(ZIG_NEXT());
+                } while (2.0 * b < a * a && !exhausted);
+                x = zig_r + a;
+            } else { /* a wedge: under the curve or nothing */
+                const double y = zig_f[layer] + ZIG_NEXT() * (zig_f[layer + 1] - zig_f[layer]);
+                if (!(y < exp(-0.5 * x * x))) {
+                    if (exhausted) return -1;
+                    continue;
+                }
+            }
+            value = floor(((code[j] >> 8) & 1 ? -(sigma * x) : sigma * x) + 0.5);
+        }
+        if (gap >= 1.0) { /* no event: accepted */
+            gap -= 1.0;
+            out[n++] = (int64_t)value;
+            continue;
+        }
+        /* an event: Bernoulli((e^y − e^{−2c})/(1 − e^{−2c})), with y + 2c = e(σZ + X)/(2σ²) + c */
+        const double zs = (code[j] >> 8) & 1 ? -(sigma * x) : sigma * x, e = zs - value;
+        const double threshold = e2c * expm1(e * (zs + value) * inv_two_var + c) / p_event;
+        const int accept = ZIG_NEXT() < threshold;
+        gap = floor(log_unit(ZIG_NEXT()) / log1m_p);
+        if (exhausted) return -1;
+        if (accept) out[n++] = (int64_t)value;
+    }
+#undef ZIG_NEXT
+    return exhausted ? -1 : n;
+}
+
+/* discrete_gaussian_(uniforms, out, variance, add, threads[, method, candidates]) -> (filled, used): method 0
+ * is Canonne–Kamath–Steinke (two words per candidate; candidates = len/2), method 1 the rounded Gaussian
+ * (`candidates` of them in dg_rounded_words(variance, candidates) words). `used`: the words of the chunks
+ * that gave the output. */
+PyObject *ldp_discrete_gaussian_(PyObject *self, PyObject *args) {
+    Py_buffer ubuf, obuf;
+    double variance;
+    int add, threads, method = 0;
+    Py_ssize_t candidates = -1;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "w*w*dii|in", &ubuf, &obuf, &variance, &add, &threads, &method, &candidates))
+        return NULL;
+    const double sigma = sqrt(variance), t = floor(sigma) + 1.0, shift = variance / t, coef = -0.5 / variance;
+    double c = 0.0, p_event = 0.0;
+    if (method == 1 && variance > 0.0 && isfinite(variance)) zig_acceptance(sigma, &c, &p_event);
+    if (method == 0) candidates = ubuf.len / 16;
+    const Py_ssize_t chunks = candidates > 0 ? (candidates + DG_CHUNK - 1) / DG_CHUNK : 0;
+    const Py_ssize_t full_words = method == 1 ? zig_chunk_words(DG_CHUNK, p_event) : 2 * DG_CHUNK;
+    const Py_ssize_t last_size = candidates - (chunks - 1) * DG_CHUNK;
+    const Py_ssize_t needed = chunks == 0 ? 0 : (chunks - 1) * full_words +
+        (method == 1 ? zig_chunk_words(last_size, p_event) : 2 * last_size);
+    if (!(variance > 0.0) || !isfinite(variance) || threads < 1 || ubuf.len % 8 || obuf.len % 8 ||
+        (method != 0 && method != 1) || candidates < 0 || (method == 1 && ubuf.len / 8 < needed)) {
+        PyBuffer_Release(&ubuf);
+        PyBuffer_Release(&obuf);
+        PyErr_SetString(PyExc_ValueError, "discrete_gaussian_: need finite variance > 0, threads >= 1, 8-byte buffers, "
+                                          "method 0 or 1 (method 1: candidates >= 0 and dg_rounded_words of them)");
+        return NULL;
+    }
+    const Py_ssize_t count = obuf.len / 8;
+    Py_ssize_t *counts = PyMem_Calloc((size_t)(chunks > 0 ? chunks : 1), 2 * sizeof(Py_ssize_t));
+    if (counts == NULL) {
+        PyBuffer_Release(&ubuf);
+        PyBuffer_Release(&obuf);
+        return PyErr_NoMemory();
+    }
+    Py_ssize_t *starts = counts + (chunks > 0 ? chunks : 1);
+    uint64_t *u = (uint64_t *)ubuf.buf;
+    int64_t *out = (int64_t *)obuf.buf;
+    Py_ssize_t filled = 0, used = 0, last = 0;
+    int exhausted = 0;
+    if (threads > chunks) threads = chunks > 0 ? (int)chunks : 1;
+    Py_BEGIN_ALLOW_THREADS
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(static)
+#endif
+    for (Py_ssize_t i = 0; i < chunks; i++) {
+        const Py_ssize_t first = i * DG_CHUNK, size = candidates - first < DG_CHUNK ? candidates - first : DG_CHUNK;
+        counts[i] = method == 0 ? dg_chunk(u + 2 * first, size, t, shift, coef)
+                                : dg_rounded_chunk(u + i * full_words, size, sigma, c, p_event);
+    }
+    for (Py_ssize_t i = 0; i < chunks; i++) exhausted |= counts[i] < 0;
+    for (last = 0; !exhausted && last < chunks && filled < count; last++) {
+        const Py_ssize_t first = last * DG_CHUNK, size = candidates - first < DG_CHUNK ? candidates - first : DG_CHUNK;
+        starts[last] = filled;
+        if (counts[last] > count - filled) counts[last] = count - filled;
+        filled += counts[last];
+        used += method == 0 ? 2 * size : (size == DG_CHUNK ? full_words : zig_chunk_words(size, p_event));
+    }
+    if (!exhausted) {
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(static)
+#endif
+        for (Py_ssize_t i = 0; i < last; i++) {
+            const int64_t *values = (const int64_t *)(u + i * full_words);
+            int64_t *dst = out + starts[i];
+            if (add) {
+                for (Py_ssize_t j = 0; j < counts[i]; j++) dst[j] += values[j];
+            } else {
+                memcpy(dst, values, sizeof(int64_t) * (size_t)counts[i]);
+            }
+        }
+    }
+    Py_END_ALLOW_THREADS
+    PyMem_Free(counts);
+    PyBuffer_Release(&ubuf);
+    PyBuffer_Release(&obuf);
+    if (exhausted) {
+        PyErr_SetString(PyExc_RuntimeError, "discrete_gaussian_: a chunk's reserve of uniforms ran out (expected "
+                                            "never: it is sized > 10 standard deviations above its use); nothing was written");
+        return NULL;
+    }
+    return Py_BuildValue("nn", filled, used);
+}
+
+/* dg_rounded_words(variance, candidates) -> (words, normal_rate, c): the buffer discrete_gaussian_'s
+ * method 1 takes for `candidates`, the fraction of candidates that give a normal (the ziggurat's area
+ * ratio) and the c of its acceptance. */
+PyObject *ldp_dg_rounded_words(PyObject *self, PyObject *args) {
+    double variance;
+    Py_ssize_t candidates;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "dn", &variance, &candidates)) return NULL;
+    if (!(variance > 0.0) || !isfinite(variance) || candidates < 0) {
+        PyErr_SetString(PyExc_ValueError, "dg_rounded_words: need finite variance > 0 and candidates >= 0");
+        return NULL;
+    }
+    double c, p_event;
+    zig_acceptance(sqrt(variance), &c, &p_event);
+    const Py_ssize_t chunks = (candidates + DG_CHUNK - 1) / DG_CHUNK;
+    const Py_ssize_t words = chunks == 0 ? 0 : (chunks - 1) * zig_chunk_words(DG_CHUNK, p_event) +
+        zig_chunk_words(candidates - (chunks - 1) * DG_CHUNK, p_event);
+    return Py_BuildValue("ndd", words, sqrt(M_PI / 2.0) / (ZIG_LAYERS * zig_v), c);
+}
+
+/* ziggurat_table() -> (x, f, r, v, zmax): the rounded sampler's tables (for tests). */
+PyObject *ldp_ziggurat_table(PyObject *self, PyObject *noargs) {
+    (void)self;
+    (void)noargs;
+    PyObject *x = PyList_New(ZIG_LAYERS + 1), *f = PyList_New(ZIG_LAYERS + 1);
+    if (x == NULL || f == NULL) {
+        Py_XDECREF(x);
+        Py_XDECREF(f);
+        return NULL;
+    }
+    for (int i = 0; i <= ZIG_LAYERS; i++) {
+        PyList_SET_ITEM(x, i, PyFloat_FromDouble(zig_x[i]));
+        PyList_SET_ITEM(f, i, PyFloat_FromDouble(zig_f[i]));
+    }
+    return Py_BuildValue("NNddd", x, f, zig_r, zig_v, zig_zmax);
+}
+
+/* encode_(x, kind, words, values, mask, mask_kind, factor, limit, modulus_mask, threads) -> int: secure
+ * aggregation's fused rounding step over n = len(values) coordinates:
+ *   v_i = (int64)⌊x_i·factor + u_i⌋ + values_i     (u_i = (w_i + ½)·2^-32 for the 32-bit word w_i of `words`
+ *                                                  (n uint32); x float32 (kind 0) or float64 (kind 2),
+ *                                                  product and sum in float64, as the torch path;
+ *                                                  values_i: the noise share)
+ *   values_i = (v_i ± mask_i) & modulus_mask       (mask: n int64 added (mask_kind 0), or n uint32 keystream
+ *                                                  words added (1) or subtracted (2))
+ * Returns how many v_i had |v_i| >= limit or a non-finite / out-of-range ⌊x·factor + u⌋ (then the
+ * caller must raise: the modular sum could wrap). */
+LDP_CLONES64
+static Py_ssize_t encode_range(const char *x, int kind, const uint32_t *u, int64_t *values, const void *mask,
+                               int mask_kind, Py_ssize_t n, double factor, int64_t limit, int64_t modulus_mask) {
+    Py_ssize_t bad = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const double xi = kind == 0 ? (double)((const float *)x)[i] : ((const double *)x)[i];
+        const double f = floor(xi * factor + ((double)u[i] + 0.5) * 0x1p-32);
+        const int in_range = fabs(f) < 0x1p62;
+        const int64_t v = (int64_t)((uint64_t)(in_range ? (int64_t)f : 0) + (uint64_t)values[i]);
+        bad += !in_range | (v >= limit) | (v <= -limit);
+        const uint64_t m = mask_kind == 0 ? (uint64_t)((const int64_t *)mask)[i]
+                         : mask_kind == 1 ? (uint64_t)((const uint32_t *)mask)[i]
+                                          : (uint64_t)0 - (uint64_t)((const uint32_t *)mask)[i];
+        values[i] = (int64_t)(((uint64_t)v + m) & (uint64_t)modulus_mask); /* mod 2^64, no UB */
+    }
+    return bad;
+}
+
+PyObject *ldp_encode_(PyObject *self, PyObject *args) {
+    Py_buffer xb, ub, vb, mb;
+    int kind, mask_kind, threads;
+    double factor;
+    long long limit, modulus_mask;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*iy*w*y*idLLi", &xb, &kind, &ub, &vb, &mb, &mask_kind, &factor, &limit,
+                          &modulus_mask, &threads))
+        return NULL;
+    const Py_ssize_t n = vb.len / 8, itemsize = kind == 0 ? 4 : 8, mask_size = mask_kind == 0 ? 8 : 4;
+    PyObject *result = NULL;
+    if ((kind != 0 && kind != 2) || mask_kind < 0 || mask_kind > 2 || threads < 1 || xb.len != n * itemsize ||
+        ub.len != n * 4 || mb.len != n * mask_size || vb.len % 8) {
+        PyErr_SetString(PyExc_ValueError, "encode_: need kind 0 or 2, mask_kind 0-2, threads >= 1 and buffers of "
+                                          "n elements (words: uint32; mask: int64, or uint32 for mask_kind 1-2)");
+    } else {
+        Py_ssize_t bad = 0;
+        const Py_ssize_t block = 1 << 14, blocks = (n + block - 1) / block;
+        const int team = threads > blocks ? (blocks > 0 ? (int)blocks : 1) : threads;
+        Py_BEGIN_ALLOW_THREADS
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(team) schedule(static) reduction(+ : bad)
+#endif
+        for (Py_ssize_t b = 0; b < blocks; b++) {
+            const Py_ssize_t first = b * block, len = n - first < block ? n - first : block;
+            bad += encode_range((const char *)xb.buf + first * itemsize, kind, (const uint32_t *)ub.buf + first,
+                                (int64_t *)vb.buf + first, (const char *)mb.buf + first * mask_size, mask_kind, len,
+                                factor, (int64_t)limit, (int64_t)modulus_mask);
+        }
+        Py_END_ALLOW_THREADS
+        result = PyLong_FromSsize_t(bad);
+    }
+    PyBuffer_Release(&xb);
+    PyBuffer_Release(&ub);
+    PyBuffer_Release(&vb);
+    PyBuffer_Release(&mb);
+    return result;
+}
+
+/* decode_(summed, out, kind, bits, factor, threads): out_i = signed(summed_i mod 2^bits)·factor, computed in
+ * float64 and rounded once to out's dtype (kind 0: float32, 2: float64), as the torch path. */
+LDP_CLONES64
+static void decode_range(const int64_t *summed, char *out, int kind, Py_ssize_t n, int bits, double factor) {
+    const int64_t modulus_mask = (int64_t)((((uint64_t)1) << bits) - 1), half = (int64_t)(((uint64_t)1) << (bits - 1));
+    const int64_t modulus = (int64_t)(((uint64_t)1) << bits);
+    if (kind == 0) {
+        float *o = (float *)out;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            int64_t v = summed[i] & modulus_mask;
+            v = v >= half ? v - modulus : v;
+            o[i] = (float)((double)v * factor);
+        }
+    } else {
+        double *o = (double *)out;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            int64_t v = summed[i] & modulus_mask;
+            v = v >= half ? v - modulus : v;
+            o[i] = (double)v * factor;
+        }
+    }
+}
+
+PyObject *ldp_decode_(PyObject *self, PyObject *args) {
+    Py_buffer sb, ob;
+    int kind, bits, threads;
+    double factor;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*w*iidi", &sb, &ob, &kind, &bits, &factor, &threads)) return NULL;
+    const Py_ssize_t n = sb.len / 8, itemsize = kind == 0 ? 4 : 8;
+    PyObject *result = NULL;
+    if ((kind != 0 && kind != 2) || bits < 1 || bits > 62 || threads < 1 || sb.len % 8 || ob.len != n * itemsize) {
+        PyErr_SetString(PyExc_ValueError, "decode_: need kind 0 or 2, 1 <= bits <= 62, threads >= 1, n elements each");
+    } else {
+        const Py_ssize_t block = 1 << 14, blocks = (n + block - 1) / block;
+        const int team = threads > blocks ? (blocks > 0 ? (int)blocks : 1) : threads;
+        Py_BEGIN_ALLOW_THREADS
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(team) schedule(static)
+#endif
+        for (Py_ssize_t b = 0; b < blocks; b++) {
+            const Py_ssize_t first = b * block, len = n - first < block ? n - first : block;
+            decode_range((const int64_t *)sb.buf + first, (char *)ob.buf + first * itemsize, kind, len, bits, factor);
+        }
+        Py_END_ALLOW_THREADS
+        result = Py_None;
+        Py_INCREF(result);
+    }
+    PyBuffer_Release(&sb);
+    PyBuffer_Release(&ob);
+    return result;
+}
