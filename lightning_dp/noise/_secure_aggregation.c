@@ -61,7 +61,8 @@ static Py_ssize_t dg_chunk(uint64_t *u, Py_ssize_t size, double t, double shift,
  * Chunk layout (size candidates, zig_chunk_words(size, p) words): size words, candidate j's in word j (its
  * point in the layer from the low 52 bits, unit_midpoint; its layer from bits 52-59, its sign from bit 60:
  * the generators give 64 random bits per word), then a reserve of uniforms consumed in order by the rare
- * steps: a wedge test (1 uniform), a tail attempt (2), and the acceptance tests. A candidate's
+ * steps: first the slow candidates', in candidate order (a wedge test: 1 uniform; a tail attempt: 2), then
+ * the acceptance events' (gaps and tests). A candidate's
  * acceptance is Bernoulli(e^y), y = (σ²Z² − X²)/(2σ²) − c in [−2c, 0], drawn as "no event, or an event
  * and then Bernoulli((e^y − e^{−2c})/(1 − e^{−2c}))" with events of probability p = 1 − e^{−2c},
  * independent of everything else: which normals see an event is a Bernoulli(p) sequence, drawn by its
@@ -139,44 +140,62 @@ static Py_ssize_t dg_rounded_chunk(uint64_t *u, Py_ssize_t size, double sigma, d
     }
     int exhausted = 0;
 #define ZIG_NEXT() (next < end ? unit_midpoint(*next++) : (exhausted = 1, 0.5))
-    double gap = floor(log_unit(ZIG_NEXT()) / log1m_p);
+    /* the slow candidates (about 1.5 %): a wedge test or the tail, from the reserve in candidate order */
+    for (Py_ssize_t j = 0; j < size; j++) {
+        if (code[j] >> 9) continue;
+        const int layer = code[j] & 255;
+        double x = z[j];
+        if (layer == 0) { /* the tail beyond R: Marsaglia's exponential rejection, to acceptance */
+            double a, b;
+            do {
+                a = -log_unit(ZIG_NEXT()) / zig_r;
+                b = -log_unit(ZIG_NEXT());
+            } while (2.0 * b < a * a && !exhausted);
+            x = zig_r + a;
+        } else if (!(zig_f[layer] + ZIG_NEXT() * (zig_f[layer + 1] - zig_f[layer]) < exp(-0.5 * x * x))) {
+            continue; /* a wedge point above the curve: no normal */
+        }
+        z[j] = x;
+        rounded[j] = floor(((code[j] >> 8) & 1 ? -(sigma * x) : sigma * x) + 0.5);
+        code[j] |= 1 << 9;
+    }
+    if (exhausted) return -1;
+    /* the normals, in candidate order (branch-free), and where each came from */
     int64_t *out = (int64_t *)u; /* accepted values overwrite words already read */
+    int32_t origin[DG_CHUNK];
     Py_ssize_t n = 0;
     for (Py_ssize_t j = 0; j < size; j++) {
-        double x = z[j], value = rounded[j];
-        if (!(code[j] >> 9)) {
-            const int layer = code[j] & 255;
-            if (layer == 0) { /* the tail beyond R: Marsaglia's exponential rejection, to acceptance */
-                double a, b;
-                do {
-                    a = -log_unit(ZIG_NEXT()) / zig_r;
-                    b = -log_unit(ZIG_NEXT());
-                } while (2.0 * b < a * a && !exhausted);
-                x = zig_r + a;
-            } else { /* a wedge: under the curve or nothing */
-                const double y = zig_f[layer] + ZIG_NEXT() * (zig_f[layer + 1] - zig_f[layer]);
-                if (!(y < exp(-0.5 * x * x))) {
-                    if (exhausted) return -1;
-                    continue;
-                }
-            }
-            value = floor(((code[j] >> 8) & 1 ? -(sigma * x) : sigma * x) + 0.5);
-        }
-        if (gap >= 1.0) { /* no event: accepted */
-            gap -= 1.0;
-            out[n++] = (int64_t)value;
-            continue;
-        }
-        /* an event: Bernoulli((e^y − e^{−2c})/(1 − e^{−2c})), with y + 2c = e(σZ + X)/(2σ²) + c */
-        const double zs = (code[j] >> 8) & 1 ? -(sigma * x) : sigma * x, e = zs - value;
+        out[n] = (int64_t)rounded[j];
+        origin[n] = (int32_t)j;
+        n += (code[j] >> 9) & 1;
+    }
+    /* the acceptance events: a Bernoulli(p) sequence over the normals, by its geometric gaps; at an event
+     * the normal stays with probability (e^y − e^{−2c})/(1 − e^{−2c}), y + 2c = e(σZ + X)/(2σ²) + c */
+    Py_ssize_t dropped = 0;
+    unsigned char drop[DG_CHUNK];
+    for (double k = floor(log_unit(ZIG_NEXT()) / log1m_p); k < (double)n && !exhausted;
+         k += 1.0 + floor(log_unit(ZIG_NEXT()) / log1m_p)) {
+        const Py_ssize_t i = (Py_ssize_t)k;
+        const int32_t j = origin[i];
+        const double zs = (code[j] >> 8) & 1 ? -(sigma * z[j]) : sigma * z[j], value = rounded[j], e = zs - value;
         const double threshold = e2c * expm1(e * (zs + value) * inv_two_var + c) / p_event;
-        const int accept = ZIG_NEXT() < threshold;
-        gap = floor(log_unit(ZIG_NEXT()) / log1m_p);
-        if (exhausted) return -1;
-        if (accept) out[n++] = (int64_t)value;
+        if (!(ZIG_NEXT() < threshold)) {
+            if (!dropped) memset(drop, 0, (size_t)n);
+            drop[i] = 1;
+            dropped++;
+        }
     }
 #undef ZIG_NEXT
-    return exhausted ? -1 : n;
+    if (exhausted) return -1;
+    if (dropped) {
+        Py_ssize_t m = 0;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            out[m] = out[i];
+            m += !drop[i];
+        }
+        n = m;
+    }
+    return n;
 }
 
 /* discrete_gaussian_(uniforms, out, variance, add, threads[, method, candidates]) -> (filled, used): method 0
