@@ -195,6 +195,16 @@ def test_native_discrete_gaussian_kernel_buffers():
 
 
 @native_only
+@pytest.mark.parametrize("variance", [9.0, 2.0**40, 0.0])
+def test_writing_draws_over_a_buffer_equals_adding_them_to_zeros(variance):
+    added = ddg_module.add_discrete_gaussian_(torch.zeros(50_000, dtype=torch.int64), variance,
+                                              torch.Generator().manual_seed(4))
+    garbage = torch.full((50_000,), -123456789, dtype=torch.int64)
+    written = ddg_module.add_discrete_gaussian_(garbage, variance, torch.Generator().manual_seed(4), accumulate=False)
+    assert written is garbage and torch.equal(written, added)
+
+
+@native_only
 def test_ziggurat_layers_have_equal_area():
     x, f, r, v, zmax = ddg_module._native.ziggurat_table()
     assert r == pytest.approx(3.6541528853610088, rel=1e-15)  # Marsaglia & Tsang (2000), 256 layers

@@ -152,9 +152,8 @@ class SecureAggregator:
         if _native_ready(parts, device):
             # the rounding uniforms first, then the share, as the torch path draws them
             u = rounding_words(self.generator, numel)  # encode_ reads them as uniforms
-            values = torch.zeros(numel, dtype=torch.int64)
-            if variance > 0:
-                _dg.add_discrete_gaussian_(values, variance, self.generator)
+            values = _dg.add_discrete_gaussian_(torch.empty(numel, dtype=torch.int64), variance, self.generator,
+                                                accumulate=False)  # zeros when variance is 0
             if self.world_size == 2 and self.bits <= 32:  # one peer: its raw 32-bit keystream, ± in encode_
                 other = 1 - self.rank
                 mask, mask_kind = self.masks.keystream32(other, self.steps, numel, device), 1 if other > self.rank else 2

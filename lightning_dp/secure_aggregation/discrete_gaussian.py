@@ -155,9 +155,11 @@ def acceptance_rate(variance: float, method: str = "cks") -> float:
     return 0.5 * -math.expm1(-1.0 / t) * math.exp(-variance / (2.0 * t * t)) * theta
 
 
-def add_discrete_gaussian_(out: torch.Tensor, variance: float, generator: Any, method: str = "auto") -> torch.Tensor:
+def add_discrete_gaussian_(out: torch.Tensor, variance: float, generator: Any, method: str = "auto",
+                           accumulate: bool = True) -> torch.Tensor:
     """In place: add ``out.numel()`` i.i.d. draws of ``N_Z(0, variance)`` to the contiguous CPU int64 tensor
-    ``out``, in the native kernel (requires :func:`native_kernel`). Returns ``out``.
+    ``out`` (or, with ``accumulate=False``, write them over it: ``out`` may then be uninitialised), in the
+    native kernel (requires :func:`native_kernel`). Returns ``out``.
 
     ``method``: ``"cks"`` (Canonne, Kamath & Steinke), ``"rounded"`` (the rounded-Gaussian sampler, see the
     module docstring) or ``"auto"`` (default: rounded from σ = :data:`ROUNDED_MIN_SIGMA` on)."""
@@ -172,7 +174,7 @@ def add_discrete_gaussian_(out: torch.Tensor, variance: float, generator: Any, m
         raise ValueError(f"`method` must be 'auto', 'cks' or 'rounded', got {method!r}.")
     count = out.numel()
     if variance == 0.0 or count == 0:
-        return out
+        return out if accumulate else out.zero_()
     rate = acceptance_rate(variance, method)
     flat = out.view(-1).numpy()
     threads = torch.get_num_threads()
@@ -184,11 +186,11 @@ def add_discrete_gaussian_(out: torch.Tensor, variance: float, generator: Any, m
         candidates = int((remaining + 4 * math.sqrt(remaining * (1 - rate))) / rate) + 64
         if method == "cks":
             u = uniform_words(generator, 2 * candidates).numpy()
-            got, _ = _native.discrete_gaussian_(u, flat[filled:], variance, 1, threads, 0)
+            got, _ = _native.discrete_gaussian_(u, flat[filled:], variance, int(accumulate), threads, 0)
         else:
             words, _, _ = _native.dg_rounded_words(variance, candidates)
             u = uniform_words(generator, words).numpy()
-            got, _ = _native.discrete_gaussian_(u, flat[filled:], variance, 1, threads, 1, candidates)
+            got, _ = _native.discrete_gaussian_(u, flat[filled:], variance, int(accumulate), threads, 1, candidates)
         filled += got
     return out
 
