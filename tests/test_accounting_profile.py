@@ -117,3 +117,21 @@ def test_ddg_accounting_takes_the_tighter_of_the_two_routes():
     assert ddg_epsilon(1.2, 0.01, 2000, 1e-5, **kwargs) == pytest.approx(
         min(_epsilon_by_rdp(small, 1e-5, orders=DDG_ORDERS, **kwargs),
             _epsilon_by_profile(small, 1e-5, orders=DDG_ORDERS, **kwargs)))
+
+
+def test_ddg_accountant_reuses_its_plans_and_pickles_without_them():
+    """Per-step ε of a run reuses plans (PRV's caches) and gives what a fresh computation gives; the caches
+    are not pickled (they hold closures) and are rebuilt."""
+    import pickle
+
+    from lightning_dp.secure_aggregation import DistributedDiscreteGaussianAccountant
+
+    acc = DistributedDiscreteGaussianAccountant(scale=2.0**20, dim=9610, num_shares=1)
+    for _ in range(40):
+        acc.step(noise_multiplier=6.36, sample_rate=0.178, num_steps=1)
+        live = acc.get_epsilon(1e-5)
+    assert len(acc._composer._steps) == 2  # one step object per direction, reused by every plan
+    fresh = ddg_epsilon(6.36, 0.178, 40, 1e-5, dim=9610, scale=2.0**20, num_shares=1)
+    assert live == pytest.approx(fresh, rel=1e-12)
+    copy = pickle.loads(pickle.dumps(acc))
+    assert copy._composer is None and copy.get_epsilon(1e-5) == pytest.approx(live, rel=1e-12)

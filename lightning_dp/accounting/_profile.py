@@ -38,7 +38,7 @@ the noise at large sampling rates.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -85,6 +85,7 @@ class SubsampledProfileStep:
         if direction not in ("remove", "add"):
             raise ValueError(f"`direction` must be 'remove' or 'add', got {direction!r}.")
         self.base_delta, self.q, self.direction = base_delta, q, direction
+        self._moments: Optional[Tuple[float, float]] = None
 
     def _positive(self, eps: np.ndarray, direction: str) -> np.ndarray:
         """The bound of step 2 at ``ε' >= 0`` for ``direction``."""
@@ -130,7 +131,12 @@ class SubsampledProfileStep:
         return -top, pmf, float(d[hull[-1]])
 
     def moments(self) -> Tuple[float, float]:
-        """Mean and variance of the discrete loss's finite part at a grid fine enough for them."""
+        """Mean and variance of the discrete loss's finite part at a grid fine enough for them (computed once)."""
+        if self._moments is None:
+            self._moments = self._compute_moments()
+        return self._moments
+
+    def _compute_moments(self) -> Tuple[float, float]:
         h = 1e-3
         for _ in range(4):
             j_low, pmf, _ = self.discretise(h, 1e-12, 1e-12)

@@ -90,6 +90,11 @@ class PRVAccountant(Accountant):
         self._plans: "OrderedDict[tuple, List[_pld.Plan]]" = OrderedDict()
         self._results: "OrderedDict[tuple, float]" = OrderedDict()
 
+    def _step_pld(self, sigma: float, q: float, direction: str) -> "_pld.StepPLD":
+        """One step's privacy-loss distribution in one direction: the subsampled Gaussian's (a subclass
+        composes another mechanism's with the same plans and caches)."""
+        return _pld.GaussianStep(sigma, q, direction)
+
     def _epsilon(self, history: Sequence[HistoryEntry], delta: float) -> float:
         key = (tuple(history), delta)
         if key in self._results:
@@ -122,7 +127,7 @@ class PRVAccountant(Accountant):
         plans = self._plans.get(plan_key)
         if plans is None:
             plans = [
-                _pld.Plan([_pld.GaussianStep(s, q, direction) for s, q in segments], base + [high], base + [low], delta)
+                _pld.Plan([self._step_pld(s, q, direction) for s, q in segments], base + [high], base + [low], delta)
                 for direction in _pld.DIRECTIONS
             ]
             self._plans[plan_key] = plans

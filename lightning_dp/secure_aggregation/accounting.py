@@ -40,6 +40,7 @@ from scipy import special
 from .._checks import check_int, check_non_negative, check_open_unit, check_positive, check_rate
 from ..accounting import _pld, _profile
 from ..accounting.base import Accountant, HistoryEntry
+from ..accounting.prv import PRVAccountant
 from ..accounting.rdp import _epsilon_from_rdp
 
 __all__ = [
@@ -151,38 +152,43 @@ def _step_rdp(noise_multiplier: float, sample_rate: float, dim: int, scale: floa
 
 
 def _epsilon_by_rdp(history: Sequence[HistoryEntry], delta: float, dim: int, scale: float, num_shares: int,
-                    orders: Sequence[int]) -> float:
-    """Route 3a: subsampled RDP (Zhu & Wang, Theorem 6), composed, converted."""
+                    orders: Sequence[int], cache: Optional[Dict[Tuple[float, float], np.ndarray]] = None) -> float:
+    """Route 3a: subsampled RDP (Zhu & Wang, Theorem 6), composed, converted. ``cache`` keeps each
+    ``(σ, q)``'s per-step RDP for later calls with the same parameters."""
+    cache = {} if cache is None else cache
     rdp = np.zeros(len(orders))
     for sigma, q, n in history:
-        rdp = rdp + n * _step_rdp(sigma, q, dim, scale, num_shares, orders)
+        if (sigma, q) not in cache:
+            cache[(sigma, q)] = _step_rdp(sigma, q, dim, scale, num_shares, orders)
+        rdp = rdp + n * cache[(sigma, q)]
     eps, _ = _epsilon_from_rdp(np.asarray(orders, dtype=np.float64), rdp, delta)
     return eps
 
 
+class _ProfileComposer(PRVAccountant):
+    """Route 3b: the unsampled DDG step's profile from its RDP, subsampled per order, one dominating pair per
+    order, composed as a privacy-loss distribution (:mod:`lightning_dp.accounting._profile`) with the PRV
+    accountant's plans and caches (the per-step ε of a run costs one inverse FFT, not a new plan)."""
+
+    def __init__(self, dim: int, scale: float, num_shares: int, orders: Sequence[int]) -> None:
+        super().__init__()
+        self.dim, self.scale, self.num_shares, self.max_order = dim, scale, num_shares, max(orders)
+        self._steps: Dict[Tuple[float, float, str], _profile.SubsampledProfileStep] = {}
+
+    def _step_pld(self, sigma: float, q: float, direction: str) -> "_pld.StepPLD":
+        key = (sigma, q, direction)
+        if key not in self._steps:  # one object per kind of step: its moments are computed once
+            base = _unsampled_rdp(sigma, self.dim, self.scale, self.num_shares, self.max_order)
+            ints = np.arange(2, self.max_order + 1, dtype=np.float64)
+            self._steps[key] = _profile.SubsampledProfileStep(
+                lambda eps: _profile.delta_from_rdp(ints, base, eps), q, direction)
+        return self._steps[key]
+
+
 def _epsilon_by_profile(history: Sequence[HistoryEntry], delta: float, dim: int, scale: float, num_shares: int,
                         orders: Sequence[int]) -> float:
-    """Route 3b: the unsampled step's profile from its RDP, subsampled, one dominating pair per step,
-    composed as a privacy-loss distribution (:mod:`lightning_dp.accounting._profile`)."""
-    merged: Dict[Tuple[float, float], int] = {}
-    for sigma, q, n in history:
-        if q > 0 and n > 0:
-            merged[(sigma, q)] = merged.get((sigma, q), 0) + n
-    if not merged:
-        return 0.0
-    if any(sigma == 0 for sigma, _ in merged):
-        return math.inf
-    ints = np.arange(2, max(orders) + 1, dtype=np.float64)
-    steps, counts = [], []
-    for (sigma, q), n in sorted(merged.items()):
-        base = _unsampled_rdp(sigma, dim, scale, num_shares, max(orders))
-        steps.append((lambda eps, base=base: _profile.delta_from_rdp(ints, base, eps), q))
-        counts.append(n)
-    return max(
-        _pld.Plan([_profile.SubsampledProfileStep(f, q, direction) for f, q in steps], counts, counts, delta)
-        .epsilon(counts, delta)
-        for direction in _pld.DIRECTIONS
-    )
+    """Route 3b for one history (a fresh composer: no caches kept)."""
+    return _ProfileComposer(dim, scale, num_shares, orders)._epsilon(list(history), delta)
 
 
 def ddg_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float, *, dim: int,
@@ -246,6 +252,9 @@ class DistributedDiscreteGaussianAccountant(Accountant):
         self.orders = tuple(int(o) for o in orders)
         self.dim: Optional[int] = None
         self.num_shares: Optional[int] = None
+        self._composer: Optional[_ProfileComposer] = None  # route 3b's plans and results, for (dim, num_shares)
+        self._composer_key: Optional[Tuple[int, int]] = None
+        self._step_rdps: Dict[Tuple[float, float], np.ndarray] = {}  # route 3a's per-step RDP, per (σ, q)
         if dim is not None or num_shares is not None:
             self.configure(dim=dim, num_shares=num_shares)
 
@@ -261,8 +270,18 @@ class DistributedDiscreteGaussianAccountant(Accountant):
                 "when the secure-aggregation strategy sets up its optimizer."
             )
         delta = check_open_unit("delta", delta)
-        args = (history, delta, self.dim, self.scale, self.num_shares, self.orders)
-        return min(_epsilon_by_rdp(*args), _epsilon_by_profile(*args))  # two upper bounds: the smaller holds
+        key = (self.dim, self.num_shares)
+        if self._composer is None or self._composer_key != key:
+            self._composer = _ProfileComposer(self.dim, self.scale, self.num_shares, self.orders)
+            self._composer_key, self._step_rdps = key, {}
+        by_rdp = _epsilon_by_rdp(history, delta, self.dim, self.scale, self.num_shares, self.orders, self._step_rdps)
+        return min(by_rdp, self._composer._epsilon(list(history), delta))  # two upper bounds: the smaller holds
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # the caches hold closures (not picklable) and are rebuilt on demand
+        state = self.__dict__.copy()
+        state.update(_composer=None, _composer_key=None, _step_rdps={})
+        return state
 
     def fresh(self) -> "DistributedDiscreteGaussianAccountant":
         """An empty accountant with this one's parameters (scale, dim, shares, orders): for calibration."""
