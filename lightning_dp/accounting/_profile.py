@@ -7,7 +7,7 @@ The route, each step an upper bound:
 
 1. **Base profile.** From the base mechanism's RDP ``r(α)`` at integer orders, its privacy profile
    ``δ_b(ε) = min_α exp((α−1)(r(α) − ε)) / (α−1) · (1 − 1/α)^α`` (Canonne, Kamath & Steinke 2020,
-   Prop. 12), capped at 1. An RDP bound that holds for every neighbouring pair in both orders gives a
+   Prop. 12, :func:`lightning_dp.accounting.rdp._delta_from_rdp`), capped at 1. An RDP bound that holds for every neighbouring pair in both orders gives a
    profile that holds in both orders too.
 2. **Subsampling** (Poisson sampling under add/remove; the amplification argument of Balle, Barthe &
    Gaboardi 2018, kept exact per order). With ``M = (1−q)P + qQ`` (``P`` without the example, ``Q``
@@ -38,26 +38,14 @@ the noise at large sampling rates.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 
-__all__ = ["SubsampledProfileStep", "delta_from_rdp"]
+__all__ = ["SubsampledProfileStep"]
 
 _MAX_LOSS = 60.0
 """The grid never reaches beyond ``|ε'| = 60``: what the profile leaves above goes to ``+inf``."""
-
-
-def delta_from_rdp(orders: Sequence[float], rdp: Sequence[float], eps: np.ndarray) -> np.ndarray:
-    """``min(1, min_α exp((α−1)(r(α) − ε)) / (α−1) · (1−1/α)^α)`` at every ``eps`` (Canonne, Kamath &
-    Steinke 2020, Prop. 12): the privacy profile that an RDP curve ``r`` at ``orders`` (> 1) guarantees."""
-    a = np.asarray(orders, dtype=np.float64)[None, :]
-    r = np.asarray(rdp, dtype=np.float64)[None, :]
-    e = np.atleast_1d(np.asarray(eps, dtype=np.float64))[:, None]
-    with np.errstate(over="ignore", invalid="ignore"):
-        log_delta = (a - 1.0) * (r - e) - np.log(a - 1.0) + a * np.log1p(-1.0 / a)
-    log_delta = np.where(np.isnan(log_delta), np.inf, log_delta)
-    return np.minimum(1.0, np.exp(np.min(log_delta, axis=1)))
 
 
 def _lower_convex_hull(t: np.ndarray, d: np.ndarray) -> np.ndarray:

@@ -164,6 +164,19 @@ def _epsilon_from_rdp(orders: np.ndarray, rdp: np.ndarray, delta: float) -> Tupl
     return max(0.0, float(eps[best])), float(orders[best])
 
 
+def _delta_from_rdp(orders: Sequence[float], rdp: Sequence[float], eps: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`_epsilon_from_rdp`: at every ``eps``, ``min(1, min_α δ_α)`` with
+    ``log δ_α = (α−1)(r(α) − ε + log(1 − 1/α)) − log α`` (the same Prop. 12, solved for δ): the privacy
+    profile an RDP curve ``r`` at ``orders`` (> 1) guarantees."""
+    a = np.asarray(orders, dtype=np.float64)[None, :]
+    r = np.asarray(rdp, dtype=np.float64)[None, :]
+    e = np.atleast_1d(np.asarray(eps, dtype=np.float64))[:, None]
+    with np.errstate(over="ignore", invalid="ignore"):
+        log_delta = (a - 1.0) * (r - e + np.log1p(-1.0 / a)) - np.log(a)
+    log_delta = np.where(np.isnan(log_delta), np.inf, log_delta)
+    return np.minimum(1.0, np.exp(np.min(log_delta, axis=1)))
+
+
 # --------------------------------------------------------------------------------------------------
 # The accountant
 # --------------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from .._checks import check_int, check_non_negative, check_open_unit, check_posi
 from ..accounting import _pld, _profile
 from ..accounting.base import Accountant, HistoryEntry
 from ..accounting.prv import PRVAccountant
-from ..accounting.rdp import _epsilon_from_rdp
+from ..accounting.rdp import _delta_from_rdp, _epsilon_from_rdp
 
 __all__ = [
     "DDG_ORDERS",
@@ -181,7 +181,7 @@ class _ProfileComposer(PRVAccountant):
             base = _unsampled_rdp(sigma, self.dim, self.scale, self.num_shares, self.max_order)
             ints = np.arange(2, self.max_order + 1, dtype=np.float64)
             self._steps[key] = _profile.SubsampledProfileStep(
-                lambda eps: _profile.delta_from_rdp(ints, base, eps), q, direction)
+                lambda eps: _delta_from_rdp(ints, base, eps), q, direction)
         return self._steps[key]
 
 
