@@ -391,6 +391,40 @@ def test_int32_messages_when_the_sum_fits(world, bits, dtype, monkeypatch):
     assert outs[0][-2].item() > 0.99 * world * big and outs[0][-1].item() < -0.99 * world * big  # not wrapped
 
 
+@native_only
+@pytest.mark.parametrize("bits", [30, 48])
+def test_step_buffers_are_reused_and_hold_nothing_over(bits):
+    """A step's work buffers (the noise share; the int32 message) are kept for the next steps, and what the
+    last step left in them does not change the next step's result: the same steps with the buffers dropped
+    before every step give the same bits."""
+    g = torch.Generator().manual_seed(7)
+    steps = [[torch.randn(3000, generator=g) * 0.01 for _ in range(2)] for _ in range(3)]
+    results, pointers = {}, []
+    for keep in (True, False):
+        aggs = _aggregators(2, bits=bits, scale=2.0**12)
+        results[keep] = []
+        for xs in steps:
+            if not keep:
+                for a in aggs:
+                    a._buffers.clear()
+            # every rank's message (its step's masks), their sum, then each rank's step decodes that sum
+            messages = [a._encode([x], x.numel(), torch.device("cpu"), 0.02, 0.05, in_place=True).clone()
+                        for a, x in zip(aggs, xs)]
+            summed = sum(m.to(torch.int64) for m in messages).to(messages[0].dtype)
+            outs = [x.clone() for x in xs]
+            for a, out in zip(aggs, outs):
+                a.steps -= 1
+                a._all_reduce = lambda t, s=summed: t.copy_(s)
+                a([out], std=0.02, sensitivity=0.05)
+            results[keep].append(outs[0])
+            if keep:
+                pointers.append({name: b.data_ptr() for name, b in aggs[0]._buffers.items()})
+    assert pointers[0] == pointers[1] == pointers[2]
+    assert set(pointers[0]) == ({"share", "message"} if bits == 30 else {"share"})
+    for a, b in zip(results[True], results[False]):
+        assert torch.equal(a, b)
+
+
 def _gloo_worker(rank: int, world_size: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

@@ -122,12 +122,27 @@ static void zig_acceptance(double sigma, double *c, double *p_event) {
     *p_event = -expm1(-2.0 * *c);
 }
 
+/* Removes positions removed[0 .. k−1] (increasing) from out[0 .. size−1], keeping the order: one memmove per
+ * run of kept values. Returns the values kept. */
+static Py_ssize_t remove_positions(int64_t *out, Py_ssize_t size, const int32_t *removed, Py_ssize_t k) {
+    if (k == 0) return size;
+    Py_ssize_t w = removed[0];
+    for (Py_ssize_t r = 0; r < k; r++) {
+        const Py_ssize_t from = (Py_ssize_t)removed[r] + 1, to = r + 1 < k ? (Py_ssize_t)removed[r + 1] : size;
+        if (to > from) memmove(out + w, out + from, sizeof(int64_t) * (size_t)(to - from));
+        w += to - from;
+    }
+    return w;
+}
+
 LDP_CLONES64
 static Py_ssize_t dg_rounded_chunk(uint64_t *u, Py_ssize_t size, double sigma, double c, double p_event) {
     const uint64_t *next = u + size, *end = next + zig_reserve(size, p_event);
     const double inv_two_var = 0.5 / (sigma * sigma), e2c = exp(-2.0 * c), log1m_p = log1p(-p_event);
+    int64_t *out = (int64_t *)u; /* candidate j's value overwrites its word, once read */
     double z[DG_CHUNK], rounded[DG_CHUNK];
-    int32_t code[DG_CHUNK]; /* layer | sign << 8 | fast << 9 */
+    int32_t code[DG_CHUNK]; /* layer | sign << 8 | normal << 9 */
+    int32_t removed[DG_CHUNK], dropped[DG_CHUNK], merged[DG_CHUNK];
     /* every candidate as if on the fast path (vectorised); the slow ones are redone below */
     for (Py_ssize_t j = 0; j < size; j++) {
         const uint64_t w = u[j];
@@ -138,64 +153,59 @@ static Py_ssize_t dg_rounded_chunk(uint64_t *u, Py_ssize_t size, double sigma, d
         rounded[j] = floor(zs + 0.5);
         code[j] = (int32_t)(layer | negative << 8 | (int64_t)(x < zig_x[layer + 1]) << 9);
     }
+    for (Py_ssize_t j = 0; j < size; j++) out[j] = (int64_t)rounded[j]; /* a separate loop: both vectorise */
     int exhausted = 0;
+    Py_ssize_t nremoved = 0;
 #define ZIG_NEXT() (next < end ? unit_midpoint(*next++) : (exhausted = 1, 0.5))
-    /* the slow candidates (about 1.5 %): a wedge test or the tail, from the reserve in candidate order */
-    for (Py_ssize_t j = 0; j < size; j++) {
-        if (code[j] >> 9) continue;
-        const int layer = code[j] & 255;
-        double x = z[j];
-        if (layer == 0) { /* the tail beyond R: Marsaglia's exponential rejection, to acceptance */
-            double a, b;
-            do {
-                a = -log_unit(ZIG_NEXT()) / zig_r;
-                b = -log_unit(ZIG_NEXT());
-            } while (2.0 * b < a * a && !exhausted);
-            x = zig_r + a;
-        } else if (!(zig_f[layer] + ZIG_NEXT() * (zig_f[layer + 1] - zig_f[layer]) < exp(-0.5 * x * x))) {
-            continue; /* a wedge point above the curve: no normal */
+    /* the slow candidates (about 1.5 %): a wedge test or the tail, from the reserve in candidate order; the
+     * candidates that give no normal are listed in `removed` */
+    for (Py_ssize_t j0 = 0; j0 < size; j0 += 8) {
+        const Py_ssize_t j1 = j0 + 8 < size ? j0 + 8 : size;
+        int32_t all = 1 << 9;
+        for (Py_ssize_t j = j0; j < j1; j++) all &= code[j];
+        if (all) continue; /* eight fast candidates (~89 % of the blocks) */
+        for (Py_ssize_t j = j0; j < j1; j++) {
+            if (code[j] >> 9) continue;
+            const int layer = code[j] & 255;
+            double x = z[j];
+            if (layer == 0) { /* the tail beyond R: Marsaglia's exponential rejection, to acceptance */
+                double a, b;
+                do {
+                    a = -log_unit(ZIG_NEXT()) / zig_r;
+                    b = -log_unit(ZIG_NEXT());
+                } while (2.0 * b < a * a && !exhausted);
+                x = zig_r + a;
+            } else if (!(zig_f[layer] + ZIG_NEXT() * (zig_f[layer + 1] - zig_f[layer]) < exp(-0.5 * x * x))) {
+                removed[nremoved++] = (int32_t)j; /* a wedge point above the curve: no normal */
+                continue;
+            }
+            z[j] = x;
+            out[j] = (int64_t)floor(((code[j] >> 8) & 1 ? -(sigma * x) : sigma * x) + 0.5);
+            code[j] |= 1 << 9;
         }
-        z[j] = x;
-        rounded[j] = floor(((code[j] >> 8) & 1 ? -(sigma * x) : sigma * x) + 0.5);
-        code[j] |= 1 << 9;
     }
     if (exhausted) return -1;
-    /* the normals, in candidate order (branch-free), and where each came from */
-    int64_t *out = (int64_t *)u; /* accepted values overwrite words already read */
-    int32_t origin[DG_CHUNK];
-    Py_ssize_t n = 0;
-    for (Py_ssize_t j = 0; j < size; j++) {
-        out[n] = (int64_t)rounded[j];
-        origin[n] = (int32_t)j;
-        n += (code[j] >> 9) & 1;
-    }
-    /* the acceptance events: a Bernoulli(p) sequence over the normals, by its geometric gaps; at an event
-     * the normal stays with probability (e^y − e^{−2c})/(1 − e^{−2c}), y + 2c = e(σZ + X)/(2σ²) + c */
-    Py_ssize_t dropped = 0;
-    unsigned char drop[DG_CHUNK];
-    for (double k = floor(log_unit(ZIG_NEXT()) / log1m_p); k < (double)n && !exhausted;
+    /* the acceptance events: a Bernoulli(p) sequence over the normals (in candidate order), by its geometric
+     * gaps; at an event the normal stays with probability (e^y − e^{−2c})/(1 − e^{−2c}),
+     * y + 2c = e(σZ + X)/(2σ²) + c. Normal i is candidate i + (removed candidates before it). */
+    const Py_ssize_t normals = size - nremoved;
+    Py_ssize_t ndropped = 0, r = 0;
+    for (double k = floor(log_unit(ZIG_NEXT()) / log1m_p); k < (double)normals && !exhausted;
          k += 1.0 + floor(log_unit(ZIG_NEXT()) / log1m_p)) {
         const Py_ssize_t i = (Py_ssize_t)k;
-        const int32_t j = origin[i];
-        const double zs = (code[j] >> 8) & 1 ? -(sigma * z[j]) : sigma * z[j], value = rounded[j], e = zs - value;
+        while (r < nremoved && removed[r] <= i + r) r++;
+        const Py_ssize_t j = i + r;
+        const double zs = (code[j] >> 8) & 1 ? -(sigma * z[j]) : sigma * z[j], value = (double)out[j], e = zs - value;
         const double threshold = e2c * expm1(e * (zs + value) * inv_two_var + c) / p_event;
-        if (!(ZIG_NEXT() < threshold)) {
-            if (!dropped) memset(drop, 0, (size_t)n);
-            drop[i] = 1;
-            dropped++;
-        }
+        if (!(ZIG_NEXT() < threshold)) dropped[ndropped++] = (int32_t)j;
     }
 #undef ZIG_NEXT
     if (exhausted) return -1;
-    if (dropped) {
-        Py_ssize_t m = 0;
-        for (Py_ssize_t i = 0; i < n; i++) {
-            out[m] = out[i];
-            m += !drop[i];
-        }
-        n = m;
-    }
-    return n;
+    if (ndropped == 0) return remove_positions(out, size, removed, nremoved);
+    Py_ssize_t a = 0, b = 0, m = 0; /* both lists increase, no position in both */
+    while (a < nremoved || b < ndropped)
+        merged[m++] = b == ndropped || (a < nremoved && removed[a] < dropped[b]) ? removed[a++] : dropped[b++];
+    return remove_positions(out, size, merged, m);
 }
 
 /* discrete_gaussian_(uniforms, out, variance, add, threads[, method, candidates]) -> (filled, used): method 0
@@ -320,19 +330,20 @@ PyObject *ldp_ziggurat_table(PyObject *self, PyObject *noargs) {
     return Py_BuildValue("NNddd", x, f, zig_r, zig_v, zig_zmax);
 }
 
-/* encode_(x, kind, words, values, mask, mask_kind, factor, limit, modulus_mask, threads) -> int: secure
+/* encode_(x, kind, words, values, mask, mask_kind, factor, limit, modulus_mask, threads[, message]) -> int: secure
  * aggregation's fused rounding step over n = len(values) coordinates:
  *   v_i = (int64)⌊x_i·factor + u_i⌋ + values_i     (u_i = (w_i + ½)·2^-32 for the 32-bit word w_i of `words`
  *                                                  (n uint32); x float32 (kind 0) or float64 (kind 2),
  *                                                  product and sum in float64, as the torch path;
  *                                                  values_i: the noise share)
- *   values_i = (v_i ± mask_i) & modulus_mask       (mask: n int64 added (mask_kind 0), or n uint32 keystream
- *                                                  words added (1) or subtracted (2))
+ *   message_i = (v_i ± mask_i) & modulus_mask      (mask: n int64 added (mask_kind 0), or n uint32 keystream
+ *                                                  words added (1) or subtracted (2)); written over values_i,
+ *                                                  or into `message` (n int64, or n int32 when 2^bits <= 2^31)
  * Returns how many v_i had |v_i| >= limit or a non-finite / out-of-range ⌊x·factor + u⌋ (then the
  * caller must raise: the modular sum could wrap). */
-LDP_CLONES64
-static Py_ssize_t encode_range(const char *x, int kind, const uint32_t *u, int64_t *values, const void *mask,
-                               int mask_kind, Py_ssize_t n, double factor, int64_t limit, int64_t modulus_mask) {
+static inline __attribute__((always_inline)) Py_ssize_t encode_loop(
+    const char *x, int kind, const uint32_t *u, int64_t *values, const void *mask, int mask_kind, Py_ssize_t n,
+    double factor, int64_t limit, int64_t modulus_mask, void *dest, int dest_size) {
     Py_ssize_t bad = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         const double xi = kind == 0 ? (double)((const float *)x)[i] : ((const double *)x)[i];
@@ -343,26 +354,50 @@ static Py_ssize_t encode_range(const char *x, int kind, const uint32_t *u, int64
         const uint64_t m = mask_kind == 0 ? (uint64_t)((const int64_t *)mask)[i]
                          : mask_kind == 1 ? (uint64_t)((const uint32_t *)mask)[i]
                                           : (uint64_t)0 - (uint64_t)((const uint32_t *)mask)[i];
-        values[i] = (int64_t)(((uint64_t)v + m) & (uint64_t)modulus_mask); /* mod 2^64, no UB */
+        const int64_t message = (int64_t)(((uint64_t)v + m) & (uint64_t)modulus_mask); /* mod 2^64, no UB */
+        if (dest_size == 4) ((int32_t *)dest)[i] = (int32_t)message; /* the caller checked: < 2^31 */
+        else ((int64_t *)dest)[i] = message;
     }
     return bad;
 }
 
+/* encode_loop specialised for every (kind, mask_kind, dest_size), so that each loop vectorises */
+LDP_CLONES64
+static Py_ssize_t encode_range(const char *x, int kind, const uint32_t *u, int64_t *values, const void *mask,
+                               int mask_kind, Py_ssize_t n, double factor, int64_t limit, int64_t modulus_mask,
+                               void *dest, int dest_size) {
+#define LDP_ENCODE(K, M, D) \
+    if (kind == K && mask_kind == M && dest_size == D) \
+        return encode_loop(x, K, u, values, mask, M, n, factor, limit, modulus_mask, dest, D);
+#define LDP_ENCODE_M(K, M) LDP_ENCODE(K, M, 4) LDP_ENCODE(K, M, 8)
+#define LDP_ENCODE_K(K) LDP_ENCODE_M(K, 0) LDP_ENCODE_M(K, 1) LDP_ENCODE_M(K, 2)
+    LDP_ENCODE_K(0)
+    LDP_ENCODE_K(2)
+#undef LDP_ENCODE_K
+#undef LDP_ENCODE_M
+#undef LDP_ENCODE
+    return encode_loop(x, kind, u, values, mask, mask_kind, n, factor, limit, modulus_mask, dest, dest_size);
+}
+
 PyObject *ldp_encode_(PyObject *self, PyObject *args) {
-    Py_buffer xb, ub, vb, mb;
+    Py_buffer xb, ub, vb, mb, db = {0};
     int kind, mask_kind, threads;
     double factor;
     long long limit, modulus_mask;
     (void)self;
-    if (!PyArg_ParseTuple(args, "y*iy*w*y*idLLi", &xb, &kind, &ub, &vb, &mb, &mask_kind, &factor, &limit,
-                          &modulus_mask, &threads))
+    if (!PyArg_ParseTuple(args, "y*iy*w*y*idLLi|w*", &xb, &kind, &ub, &vb, &mb, &mask_kind, &factor, &limit,
+                          &modulus_mask, &threads, &db))
         return NULL;
     const Py_ssize_t n = vb.len / 8, itemsize = kind == 0 ? 4 : 8, mask_size = mask_kind == 0 ? 8 : 4;
+    void *dest = db.buf != NULL ? db.buf : vb.buf;
+    const int dest_size = db.buf != NULL && db.len == n * 4 ? 4 : 8;
     PyObject *result = NULL;
     if ((kind != 0 && kind != 2) || mask_kind < 0 || mask_kind > 2 || threads < 1 || xb.len != n * itemsize ||
-        ub.len != n * 4 || mb.len != n * mask_size || vb.len % 8) {
+        ub.len != n * 4 || mb.len != n * mask_size || vb.len % 8 ||
+        (db.buf != NULL && (db.len != n * dest_size || (dest_size == 4 && modulus_mask > 0x7FFFFFFFLL)))) {
         PyErr_SetString(PyExc_ValueError, "encode_: need kind 0 or 2, mask_kind 0-2, threads >= 1 and buffers of "
-                                          "n elements (words: uint32; mask: int64, or uint32 for mask_kind 1-2)");
+                                          "n elements (words: uint32; mask: int64, or uint32 for mask_kind 1-2; "
+                                          "message: int64, or int32 when 2^bits <= 2^31)");
     } else {
         Py_ssize_t bad = 0;
         const Py_ssize_t block = 1 << 14, blocks = (n + block - 1) / block;
@@ -375,7 +410,8 @@ PyObject *ldp_encode_(PyObject *self, PyObject *args) {
             const Py_ssize_t first = b * block, len = n - first < block ? n - first : block;
             bad += encode_range((const char *)xb.buf + first * itemsize, kind, (const uint32_t *)ub.buf + first,
                                 (int64_t *)vb.buf + first, (const char *)mb.buf + first * mask_size, mask_kind, len,
-                                factor, (int64_t)limit, (int64_t)modulus_mask);
+                                factor, (int64_t)limit, (int64_t)modulus_mask, (char *)dest + first * dest_size,
+                                dest_size);
         }
         Py_END_ALLOW_THREADS
         result = PyLong_FromSsize_t(bad);
@@ -384,30 +420,30 @@ PyObject *ldp_encode_(PyObject *self, PyObject *args) {
     PyBuffer_Release(&ub);
     PyBuffer_Release(&vb);
     PyBuffer_Release(&mb);
+    if (db.buf != NULL) PyBuffer_Release(&db);
     return result;
 }
 
-/* decode_(summed, out, kind, bits, factor, threads): out_i = signed(summed_i mod 2^bits)·factor, computed in
+/* decode_(summed, out, kind, bits, factor, threads): out_i = signed(summed_i mod 2^bits)·factor (summed: int32
+ * or int64, told apart by its length), computed in
  * float64 and rounded once to out's dtype (kind 0: float32, 2: float64), as the torch path. */
 LDP_CLONES64
-static void decode_range(const int64_t *summed, char *out, int kind, Py_ssize_t n, int bits, double factor) {
+static void decode_range(const void *summed, int summed_size, char *out, int kind, Py_ssize_t n, int bits,
+                         double factor) {
     const int64_t modulus_mask = (int64_t)((((uint64_t)1) << bits) - 1), half = (int64_t)(((uint64_t)1) << (bits - 1));
     const int64_t modulus = (int64_t)(((uint64_t)1) << bits);
-    if (kind == 0) {
-        float *o = (float *)out;
-        for (Py_ssize_t i = 0; i < n; i++) {
-            int64_t v = summed[i] & modulus_mask;
-            v = v >= half ? v - modulus : v;
-            o[i] = (float)((double)v * factor);
-        }
-    } else {
-        double *o = (double *)out;
-        for (Py_ssize_t i = 0; i < n; i++) {
-            int64_t v = summed[i] & modulus_mask;
-            v = v >= half ? v - modulus : v;
-            o[i] = (double)v * factor;
-        }
+#define LDP_DECODE(SUMMED_T, OUT_T)                                       \
+    for (Py_ssize_t i = 0; i < n; i++) {                                  \
+        int64_t v = (int64_t)((const SUMMED_T *)summed)[i] & modulus_mask; \
+        v = v >= half ? v - modulus : v;                                  \
+        ((OUT_T *)out)[i] = (OUT_T)((double)v * factor);                  \
     }
+    if (summed_size == 4) {
+        if (kind == 0) { LDP_DECODE(int32_t, float) } else { LDP_DECODE(int32_t, double) }
+    } else {
+        if (kind == 0) { LDP_DECODE(int64_t, float) } else { LDP_DECODE(int64_t, double) }
+    }
+#undef LDP_DECODE
 }
 
 PyObject *ldp_decode_(PyObject *self, PyObject *args) {
@@ -416,10 +452,13 @@ PyObject *ldp_decode_(PyObject *self, PyObject *args) {
     double factor;
     (void)self;
     if (!PyArg_ParseTuple(args, "y*w*iidi", &sb, &ob, &kind, &bits, &factor, &threads)) return NULL;
-    const Py_ssize_t n = sb.len / 8, itemsize = kind == 0 ? 4 : 8;
+    const Py_ssize_t itemsize = kind == 0 ? 4 : 8, n = ob.len / itemsize;
+    const int summed_size = sb.len == n * 4 ? 4 : 8; /* int32 or int64 messages */
     PyObject *result = NULL;
-    if ((kind != 0 && kind != 2) || bits < 1 || bits > 62 || threads < 1 || sb.len % 8 || ob.len != n * itemsize) {
-        PyErr_SetString(PyExc_ValueError, "decode_: need kind 0 or 2, 1 <= bits <= 62, threads >= 1, n elements each");
+    if ((kind != 0 && kind != 2) || bits < 1 || bits > 62 || threads < 1 || ob.len % itemsize ||
+        sb.len != n * summed_size) {
+        PyErr_SetString(PyExc_ValueError, "decode_: need kind 0 or 2, 1 <= bits <= 62, threads >= 1, n elements each "
+                                          "(summed: int32 or int64)");
     } else {
         const Py_ssize_t block = 1 << 14, blocks = (n + block - 1) / block;
         const int team = threads > blocks ? (blocks > 0 ? (int)blocks : 1) : threads;
@@ -429,7 +468,8 @@ PyObject *ldp_decode_(PyObject *self, PyObject *args) {
 #endif
         for (Py_ssize_t b = 0; b < blocks; b++) {
             const Py_ssize_t first = b * block, len = n - first < block ? n - first : block;
-            decode_range((const int64_t *)sb.buf + first, (char *)ob.buf + first * itemsize, kind, len, bits, factor);
+            decode_range((const char *)sb.buf + first * summed_size, summed_size, (char *)ob.buf + first * itemsize,
+                         kind, len, bits, factor);
         }
         Py_END_ALLOW_THREADS
         result = Py_None;

@@ -14,9 +14,11 @@ another rank's unmasked contribution; the sum reveals ``Σ y_i`` (what DP-SGD re
 noise of total std at least ``σs`` from any ``h`` ranks' shares).
 
 On CPU with the native kernels (:func:`~lightning_dp.secure_aggregation.discrete_gaussian.native_kernel`) a
-step makes one pass to draw the share into the int64 message, one fused pass per tensor for rounding, the
-range check and the mask (``encode_``), and one per tensor to decode straight into the tensors (``decode_``);
-the arithmetic is the torch path's (float64 product and sum, exact integer arithmetic modulo ``2^b``).
+step makes one pass to draw the share, one fused pass per tensor for rounding, the range check and the
+mask that writes the message in :attr:`~SecureAggregator.message_dtype` (``encode_``), and one per tensor
+to decode the summed messages straight into the tensors (``decode_``); the share and the message live in
+work buffers kept from step to step. The arithmetic is the torch path's (float64 product and sum, exact
+integer arithmetic modulo ``2^b``).
 """
 from __future__ import annotations
 
@@ -95,6 +97,7 @@ class SecureAggregator:
         self._all_reduce = all_reduce
         self.steps = 0
         self.bytes_sent = 0  # the all-reduce's input, per step summed (the payload; the ring moves ~2×)
+        self._buffers: Dict[str, torch.Tensor] = {}  # CPU work buffers reused step after step (no key material)
 
     # ---------------------------------------------------------------------------------------- set-up
     def setup(self, all_gather_object: Optional[Callable[[List[Any], Any], None]] = None) -> None:
@@ -144,16 +147,28 @@ class SecureAggregator:
             f"Lower `scale` (now {self.scale:g}) or raise `bits` (now {self.bits}); see docs/cross_silo.rst."
         )
 
+    def _buffer(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A CPU work buffer of ``numel`` elements kept for the next steps (large fresh allocations cost
+        page faults every step); its content is whatever the last step left."""
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.numel() != numel or buffer.dtype != dtype:
+            buffer = self._buffers[name] = torch.empty(numel, dtype=dtype)
+        return buffer
+
     def _encode(self, parts: Sequence[torch.Tensor], numel: int, device: torch.device, std: float,
-                sensitivity: float) -> torch.Tensor:
-        """The message of the flattened, concatenated ``parts`` (``numel`` coordinates in all)."""
+                sensitivity: float, in_place: bool = False) -> torch.Tensor:
+        """The message of the flattened, concatenated ``parts`` (``numel`` coordinates in all): int64, or
+        with ``in_place`` (the step's own exchange) :attr:`message_dtype` where the native kernels ran, in a
+        work buffer that the next step overwrites."""
         variance = self.share_variance(std, sensitivity)
         limit = (1 << (self.bits - 1)) // self.world_size
         if _native_ready(parts, device):
             # the rounding uniforms first, then the share, as the torch path draws them
             u = rounding_words(self.generator, numel)  # encode_ reads them as uniforms
-            values = _dg.add_discrete_gaussian_(torch.empty(numel, dtype=torch.int64), variance, self.generator,
-                                                accumulate=False)  # zeros when variance is 0
+            values = self._buffer("share", numel, torch.int64) if in_place else torch.empty(numel, dtype=torch.int64)
+            _dg.add_discrete_gaussian_(values, variance, self.generator, accumulate=False)  # zeros when variance is 0
+            narrow = in_place and self.message_dtype != torch.int64
+            message = self._buffer("message", numel, self.message_dtype) if narrow else values
             if self.world_size == 2 and self.bits <= 32:  # one peer: its raw 32-bit keystream, ± in encode_
                 other = 1 - self.rank
                 mask, mask_kind = self.masks.keystream32(other, self.steps, numel, device), 1 if other > self.rank else 2
@@ -161,18 +176,18 @@ class SecureAggregator:
                 mask, mask_kind = self.masks.signed_mask(self.steps, numel, self.bits, device), 0  # reduced by encode_
             factor, modulus_mask, threads = self.scale / sensitivity, self.modulus - 1, torch.get_num_threads()
             bad, offset = 0, 0
-            u_np, values_np, mask_np = u.numpy(), values.numpy(), mask.numpy()
+            u_np, values_np, mask_np, message_np = u.numpy(), values.numpy(), mask.numpy(), message.numpy()
             for part in parts:
                 n = part.numel()
                 x = part.detach().contiguous()
                 bad += _dg._native.encode_(x.numpy(), _KIND[x.dtype], u_np[offset : offset + n],
                                            values_np[offset : offset + n], mask_np[offset : offset + n], mask_kind,
-                                           factor, limit, modulus_mask, threads)
+                                           factor, limit, modulus_mask, threads, message_np[offset : offset + n])
                 offset += n
             if bad:
                 raise self._wrap_error(limit)
             self.steps += 1
-            return values
+            return message
         flat = torch.cat([p.reshape(-1) for p in parts]) if len(parts) > 1 else parts[0].reshape(-1)
         values = self.quantize(flat, sensitivity)
         if variance > 0:
@@ -209,15 +224,14 @@ class SecureAggregator:
         if not tensors:
             return
         numel = sum(t.numel() for t in tensors)
-        message = self._encode(tensors, numel, tensors[0].device, std, sensitivity)
-        if self.message_dtype != torch.int64:  # values < 2^b and W·2^b <= 2^31: the int32 sum is exact
+        message = self._encode(tensors, numel, tensors[0].device, std, sensitivity, in_place=True)
+        if message.dtype != self.message_dtype:  # values < 2^b and W·2^b <= 2^31: the int32 sum is exact
             message = message.to(self.message_dtype)
         if self.world_size > 1:
             (self._all_reduce or _all_reduce_sum)(message)
         self.bytes_sent += message.numel() * message.element_size()
-        message = message.to(torch.int64)  # no copy when it already is
         offset = 0
-        if _native_ready(tensors, message.device) and message.is_contiguous():
+        if _native_ready(tensors, message.device) and message.is_contiguous():  # reads int32 or int64
             summed, factor, threads = message.numpy(), sensitivity / self.scale, torch.get_num_threads()
             for t in tensors:
                 n = t.numel()
@@ -229,7 +243,7 @@ class SecureAggregator:
                     t.copy_(target)
                 offset += n
             return
-        result = self.decode(message, sensitivity)
+        result = self.decode(message.to(torch.int64), sensitivity)
         for t in tensors:
             n = t.numel()
             t.copy_(result[offset : offset + n].view_as(t))
