@@ -1,11 +1,12 @@
 r"""The privacy-loss distribution of a Poisson-subsampled mechanism known only by its privacy profile.
 
 Used by the secure-aggregation accountant (:mod:`lightning_dp.secure_aggregation.accounting`), whose
-base mechanism, the distributed discrete Gaussian, is known by an RDP curve only. Private module.
+base mechanism, the distributed discrete Gaussian, is known by upper bounds on its privacy profile (from
+its RDP curve, or from its closeness to the Gaussian mechanism). Private module.
 
 The route, each step an upper bound:
 
-1. **Base profile.** From the base mechanism's RDP ``r(α)`` at integer orders, its privacy profile
+1. **Base profile** (any upper bound holding in both orders will do; for example:) from the base mechanism's RDP ``r(α)`` at integer orders, its privacy profile
    ``δ_b(ε) = min_α exp((α−1)(r(α) − ε)) / (α−1) · (1 − 1/α)^α`` (Canonne, Kamath & Steinke 2020,
    Prop. 12, :func:`lightning_dp.accounting.rdp._delta_from_rdp`), capped at 1. An RDP bound that holds for every neighbouring pair in both orders gives a
    profile that holds in both orders too.

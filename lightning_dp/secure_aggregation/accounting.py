@@ -24,15 +24,21 @@ Federated Learning with Secure Aggregation* (arXiv:2102.06387), and of their ref
       to (ε, δ) with Canonne, Kamath & Steinke (2020) Prop. 12, as
       :class:`~lightning_dp.accounting.RDPAccountant` does. Tight at small sampling rates; at large
       ones its ``3·Σ_{l≥3}`` terms do not vanish however large the noise;
-   b. the unsampled step's privacy profile from its RDP (the same conversion), the amplification of a
-      privacy profile by Poisson sampling in each order (add and remove), one dominating pair per order
-      and the composition of its privacy-loss distribution (:mod:`lightning_dp.accounting._profile`, the
-      numerics of the PRV accountant). It pays only for the RDP-to-profile conversion of one step.
+   b. the unsampled step's privacy profile, the amplification of a privacy profile by Poisson sampling
+      in each order (add and remove), one dominating pair per order and the composition of its
+      privacy-loss distribution (:mod:`lightning_dp.accounting._profile`, the numerics of the PRV
+      accountant). The unsampled profile is the smaller of two bounds: the one converted from the RDP
+      of step 2 (CKS Prop. 12), and the Gaussian mechanism's profile at sensitivity ``Δ₂`` over the
+      honest noise's std, widened by the step's pointwise closeness to a (rounded) Gaussian mechanism
+      (:mod:`._gaussian_closeness`: the sum of shares is a discrete Gaussian up to a factor
+      ``e^{±a}``, a discrete Gaussian a rounded Gaussian on a box holding all but ``10⁻⁶⁰`` of the
+      noise). At the aggregator's scale the second is the Gaussian's to a relative ``10⁻⁵``: the run
+      costs what DP-SGD with the continuous Gaussian at sensitivity ``s + √d`` costs.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import special
@@ -42,6 +48,7 @@ from ..accounting import _pld, _profile
 from ..accounting.base import Accountant, HistoryEntry
 from ..accounting.prv import PRVAccountant
 from ..accounting.rdp import _delta_from_rdp, _epsilon_from_rdp
+from . import _gaussian_closeness
 
 __all__ = [
     "DDG_ORDERS",
@@ -178,11 +185,19 @@ class _ProfileComposer(PRVAccountant):
     def _step_pld(self, sigma: float, q: float, direction: str) -> "_pld.StepPLD":
         key = (sigma, q, direction)
         if key not in self._steps:  # one object per kind of step: its moments are computed once
-            base = _unsampled_rdp(sigma, self.dim, self.scale, self.num_shares, self.max_order)
-            ints = np.arange(2, self.max_order + 1, dtype=np.float64)
-            self._steps[key] = _profile.SubsampledProfileStep(
-                lambda eps: _delta_from_rdp(ints, base, eps), q, direction)
+            self._steps[key] = _profile.SubsampledProfileStep(self._unsampled_profile(sigma), q, direction)
         return self._steps[key]
+
+    def _unsampled_profile(self, sigma: float) -> Callable[[np.ndarray], np.ndarray]:
+        """The unsampled step's profile: the smaller of the bound converted from its RDP and the bound from
+        its closeness to the Gaussian mechanism (:mod:`._gaussian_closeness`), both upper bounds."""
+        base = _unsampled_rdp(sigma, self.dim, self.scale, self.num_shares, self.max_order)
+        ints = np.arange(2, self.max_order + 1, dtype=np.float64)
+        close = _gaussian_closeness.closeness_profile(sigma, self.dim, self.scale, self.num_shares,
+                                                      rounded_l2_norm_bound(self.scale, self.dim))
+        if close is None:
+            return lambda eps: _delta_from_rdp(ints, base, eps)
+        return lambda eps: np.minimum(_delta_from_rdp(ints, base, eps), close(eps))
 
 
 def _epsilon_by_profile(history: Sequence[HistoryEntry], delta: float, dim: int, scale: float, num_shares: int,
@@ -239,9 +254,10 @@ class DistributedDiscreteGaussianAccountant(Accountant):
 
     mechanism = "ddg"
     description = (
-        "RDP of the sum of discrete Gaussians (Kairouz, Liu & Steinke 2021, Prop. 14) at sensitivity scale + "
-        "sqrt(d), integer orders; Poisson subsampling and composition: the smaller ε of Zhu & Wang 2019 Thm. 6 "
-        "(RDP) and the step's privacy profile amplified per order and composed as a privacy-loss distribution"
+        "sum of discrete Gaussian shares at sensitivity scale + sqrt(d): its RDP (Kairouz, Liu & Steinke 2021, "
+        "Prop. 14) and its closeness to the Gaussian mechanism; Poisson subsampling and composition: the "
+        "smaller ε of Zhu & Wang 2019 Thm. 6 (RDP) and the step's privacy profile amplified per order and "
+        "composed as a privacy-loss distribution"
     )
     """How ε is computed, in one line (the privacy report's "Accounting" row)."""
 
