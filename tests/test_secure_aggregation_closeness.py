@@ -97,6 +97,7 @@ def test_closeness_profile_is_the_gaussians_at_the_aggregators_scale():
     assert np.all(profile(eps) >= gaussian)
     assert np.all(profile(eps) <= gaussian * 1.001 + 1e-50)
     assert closeness_profile(0.5, dim, 4.0, 2, rounded_l2_norm_bound(4.0, dim)) is None
+    assert closeness_profile(1e-6, dim, 4.0, 3, rounded_l2_norm_bound(4.0, dim)) is None  # no overflow either
 
 
 def _dp_accounting_epsilon(sigma, q, steps, delta):

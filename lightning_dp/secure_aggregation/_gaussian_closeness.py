@@ -76,7 +76,12 @@ def rounding_log_ratio(variance: float, reach: float) -> float:
     """``η``: a bound on ``|log P_{round(G)}(x) / P_{N_Z(0, σ²)}(x)|`` for ``|x| ≤ reach``,
     ``G ~ N(0, σ²)`` (step 2)."""
     b = reach / (2.0 * variance)
-    log_sinhc = math.log(math.sinh(b) / b) if b > 1e-4 else b * b / 6.0  # sinh(b)/b ≤ e^{b²/6}
+    if b > 20.0:
+        log_sinhc = b - math.log(2.0 * b)  # sinh(b) ≤ e^b/2 (no overflow)
+    elif b > 1e-4:
+        log_sinhc = math.log(math.sinh(b) / b)
+    else:
+        log_sinhc = b * b / 6.0  # sinh(b)/b ≤ e^{b²/6}
     return max(1.0 / (8.0 * variance), math.log1p(_poisson_gap(variance)) + log_sinhc)
 
 
