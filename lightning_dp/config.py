@@ -46,6 +46,10 @@ class DPConfig:
             Gaussian noise (:mod:`lightning_dp.secure_aggregation`); ``DPDDPStrategy`` only.
         min_honest_ranks: with ``secure_aggregation``, the ranks whose noise shares alone give the noise
             (default ``W − 1``): ε holds if at most ``W − min_honest_ranks`` ranks are corrupt.
+        secure_aggregation_bits: with ``secure_aggregation``, the bits ``b`` of the modular space (default
+            48). With ``W·2^b ≤ 2^31`` (``b ≤ 30`` at 2 ranks) the messages are int32, half the bytes and a
+            faster step, but every rank's value must stay below ``2^(b−1)/W`` (256 units of ``C/B`` at
+            ``b = 30``, 2 ranks: see docs/cross_silo.rst); a step beyond stops with an error, never wraps.
 
     Example::
 
@@ -73,6 +77,7 @@ class DPConfig:
     bands: int = 1
     secure_aggregation: bool = False
     min_honest_ranks: Optional[int] = None
+    secure_aggregation_bits: Optional[int] = None
 
     def __post_init__(self) -> None:
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
@@ -140,6 +145,15 @@ class DPConfig:
                 raise ValueError(
                     f"`min_honest_ranks`={self.min_honest_ranks!r} needs secure_aggregation=True: without it every "
                     "rank adds its noise in the clear and there is no share to size."
+                )
+        if self.secure_aggregation_bits is not None:
+            check_positive_int("secure_aggregation_bits", self.secure_aggregation_bits)
+            if not 2 <= self.secure_aggregation_bits <= 62:
+                raise ValueError(f"`secure_aggregation_bits` must be in [2, 62], got {self.secure_aggregation_bits!r}.")
+            if not self.secure_aggregation:
+                raise ValueError(
+                    f"`secure_aggregation_bits`={self.secure_aggregation_bits!r} needs secure_aggregation=True: "
+                    "without it the ranks all-reduce floats."
                 )
         if not self.secure_aggregation:
             return

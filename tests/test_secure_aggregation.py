@@ -546,6 +546,14 @@ def test_secure_aggregation_is_refused_where_it_cannot_apply():
                      expected_batch_size=4, secure_aggregation=True)
     with pytest.raises(ValueError, match="`min_honest_ranks`=2 needs secure_aggregation=True"):
         DPConfig(noise_multiplier=1.0, min_honest_ranks=2)
+    with pytest.raises(ValueError, match="`secure_aggregation_bits`=30 needs secure_aggregation=True"):
+        DPDDPStrategy(noise_multiplier=1.0, secure_aggregation_bits=30)
+    with pytest.raises(ValueError, match=r"`secure_aggregation_bits` must be in \[2, 62\], got 63"):
+        DPDDPStrategy(noise_multiplier=1.0, secure_aggregation=True, secure_aggregation_bits=63)
+    with pytest.raises(ValueError, match=r"DPStrategy does not take `secure_aggregation` \(got secure_aggregation_bits=30\)"):
+        DPStrategy(noise_multiplier=1.0, secure_aggregation_bits=30)
+    with pytest.raises(ValueError, match=r"DPFSDPStrategy does not take `secure_aggregation` \(got secure_aggregation_bits=30\)"):
+        DPFSDPStrategy(noise_multiplier=1.0, secure_aggregation_bits=30)
     assert DPDDPStrategy(noise_multiplier=1.0, secure_aggregation=True).accountant.mechanism == "ddg"
 
 
@@ -553,12 +561,16 @@ def test_secure_aggregation_is_refused_where_it_cannot_apply():
 WORKER = Path(__file__).with_name("secure_aggregation_worker.py")
 
 
-def test_two_processes_with_secure_aggregation_update_checkpoint_and_report(tmp_path):
+@pytest.mark.parametrize("bits", [None, 30])
+def test_two_processes_with_secure_aggregation_update_checkpoint_and_report(tmp_path, bits):
+    """The default b = 48 (int64 messages) and ``secure_aggregation_bits=30`` (int32 messages at 2 ranks):
+    the same update, within the rounding bound."""
     from tests.distributed_helpers import reference_update, run_launching_script
     from tests.lightning_helpers import TinyClassifier
 
-    run_launching_script(WORKER, tmp_path)
+    run_launching_script(WORKER, tmp_path, *([bits] if bits else []))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert ranks[0]["message_dtype"] == ("torch.int32" if bits == 30 else "torch.int64")
     assert ranks[0]["steps"] == 1
     x = torch.cat([r["batches"][0][0] for r in ranks])
     y = torch.cat([r["batches"][0][1] for r in ranks])
@@ -577,6 +589,6 @@ def test_two_processes_with_secure_aggregation_update_checkpoint_and_report(tmp_
     report = ranks[0]["report"]
     assert report["accountant"] == "ddg"
     agg = report["secure_aggregation"]
-    assert agg["bits"] == 48 and agg["scale"] == 2.0**20 and agg["min_honest_ranks"] == 1
+    assert agg["bits"] == (bits or 48) and agg["scale"] == 2.0**20 and agg["min_honest_ranks"] == 1
     assert "at most 1 of the 2 ranks are corrupt" in agg["threat_model"]
     assert "Threat model" in ranks[0]["table"] and "discrete Gaussian" in ranks[0]["table"]

@@ -253,9 +253,10 @@ class FSDPDP(DPStrategyMixin, _ShardedBackward):
         **kwargs: Any,
     ) -> None:
         refuse_options("DPFSDPStrategy", kwargs, {
-            ("secure_aggregation", "min_honest_ranks"): "its clipped sums are reduce-scattered into shards after "
-            "every backward pass (float sums of each parameter shard, one collective per layer), not one masked "
-            "integer vector per step; secure aggregation is implemented for DPDDPStrategy(secure_aggregation=True).",
+            ("secure_aggregation", "min_honest_ranks", "secure_aggregation_bits"):
+                "its clipped sums are reduce-scattered into shards after every backward pass (float sums of "
+                "each parameter shard, one collective per layer), not one masked integer vector per step; secure "
+                "aggregation is implemented for DPDDPStrategy(secure_aggregation=True).",
             ("bands",): BANDS_REFUSAL,
         })
         config = DPConfig.from_arguments(locals())

@@ -181,8 +181,9 @@ class SingleDeviceDP(DPStrategyMixin):
         **kwargs: Any,
     ) -> None:
         refuse_options("DPStrategy", kwargs, {
-            ("secure_aggregation", "min_honest_ranks"): "one device has nothing to aggregate (its clipped sum never "
-            "leaves it). Use DPDDPStrategy(secure_aggregation=True) to train across data owners.",
+            ("secure_aggregation", "min_honest_ranks", "secure_aggregation_bits"):
+                "one device has nothing to aggregate (its clipped sum never leaves it). "
+                "Use DPDDPStrategy(secure_aggregation=True) to train across data owners.",
             ("bands",): BANDS_REFUSAL,
         })
         config = DPConfig.from_arguments(locals())
@@ -260,6 +261,7 @@ class DDPDP(DPStrategyMixin):
         adaptive_clipping: Optional[Dict[str, float]] = _D.adaptive_clipping,
         secure_aggregation: bool = _D.secure_aggregation,
         min_honest_ranks: Optional[int] = _D.min_honest_ranks,
+        secure_aggregation_bits: Optional[int] = _D.secure_aggregation_bits,
         **kwargs: Any,
     ) -> None:
         refuse_options("DPDDPStrategy", kwargs, {("bands",): BANDS_REFUSAL})
@@ -285,13 +287,19 @@ class DDPDP(DPStrategyMixin):
                 generator.load_state_dict(resumed)
         aggregator = SecureAggregator(
             self.global_rank, self.world_size, generator, min_honest_ranks=self.config.min_honest_ranks,
-            scale=DEFAULT_SCALE,
+            scale=DEFAULT_SCALE, bits=self._secure_aggregation_bits,
         )
         aggregator.setup()
         dim = sum(p.numel() for p in self.lightning_module.parameters() if p.requires_grad)
         self.accountant.configure(dim=dim, num_shares=aggregator.min_honest_ranks)  # type: ignore[attr-defined]
         self._aggregator = aggregator
         return {"combine": aggregator, "noise_shares": 1}
+
+    @property
+    def _secure_aggregation_bits(self) -> int:
+        """``b`` of the modular space: the config's ``secure_aggregation_bits``, else the aggregator's default."""
+        bits = self.config.secure_aggregation_bits
+        return DEFAULT_BITS if bits is None else bits
 
     def _extra_rank_states(self) -> Dict[str, Any]:
         """In seeded runs, the position of secure aggregation's rounding and noise stream (never a key)."""
@@ -306,8 +314,8 @@ class DDPDP(DPStrategyMixin):
         if self._aggregator is not None:
             summary = self._aggregator.describe()
         else:
-            summary = {"mechanism": SecureAggregator.mechanism, "bits": DEFAULT_BITS, "scale": DEFAULT_SCALE,
-                       "min_honest_ranks": self.config.min_honest_ranks}
+            summary = {"mechanism": SecureAggregator.mechanism, "bits": self._secure_aggregation_bits,
+                       "scale": DEFAULT_SCALE, "min_honest_ranks": self.config.min_honest_ranks}
         summary["accounting"] = DistributedDiscreteGaussianAccountant.description
         return summary
 
