@@ -5,8 +5,8 @@ libmvec for :class:`~lightning_dp.noise.GaussianNoise`, float64 sums of normals 
 :class:`~lightning_dp.noise.SecureRNG`) is built on Linux with a C compiler. It is optional: where it
 cannot be built the package installs without it and both generators compute the same streams with
 torch ops (about 1.5× slower for GaussianNoise, about 3× for SecureRNG, on CPU). The same extension
-holds secure aggregation's kernels (``_secure_aggregation.c``: discrete Gaussian samplers, encoding,
-decoding); ``_kernels.h`` is what the two files share.
+holds secure aggregation's kernels (``_discrete_gaussian.c``: the discrete Gaussian samplers;
+``_secure_aggregation.c``: encoding and decoding); ``_kernels.h`` is what the three files share.
 """
 import sys
 
@@ -17,7 +17,8 @@ if sys.platform.startswith("linux"):
     ext_modules.append(
         Extension(
             "lightning_dp.noise._boxmuller",
-            sources=["lightning_dp/noise/_boxmuller.c", "lightning_dp/noise/_secure_aggregation.c"],
+            sources=["lightning_dp/noise/_boxmuller.c", "lightning_dp/noise/_discrete_gaussian.c",
+                     "lightning_dp/noise/_secure_aggregation.c"],
             depends=["lightning_dp/noise/_kernels.h"],
             # No -ffast-math: the float64 kernel needs IEEE evaluation as written (exact angle
             # reduction), and crtfastmath.o (flush-to-zero for the whole process) is never linked in.

@@ -1,6 +1,6 @@
 /* What the native kernels share: includes, the vectorisation attributes, and the float64 uniform and
  * logarithm of a 64-bit keystream word (exact conversion; fdlibm's log kernel, branch-free). Included by
- * _boxmuller.c (the noise generators' kernels) and _secure_aggregation.c (secure aggregation's). */
+ * _boxmuller.c (the noise generators' kernels), _discrete_gaussian.c and _secure_aggregation.c (secure aggregation's). */
 #ifndef LDP_KERNELS_H
 #define LDP_KERNELS_H
 #define PY_SSIZE_T_CLEAN
@@ -67,7 +67,7 @@ static inline double log_unit(double x) {
     return de * ln2_hi - ((hfsq - (s * (hfsq + R) + de * ln2_lo)) - f);
 }
 
-/* secure aggregation's kernels (_secure_aggregation.c), registered in _boxmuller.c's method table */
+/* secure aggregation's kernels (_discrete_gaussian.c, _secure_aggregation.c), registered in _boxmuller.c's method table */
 PyObject *ldp_discrete_gaussian_(PyObject *self, PyObject *args);
 PyObject *ldp_dg_rounded_words(PyObject *self, PyObject *args);
 PyObject *ldp_ziggurat_table(PyObject *self, PyObject *noargs);
