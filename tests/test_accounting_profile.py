@@ -22,6 +22,7 @@ from lightning_dp.secure_aggregation.accounting import (
     ddg_epsilon,
     ddg_noise_multiplier,
 )
+from tests.dp_accounting_reference import poisson_gaussian_epsilon
 
 
 def _gaussian_profile(sigma):
@@ -52,19 +53,11 @@ def _subsampled_gaussian_delta(sigma, q, eps, order):
     return stats.norm.cdf(x / sigma) - t * ((1 - q) * stats.norm.cdf(x / sigma) + q * stats.norm.cdf((x - 1) / sigma))
 
 
-def _dp_accounting_epsilon(sigma, q, steps, delta):
-    dp_accounting = pytest.importorskip("dp_accounting")
-    acc = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4)
-    event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
-    acc.compose(dp_accounting.SelfComposedDpEvent(event, steps))
-    return acc.get_epsilon(delta)
-
-
 @pytest.mark.parametrize("sigma,q,steps", [(4.82, 256 / 1437, 336), (1.0, 0.01, 1000), (2.0, 0.5, 40)])
 def test_with_the_gaussian_profile_the_route_is_the_subsampled_gaussian(sigma, q, steps):
     ours = max(_pld.Plan([SubsampledProfileStep(_gaussian_profile(sigma), q, d)], [steps], [steps], 1e-5)
                .epsilon([steps], 1e-5) for d in ("remove", "add"))
-    reference = _dp_accounting_epsilon(sigma, q, steps, 1e-5)
+    reference = poisson_gaussian_epsilon(sigma, q, steps, 1e-5)
     assert reference * (1 - 2e-3) <= ours <= reference * 1.01
     prv = PRVAccountant()
     prv.step(noise_multiplier=sigma, sample_rate=q, num_steps=steps)
@@ -108,7 +101,7 @@ def test_ddg_accounting_takes_the_tighter_of_the_two_routes():
     assert ddg_epsilon(6.4, big_q, big_steps, 1e-5, **kwargs) == min(by_rdp, by_profile)
     # never below the Gaussian at the rounded sensitivity, whose RDP curve the step has (τ ≈ 0 here)
     sigma_eff = 6.4 * 2.0**20 / (2.0**20 + math.sqrt(9610))
-    assert by_profile >= 0.995 * _dp_accounting_epsilon(sigma_eff, big_q, big_steps, 1e-5)
+    assert by_profile >= 0.995 * poisson_gaussian_epsilon(sigma_eff, big_q, big_steps, 1e-5)
     # σ for ε = 3 at the demo's rate: within 1.4x of the Gaussian's (was 5.9x with the RDP route alone)
     from lightning_dp.accounting import get_noise_multiplier
     gaussian = get_noise_multiplier(3.0, 1e-5, big_q, steps=big_steps)

@@ -19,6 +19,7 @@ from lightning_dp.secure_aggregation._gaussian_closeness import (
 )
 from lightning_dp.secure_aggregation.accounting import ddg_epsilon, ddg_noise_multiplier, rounded_l2_norm_bound
 from lightning_dp.secure_aggregation.discrete_gaussian import discrete_gaussian_pmf
+from tests.dp_accounting_reference import poisson_gaussian_epsilon
 
 
 def _sum_of_shares_pmf(share_variance, shares, support):
@@ -100,14 +101,6 @@ def test_closeness_profile_is_the_gaussians_at_the_aggregators_scale():
     assert closeness_profile(1e-6, dim, 4.0, 3, rounded_l2_norm_bound(4.0, dim)) is None  # no overflow either
 
 
-def _dp_accounting_epsilon(sigma, q, steps, delta):
-    dp_accounting = pytest.importorskip("dp_accounting")
-    acc = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4)
-    event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
-    acc.compose(dp_accounting.SelfComposedDpEvent(event, steps))
-    return acc.get_epsilon(delta)
-
-
 @pytest.mark.parametrize("sigma,q,steps,shares", [(4.66, 256 / 1437, 336, 2), (2.55, 0.05, 1200, 1),
                                                    (1.0, 0.01, 1000, 3)])
 def test_ddg_epsilon_is_the_subsampled_gaussians_at_the_rounded_sensitivity(sigma, q, steps, shares):
@@ -115,7 +108,7 @@ def test_ddg_epsilon_is_the_subsampled_gaussians_at_the_rounded_sensitivity(sigm
     sensitivity after rounding): never below it, and within 1 % above it."""
     dim, scale = 9610, 2.0**20
     ours = ddg_epsilon(sigma, q, steps, 1e-5, dim=dim, scale=scale, num_shares=shares)
-    reference = _dp_accounting_epsilon(sigma * scale / rounded_l2_norm_bound(scale, dim), q, steps, 1e-5)
+    reference = poisson_gaussian_epsilon(sigma * scale / rounded_l2_norm_bound(scale, dim), q, steps, 1e-5)
     assert reference * 0.998 <= ours <= reference * 1.01
 
 

@@ -49,14 +49,19 @@ TAIL = 1e-60
 
 
 def _poisson_gap(variance: float) -> float:
-    """``2 Σ_{j≥1} e^{−2π² s² j²}`` for ``s² = variance``: the largest relative gap of a Gaussian's
-    integer sum from its integral (Poisson summation)."""
+    """An upper bound on ``2 Σ_{j≥1} e^{−2π² s² j²}`` for ``s² = variance``: the largest relative gap of a
+    Gaussian's integer sum from its integral (Poisson summation). ``inf`` once it reaches 1 (no bound
+    that uses it applies then)."""
+    c = 2.0 * math.pi**2 * variance
     total, j = 0.0, 1
     while True:
-        term = math.exp(-2.0 * math.pi**2 * variance * j * j)
+        term = math.exp(-c * j * j)
         total += term
+        if 2.0 * total >= 1.0:
+            return math.inf
+        ratio = math.exp(-c * (2 * j + 1))  # term j+1 over term j; later ratios are smaller
         if term < 1e-300 or term < 1e-17 * total:
-            return 2.0 * total
+            return 2.0 * (total + term * ratio / (1.0 - ratio))  # the tail, bounded by a geometric series
         j += 1
 
 
@@ -103,6 +108,8 @@ def closeness_profile(noise_multiplier: float, dim: int, scale: float, num_share
     if not variance > 0.0 or not math.isfinite(variance):
         return None
     a_sum = sum_of_shares_log_ratio(variance / num_shares, num_shares)
+    if not math.isfinite(a_sum):
+        return None
     # the box: both tails below TAIL (log-domain, no underflow)
     reach = math.sqrt(2.0 * variance * (math.log(2.0 * dim / TAIL) + a_sum)) + 1.0
     a = dim * (a_sum + rounding_log_ratio(variance, reach))
