@@ -28,7 +28,7 @@ def load(path: str) -> Dict[str, Any]:
 
 
 def lines(ax, rows: Dict[str, Dict[str, Any]]) -> None:
-    styles = ["o-", "s-", "^-", "v--", "D--", "P-", "*-", "x-"]
+    styles = ["o-", "s-", "^-", "v--", "D--", "P-", "*-", "x-", "h-"]
     for i, (name, cells) in enumerate(rows.items()):
         eps = sorted(cells, key=float)
         ax.errorbar([float(e) for e in eps], [cells[e]["mean"] for e in eps], yerr=[cells[e]["std"] for e in eps],

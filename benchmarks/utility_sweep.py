@@ -20,7 +20,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import utility  # noqa: E402
 
-PLAIN = {"lr": 2.0, "lr_per_sigma": False, "clipping": "flat", "schedule": None, "ema": 0}
+PLAIN = {"lr": 2.0, "lr_per_sigma": False, "clipping": "flat", "schedule": None, "ema": 0, "centering": None}
+BEFORE_CENTRING = {"schedule": "cosine", "centering": None}  # the recipe of 2026-12-02 (cosine, no centring)
 MECHANISMS = {
     "DP-SGD (lr 2, flat C 1)": PLAIN,
     "+ automatic clipping": dict(PLAIN, clipping="automatic"),
@@ -29,8 +30,10 @@ MECHANISMS = {
         PLAIN, adaptive_clipping={"target_quantile": 0.5, "learning_rate": 0.2}),
     "adaptive clipping + cosine + EMA 0.9 (lr 2)": dict(
         PLAIN, adaptive_clipping={"target_quantile": 0.5, "learning_rate": 0.2}, schedule="cosine", ema=0.9),
-    "recipe with BandMF b = 2 (lr 8/σ)": {"bands": 2, "lr": 8.0},
-    "full recipe (automatic, lr 6/σ, cosine, EMA 0.9)": {},
+    "automatic, lr 6/σ, cosine, EMA 0.9": BEFORE_CENTRING,
+    "the same with BandMF b = 2 (lr 8/σ)": dict(BEFORE_CENTRING, bands=2, lr=8.0),
+    "the same with input centring (private mean)": {"schedule": "cosine"},
+    "full recipe (+ centring, linear decay)": {},
 }
 """Name → override of ``utility.RECIPE``."""
 

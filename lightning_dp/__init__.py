@@ -18,6 +18,7 @@ import sys
 from .__about__ import __version__
 from .accounting import PRVAccountant, RDPAccountant, compute_epsilon, get_noise_multiplier, make_accountant
 from .averaging import ExponentialMovingAverage
+from .centering import PrivateMean
 from .config import DPConfig
 from .engine import make_private
 from .optimizer import DPOptimizer
@@ -74,6 +75,7 @@ __all__ = [
     "PrivacyBudgetCallback",
     "PrivacyReport",
     "PrivacyValidationError",
+    "PrivateMean",
     "RDPAccountant",
     "UnsupportedModuleError",
     "ValidationIssue",

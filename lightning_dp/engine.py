@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import warnings
-from typing import Dict, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 from torch import nn
 from torch.optim import Optimizer
 
 from ._checks import check_positive, check_rate
 from .accounting import make_accountant
+from .centering import InputCentering, build_centering
 from .accounting.bandmf import BandMFAccountant, bandmf_sample_rate
 from .config import DPConfig
 from .correlated import CorrelatedNoise, banded_toeplitz_coefficients
@@ -70,6 +71,7 @@ def make_private(
     num_steps: Optional[int] = None,
     noise_coefficients: Optional[Sequence[float]] = None,
     secure_aggregation: bool = _D.secure_aggregation,
+    centering: Optional[Mapping[Any, Any]] = None,
 ) -> DPOptimizer:
     """Make ``loss.backward(); optimizer.step()`` a DP-SGD step, in place.
 
@@ -114,6 +116,11 @@ def make_private(
         noise_coefficients: the strategy's ``b`` coefficients instead (then ``num_steps`` is not needed).
         secure_aggregation: refused (``True``): one process has nothing to aggregate; see
             :class:`~lightning_dp.secure_aggregation.SecureAggregator` and ``DPDDPStrategy``.
+        centering: ``None`` (default) or ``{layer or its name: centre}`` for ``nn.Linear`` layers: train them
+            in the geometry of their centred input (:mod:`lightning_dp.centering`; better conditioned when the
+            inputs are far from zero on average). A centre is a tensor (public: free) or a
+            :class:`~lightning_dp.centering.PrivateMean` of the training inputs, released here with this
+            optimizer's noise source and recorded by the accountant before the first step. Not with ``bands``.
 
     Example::
 
@@ -144,6 +151,7 @@ def make_private(
         noise, accountant, sample_rate = _bandmf(config, noise, accountant, sample_rate, num_steps, noise_coefficients)
     validate(module, raise_error=True)
     warn_if_no_noise(config.noise_multiplier)
+    input_centering = _centering(module, centering, config, noise, accountant)
     attach_grad_sample_hooks(module, loss_reduction=config.loss_reduction)
     return DPOptimizer(
         optimizer,
@@ -156,7 +164,28 @@ def make_private(
         clipping_mode=config.clipping_mode,
         clipping=config.clipping,
         adaptive_clipping=config.adaptive_clipping,
+        centering=input_centering,
     )
+
+
+def _centering(
+    module: nn.Module, centering: Optional[Mapping[Any, Any]], config: DPConfig, noise: Any, accountant: Any
+) -> Optional[InputCentering]:
+    """The :class:`~lightning_dp.centering.InputCentering` of :func:`make_private`, its private centres
+    released now and recorded by the accountant."""
+    if not centering:
+        return None
+    if config.bands > 1:
+        raise ValueError(
+            f"`centering` cannot be combined with bands={config.bands} for now: BandMF's accountant records rounds "
+            "of the banded mechanism only. Use bands=1 with centering, or no centering."
+        )
+    input_centering, events = build_centering(module, centering, noise)
+    if accountant is not None:
+        for sigma, rate, steps in events:
+            accountant.step(noise_multiplier=sigma, sample_rate=rate, num_steps=steps)
+    input_centering.attach()
+    return input_centering
 
 
 def _bandmf(

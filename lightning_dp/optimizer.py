@@ -1,6 +1,7 @@
 """DPOptimizer: wraps any ``torch.optim.Optimizer`` so that ``step()`` performs a DP-SGD step."""
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
@@ -9,6 +10,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from .accounting import Accountant
+from .centering import InputCentering
 from ._checks import check_choice, check_non_negative, check_positive, check_positive_int, check_rate
 from .clipping import CLIPPINGS, NON_FINITE, AdaptiveClipping, check_all_seen, clip_and_sum, grads_now, parts_of
 from .grad_sample.fast import CLIPPING_MODES, set_clipping_mode
@@ -125,6 +127,8 @@ class DPOptimizer(WrappedOptimizer):
             the per-sample norms (Andrew et al. 2021). The accountant still records ``noise_multiplier``
             (σ); the gradient gets the larger :attr:`gradient_noise_multiplier` so that gradient and count
             together cost exactly σ. Flat or per-layer clipping, without ``shards``.
+        centering: ``None`` or an :class:`~lightning_dp.centering.InputCentering`: the step is taken in the
+            coordinates of the centred layers (their biases corrected after the inner step). Without ``shards``.
 
     Attributes:
         per_sample_grad_scale: factor applied to per-sample gradients before clipping, to undo loss
@@ -160,6 +164,7 @@ class DPOptimizer(WrappedOptimizer):
         noise_shares: int = 1,
         shards: Optional[GradientShards] = None,
         adaptive_clipping: "AdaptiveClipping | Dict[str, float] | None" = None,
+        centering: Optional[InputCentering] = None,
     ) -> None:
         if isinstance(optimizer, DPOptimizer):
             raise ValueError("`optimizer` is already a DPOptimizer; wrap the original optimizer once.")
@@ -184,6 +189,9 @@ class DPOptimizer(WrappedOptimizer):
                 f"noise_shares={noise_shares!r}. Pass `shards` alone (sharded model) or `combine` and `noise_shares`."
             )
         self.shards = shards
+        if centering is not None and shards is not None:
+            raise ValueError("`centering` corrects whole bias tensors after each step; it does not work with `shards`.")
+        self.centering = centering
         self._init_adaptive_clipping(adaptive_clipping)
         self.per_sample_grad_scale = 1.0
         self.samples_in_step = 0
@@ -457,7 +465,8 @@ class DPOptimizer(WrappedOptimizer):
             self.reset_accumulation()
             return loss
         self.pre_step()
-        self.original_optimizer.step()
+        with self.centering.step() if self.centering is not None else contextlib.nullcontext():
+            self.original_optimizer.step()
         self.record_step()
         return loss
 

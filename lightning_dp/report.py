@@ -49,6 +49,9 @@ class PrivacyReport:
             contributed nothing to any step (the steps themselves are accounted as usual).
         secure_aggregation: with secure aggregation across ranks, its mechanism, ``bits``, ``scale``,
             ``min_honest_ranks``, threat model and accounting route; ``None`` otherwise.
+        centering: with input centring (:mod:`lightning_dp.centering`), how each centred layer's centre was
+            obtained (a private mean is one Gaussian release at rate 1, included in ε; a public centre costs
+            nothing); ``None`` otherwise.
         not_covered: what ε does not cover (see :data:`NOT_COVERED`).
         versions: lightning_dp, torch and Lightning (``lightning`` or ``pytorch_lightning``) versions.
     """
@@ -70,6 +73,7 @@ class PrivacyReport:
     target_epsilon: Optional[float] = None
     dropped_samples: int = 0
     secure_aggregation: Optional[Dict[str, Any]] = None
+    centering: Optional[Dict[str, str]] = None
     not_covered: List[str] = field(default_factory=lambda: list(NOT_COVERED))
     versions: Dict[str, str] = field(default_factory=dict)
 
@@ -99,7 +103,7 @@ class PrivacyReport:
 
     def hparams(self) -> Dict[str, Any]:
         """Flat ``dp/...`` hyperparameters for loggers (TensorBoard compares runs by these)."""
-        flat = {k: v for k, v in self.to_dict().items() if k not in ("versions", "not_covered", "secure_aggregation")}
+        flat = {k: v for k, v in self.to_dict().items() if k not in ("versions", "not_covered", "secure_aggregation", "centering")}
         for k, v in (self.secure_aggregation or {}).items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 flat[f"secure_aggregation_{k}"] = v
@@ -131,6 +135,8 @@ class PrivacyReport:
                 rows.append(("Threat model", str(agg["threat_model"])))
             if agg.get("accounting"):
                 rows.append(("Accounting", str(agg["accounting"])))
+        for layer, how in (self.centering or {}).items():
+            rows.append((f"Input centring of {layer}", how))
         rows.append(("Versions", ", ".join(f"{k} {v}" for k, v in self.versions.items())))
         rows.extend(("Not covered by ε", item) for item in self.not_covered)
         return rows

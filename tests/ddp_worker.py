@@ -12,6 +12,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from lightning_dp.centering import PrivateMean  # noqa: E402
 from tests.namespace import DPDDPStrategy  # noqa: E402
 from tests.lightning_helpers import TinyClassifier, make_loader  # noqa: E402
 
@@ -36,11 +37,17 @@ def main(mode: str, out_dir: str) -> None:
     sigma = 1.5 if mode == "noise" else 0.0
     # "adaptive": noise-free adaptive clipping, so the norm after the step is a function of the union batch
     adaptive = dict(target_quantile=0.5, learning_rate=0.7) if mode == "adaptive" else None
+    # "centering": noise-free steps in the geometry of a centred first layer whose centre is a private mean
+    # released by rank 0 (noised: the ranks' own draws would differ) and shared with rank 1
+    loader = make_loader(n=64, batch_size=8)
+    centering = None
+    if mode == "centering":
+        centering = {"net.0": PrivateMean(loader.dataset.tensors[0], max_norm=3.0, noise_multiplier=2.0)}
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
         strategy=DPDDPStrategy(noise_multiplier=sigma, max_grad_norm=1.7 if adaptive else 0.05, seed=11,
-                               adaptive_clipping=adaptive),
+                               adaptive_clipping=adaptive, centering=centering),
         max_steps=1,
         logger=False,
         default_root_dir=out_dir,
@@ -48,7 +55,7 @@ def main(mode: str, out_dir: str) -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(model, train_dataloaders=make_loader(n=64, batch_size=8))
+    trainer.fit(model, train_dataloaders=loader)
     strategy = trainer.strategy
     torch.save(
         {
@@ -60,6 +67,8 @@ def main(mode: str, out_dir: str) -> None:
             "steps": strategy.accountant.total_steps,
             "epsilon": strategy.get_epsilon(1e-5) if sigma > 0 else None,
             "max_grad_norm": strategy.dp_optimizer.max_grad_norm,
+            "history": list(strategy.accountant.history),
+            "center": (strategy._centering_state() or {}).get("net.0"),
         },
         os.path.join(out_dir, f"rank{trainer.global_rank}.pt"),
     )

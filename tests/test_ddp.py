@@ -67,6 +67,24 @@ def test_adaptive_clipping_follows_the_union_batch_on_every_rank(tmp_path):
     assert [r["max_grad_norm"] for r in ranks] == [pytest.approx(expected, rel=1e-6)] * 2
 
 
+@pytest.mark.slow
+def test_centring_uses_rank_zeros_private_mean_on_every_rank(tmp_path):
+    """A private centre released once (by rank 0, recorded by both accountants) and the noise-free step in
+    the centred geometry equal to one process's on the union batch."""
+    from tests.test_centering import centred_reference_update
+
+    ranks = _run("centering", tmp_path)
+    assert ranks[0]["center"] == ranks[1]["center"]
+    assert [r["history"] for r in ranks] == [[(2.0, 1.0, 1), (0.0, 0.25, 1)]] * 2
+    x = torch.cat([r["batches"][0][0] for r in ranks])
+    y = torch.cat([r["batches"][0][1] for r in ranks])
+    c = torch.tensor(ranks[0]["center"], dtype=torch.float64)
+    expected = centred_reference_update(ranks[0]["initial"], x, y, c, max_grad_norm=0.05, batch=16, lr=0.5)
+    for r in ranks:
+        for name, value in expected.items():
+            torch.testing.assert_close(r["final"][name].double(), value, rtol=1e-4, atol=1e-6)
+
+
 def test_clipped_sums_are_all_reduced_in_few_buckets():
     """combine_clipped_sums packs the tensors of one dtype into flat buckets: every element is summed as by
     one all-reduce per tensor, with one collective per bucket (here a fake all-reduce over 3 equal ranks)."""

@@ -117,6 +117,7 @@ class DataMixin:
             self._user_sampler_plan(trainer, dataloader)
         self._sync_sampling_plan()
         self._check_resumed_settings()
+        self._release_centering()  # before σ is calibrated: a private centre spends part of the budget
         if self.config.target_epsilon is not None and self.noise_multiplier is None:
             self.noise_multiplier = self._calibrate(trainer)
         if self._has_dp_optimizer():  # not yet when configure_optimizers asks for estimated_stepping_batches

@@ -259,6 +259,11 @@ class FSDPDP(DPStrategyMixin, _ShardedBackward):
                 "aggregation is implemented for DPDDPStrategy(secure_aggregation=True).",
             ("bands",): BANDS_REFUSAL,
         })
+        if kwargs.pop("centering", None):
+            raise ValueError(
+                "DPFSDPStrategy does not take `centering` for now: the bias correction after each step needs whole "
+                "weight and bias tensors, which FSDP2 shards. Use DPStrategy or DPDDPStrategy with centering."
+            )
         config = DPConfig.from_arguments(locals())
         for name in ("data_parallel_size", "tensor_parallel_size"):
             if name in kwargs:

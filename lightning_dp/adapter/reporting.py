@@ -43,7 +43,7 @@ class ReportMixin:
             sampling="poisson" if config.poisson_sampling else "user sampler (not covered by the subsampling analysis)",
             sample_rate=self.sample_rate,
             expected_batch_size=self.expected_batch_size,
-            steps=self.accountant.total_steps,
+            steps=self.accountant.total_steps - self._centering_releases(),
             epochs=trainer.current_epoch if trainer is not None else 0,
             dataset_size=self.dataset_size,
             secure_mode=config.secure_mode,
@@ -51,6 +51,7 @@ class ReportMixin:
             target_epsilon=config.target_epsilon,
             dropped_samples=self.dropped_samples,
             secure_aggregation=self._secure_aggregation_summary(),
+            centering=self._centering_summary(),
             versions={
                 "lightning_dp": __version__,
                 "torch": str(torch.__version__),

@@ -132,6 +132,7 @@ class PrivacyStateMixin:
             "sample_rate": self.sample_rate,
             "dropped_samples": self.dropped_samples,
             "adapted_max_grad_norm": self._adapted_max_grad_norm(),
+            "centering": self._centering_state(),
             "report": self.privacy_report().to_dict(),
         }
         if self._rank_states is not None:
@@ -150,6 +151,7 @@ class PrivacyStateMixin:
             self._sampling_generator.set_state(state["sampler"])
         self._dropped_before = int(state.get("dropped_samples", 0) or 0)
         self._adapted_norm_of_checkpoint = state.get("adapted_max_grad_norm")
+        self._centering_of_checkpoint = state.get("centering")
         self._settings_of_checkpoint = {k: state.get(k) for k in _RESUMED_SETTINGS}
         self._load_rank_states(state.get("ranks"))
 

@@ -40,6 +40,7 @@ class StepsMixin:
                 clipping_mode=config.clipping_mode,
                 clipping=config.clipping,
                 adaptive_clipping=config.adaptive_clipping,
+                centering=self._input_centering,
                 step_guard=self._step_allowed,
                 **self._gradient_exchange(),
                 non_finite="propagate" if self._grad_scaler() is not None else "drop",

@@ -7,7 +7,7 @@ and :class:`DDPDP` add what their host strategy needs and carry the explicit, do
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -16,6 +16,7 @@ from ..grad_sample import GradSampleHooks, attach_grad_sample_hooks
 from ..noise import SecureRNG
 from ..secure_aggregation import DEFAULT_BITS, DEFAULT_SCALE, DistributedDiscreteGaussianAccountant, SecureAggregator
 from ..validation import validate
+from .centering import CenteringMixin
 from .data import DataMixin
 from .features import check_trainer
 from .host import Host
@@ -44,7 +45,7 @@ _DEVICE = Union[torch.device, str, int]
 _D = DPConfig  # defaults of the explicit signatures below are DPConfig's: written once
 
 
-class DPStrategyMixin(StepsMixin, DataMixin, PrivacyStateMixin, ReportMixin):
+class DPStrategyMixin(StepsMixin, DataMixin, PrivacyStateMixin, CenteringMixin, ReportMixin):
     """DP-SGD inside a Lightning strategy; the host class is the strategy it is mixed into.
 
     Subclasses call :meth:`_init_dp` with a :class:`~lightning_dp.config.DPConfig` after the host's
@@ -56,8 +57,9 @@ class DPStrategyMixin(StepsMixin, DataMixin, PrivacyStateMixin, ReportMixin):
     strategy_name = ""
     registry_description = ""
 
-    def _init_dp(self, config: DPConfig) -> None:
+    def _init_dp(self, config: DPConfig, centering: Optional[Mapping[Any, Any]] = None) -> None:
         self._init_privacy_state(config)
+        self._init_centering(centering)
         self._hooks: Optional[GradSampleHooks] = None
         self._sampler: Any = None
         self._user_loader: Any = None
@@ -84,6 +86,7 @@ class DPStrategyMixin(StepsMixin, DataMixin, PrivacyStateMixin, ReportMixin):
         if self._hooks is not None:
             self._hooks.remove()
             self._hooks = None
+        self._remove_centering()
         super().teardown()  # type: ignore[misc]
 
     @classmethod
@@ -144,6 +147,12 @@ class SingleDeviceDP(DPStrategyMixin):
             (0.2), ``count_noise_multiplier`` (``expected_batch_size/20``): ``max_grad_norm`` is then only
             the starting norm, which follows a private estimate of that quantile of the per-sample norms
             (Andrew et al. 2021) at no extra privacy cost: see :class:`~lightning_dp.clipping.AdaptiveClipping`.
+        centering: ``None`` (default) or ``{layer name (or the layer): centre}`` for ``nn.Linear`` layers of the
+            LightningModule: they are trained in the geometry of their centred input (``y = W(x − c) + u``,
+            better conditioned when the inputs are far from zero on average; :mod:`lightning_dp.centering`).
+            A centre is a tensor (public, free) or a :class:`~lightning_dp.centering.PrivateMean` of the
+            training inputs: released once before the first step, recorded by the accountant before σ is
+            calibrated, kept in checkpoints (a resumed run does not release it again).
         device: the device to train on (default: the Trainer's accelerator's first device).
         **kwargs: passed to Lightning's ``SingleDeviceStrategy``.
 
@@ -177,6 +186,7 @@ class SingleDeviceDP(DPStrategyMixin):
         clipping_mode: str = _D.clipping_mode,
         clipping: str = _D.clipping,
         adaptive_clipping: Optional[Dict[str, float]] = _D.adaptive_clipping,
+        centering: Optional[Mapping[Any, Any]] = None,
         device: Optional[_DEVICE] = None,
         **kwargs: Any,
     ) -> None:
@@ -189,7 +199,7 @@ class SingleDeviceDP(DPStrategyMixin):
         config = DPConfig.from_arguments(locals())
         super().__init__(device=device if device is not None else "cpu", **kwargs)
         self._device_given = device is not None
-        self._init_dp(config)
+        self._init_dp(config, centering)
 
     @property
     def parallel_devices(self) -> List[torch.device]:
@@ -262,12 +272,18 @@ class DDPDP(DPStrategyMixin):
         secure_aggregation: bool = _D.secure_aggregation,
         min_honest_ranks: Optional[int] = _D.min_honest_ranks,
         secure_aggregation_bits: Optional[int] = _D.secure_aggregation_bits,
+        centering: Optional[Mapping[Any, Any]] = None,
         **kwargs: Any,
     ) -> None:
         refuse_options("DPDDPStrategy", kwargs, {("bands",): BANDS_REFUSAL})
         config = DPConfig.from_arguments(locals())
+        if centering and config.secure_aggregation:
+            raise ValueError(
+                "DPDDPStrategy(secure_aggregation=True) does not take `centering`: a private mean released by one "
+                "rank would read every rank's data, which secure aggregation keeps from any single party."
+            )
         super().__init__(**kwargs)
-        self._init_dp(config)
+        self._init_dp(config, centering)
         self._aggregator: Optional[SecureAggregator] = None
         if config.secure_aggregation:  # the record of privacy spent is the DDG's (dim, shares: at set-up)
             self.accountant = DistributedDiscreteGaussianAccountant(scale=DEFAULT_SCALE)

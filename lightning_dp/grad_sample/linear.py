@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from . import fast
+from ..centering import centered_input
 from .bookkeeping import BiasPart, LinearPart, Part, SharedSquares
 from .registry import Factored, register_factored, register_grad_sampler
 from .utils import flatten_middle, sum_outer, sum_over_middle
@@ -30,10 +31,10 @@ def linear_param_grads(
 def linear_grad_sample(
     module: nn.Linear, activations: Tuple[torch.Tensor, ...], backprops: torch.Tensor
 ) -> Dict[str, torch.Tensor]:
-    """Per-sample weight and bias gradients (see :func:`linear_param_grads`)."""
-    gw, gb = linear_param_grads(
-        activations[0], backprops, module.weight.requires_grad, module.bias is not None and module.bias.requires_grad
-    )
+    """Per-sample weight and bias gradients (see :func:`linear_param_grads`; a centred layer's weight
+    gradient is that of its centred input, see :mod:`lightning_dp.centering`)."""
+    need_bias = module.bias is not None and module.bias.requires_grad
+    gw, gb = linear_param_grads(centered_input(module, activations[0]), backprops, module.weight.requires_grad, need_bias)
     grads: Dict[str, torch.Tensor] = {}
     if gw is not None:
         grads["weight"] = gw
@@ -65,7 +66,7 @@ class LinearFactors(Factored):
         self, module: nn.Module, x: torch.Tensor, grad: torch.Tensor, scale: float
     ) -> List[Tuple[nn.Parameter, Part]]:
         weight, bias = module.weight, module.bias
-        a, g = flatten_middle(x), flatten_middle(grad)
+        a, g = flatten_middle(centered_input(module, x)), flatten_middle(grad)
         need_bias = bias is not None and bias.requires_grad
         # one position per sample and a bias in the same dtype: ‖g_b‖² serves both parts
         shared = SharedSquares(g) if (
