@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ._checks import check_positive
+from .noise.adding import add_noise_
 
 CENTER_ATTRIBUTE = "_dp_input_center"
 """Attribute of a centred ``nn.Linear`` holding its centre ``c`` (read by its per-sample gradient rule)."""
@@ -125,8 +126,6 @@ class PrivateMean:
         :class:`~lightning_dp.noise.GaussianNoise` or :class:`~lightning_dp.noise.SecureRNG`) the first time."""
         if self.value is not None:
             return self.value
-        from .optimizer import add_noise_  # the optimizer's noise path: one place that draws noise
-
         total: Optional[torch.Tensor] = None
         count = 0
         for rows in self._batches():

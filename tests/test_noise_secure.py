@@ -321,7 +321,7 @@ def test_add_normal_tensors_requiring_grad():
 
 def test_optimizer_noise_call_is_one_draw_per_step():
     """``add_noise_`` (the optimizer's noise call) uses ``add_normal_``: one nonce per step, not one per piece."""
-    from lightning_dp.optimizer import NOISE_PIECE, add_noise_
+    from lightning_dp.noise.adding import NOISE_PIECE, add_noise_
 
     rng = _rng()
     grads = [torch.zeros(3 * NOISE_PIECE + 5), torch.zeros(300, 300)]

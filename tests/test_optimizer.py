@@ -206,7 +206,7 @@ def test_seeds_differing_only_in_high_bits_give_different_noise():
 def test_noise_is_independent_across_parameters_and_pieces_with_the_right_std(with_clipped_sums):
     """N(0, σ²C²) per coordinate: drawn for a parameter without samples, and added into a clipped sum;
     no two parameters or pieces of the stream alike."""
-    from lightning_dp.optimizer import NOISE_PIECE
+    from lightning_dp.noise.adding import NOISE_PIECE
 
     model = nn.Sequential(nn.Linear(400, 300), nn.Linear(300, 400))  # weights span two noise pieces
     opt = make_private(model, torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=2.0,
@@ -242,7 +242,7 @@ def test_noise_source_without_add_normal_and_batch_size_changed_mid_step():
     """Any object with ``normal`` is a noise source; the clipped sums, made with the expected batch size
     of the time, are rescaled when it changes before the step (the update is Σ clipped / B_now)."""
     from lightning_dp.grad_sample import attach_grad_sample_hooks
-    from lightning_dp.optimizer import NOISE_PIECE
+    from lightning_dp.noise.adding import NOISE_PIECE
 
     torch.manual_seed(0)
     model = nn.Linear(300, 300)
