@@ -221,26 +221,30 @@ def centered_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x - center.to(x.device, x.dtype)
 
 
+def resolve_layer(model: nn.Module, key: Any) -> Tuple[nn.Module, str]:
+    """The layer a ``centering`` key names in ``model`` (a module of it, or its name) and its name."""
+    if isinstance(key, str):
+        modules = dict(model.named_modules())
+        if key not in modules:
+            raise ValueError(f"`centering` names {key!r}, which is not a module of the model.")
+        return modules[key], key
+    for name, module in model.named_modules():
+        if module is key:
+            return module, name
+    raise ValueError(f"`centering` keys must be layers of the model or their names, got {key!r}.")
+
+
 def build_centering(
     model: nn.Module, centering: Mapping[Any, Any], noise: Any, restored: Optional[Mapping[str, Any]] = None
 ) -> Tuple[InputCentering, List[AccountingEvent]]:
     """Resolve ``centering`` (``{layer or its name in model: tensor or PrivateMean}``), release the private
     centres with ``noise`` (or take them from ``restored``, a checkpoint's :meth:`InputCentering.state_dict`:
     nothing is released twice) and return the centring with the accounting events of the new releases."""
-    by_name = dict(model.named_modules())
-    names_of = {id(m): n for n, m in by_name.items()}
     centers: Dict[nn.Module, torch.Tensor] = {}
     names: Dict[nn.Module, str] = {}
     events: List[AccountingEvent] = []
     for key, center in centering.items():
-        if isinstance(key, str):
-            if key not in by_name:
-                raise ValueError(f"`centering` names {key!r}, which is not a module of the model.")
-            layer, name = by_name[key], key
-        elif isinstance(key, nn.Module) and id(key) in names_of:
-            layer, name = key, names_of[id(key)]
-        else:
-            raise ValueError(f"`centering` keys must be layers of the model or their names, got {key!r}.")
+        layer, name = resolve_layer(model, key)
         if restored is not None and name in restored:
             value: torch.Tensor = torch.tensor(restored[name], dtype=torch.float32)
         else:
@@ -249,4 +253,3 @@ def build_centering(
                 events.append(event)
         centers[layer], names[layer] = value, name
     return InputCentering(centers, names), events
-

@@ -296,3 +296,30 @@ def test_strategies_refuse_centring_where_it_is_not_supported():
         DPFSDPStrategy(noise_multiplier=1.0, centering={"net.0": torch.zeros(6)})
     with pytest.raises(ValueError, match="must be a dict"):
         DPStrategy(noise_multiplier=1.0, centering=[torch.zeros(6)])
+
+
+def test_a_second_fit_recentres_without_a_second_release(tmp_path):
+    """The strategy detaches the centres after fit; a second fit centres the layers again around the same
+    values, releases nothing new and the optimizer steps in the centred geometry again."""
+    from tests.lightning_helpers import TinyClassifier, make_loader, trainer_kwargs
+    from tests.namespace import DPStrategy, pl
+
+    loader = make_loader(n=64, batch_size=8)
+    mean = PrivateMean(loader.dataset.tensors[0], max_norm=3.0, noise_multiplier=4.0)
+    strategy = DPStrategy(noise_multiplier=1.0, seed=0, centering={"net.0": mean})
+    model = TinyClassifier()
+    seen = []
+
+    class Centred(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            seen.append(getattr(module.net[0], CENTER_ATTRIBUTE, None) is not None
+                        and trainer.strategy.dp_optimizer.centering is not None)
+
+    trainer = pl.Trainer(strategy=strategy, **trainer_kwargs(tmp_path, max_epochs=1, callbacks=[Centred()]))
+    for epochs in (1, 2):
+        trainer.fit_loop.max_epochs = epochs
+        trainer.fit(model, train_dataloaders=loader)
+        assert not hasattr(model.net[0], CENTER_ATTRIBUTE)
+    assert len(seen) == 2 * (64 // 8) and all(seen)
+    assert sum(1 for _, q, _ in strategy.accountant.history if q == 1.0) == 1
+    assert strategy._centering_state() == {"net.0": mean.value.tolist()}

@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import torch.distributed as dist
 
-from ..centering import InputCentering, PrivateMean, build_centering
+from ..centering import InputCentering, PrivateMean, build_centering, resolve_layer
 
 
 class CenteringMixin:
@@ -21,33 +21,40 @@ class CenteringMixin:
             )
         self._centering_spec: Optional[Mapping[Any, Any]] = dict(centering) if centering else None
         self._input_centering: Optional[InputCentering] = None
-        self._centering_of_checkpoint: Optional[Dict[str, List[float]]] = None
+        self._released_centres: Optional[Dict[str, List[float]]] = None  # by layer name: released or restored
+        self._centering_events = 0  # entries of the accountant's history that are private centres (restored too)
 
     def _release_centering(self) -> None:
-        """Build the centring once (before σ is calibrated): centres from the checkpoint when resuming, else
-        released now by rank 0 (its privacy recorded by every rank's accountant) and shared with all ranks."""
-        if self._centering_spec is None or self._input_centering is not None:
+        """Centre the layers for this fit (before σ is calibrated) around the centres already released in this
+        run or restored from a checkpoint; a centre not yet released is released now by rank 0 (its privacy
+        recorded by every rank's accountant) and shared with all ranks. Each centre is released once per run."""
+        if self._centering_spec is None:
             return
         model = self.lightning_module
-        restored = self._centering_of_checkpoint
-        events: List[Any] = []
-        if restored is None:
-            restored = self._released_by_rank_zero(model)
-            events = [spec.accounting_event for spec in self._centering_spec.values() if isinstance(spec, PrivateMean)]
-        centering, _ = build_centering(model, self._centering_spec, self.noise, restored=restored)
-        for sigma, rate, steps in events:
-            self.accountant.step(noise_multiplier=sigma, sample_rate=rate, num_steps=steps)
+        released = dict(self._released_centres or {})
+        missing = {key: spec for key, spec in self._centering_spec.items()
+                   if resolve_layer(model, key)[1] not in released}
+        if missing:
+            released.update(self._released_by_rank_zero(model, missing))
+            for spec in missing.values():
+                if isinstance(spec, PrivateMean):
+                    sigma, rate, steps = spec.accounting_event
+                    self.accountant.step(noise_multiplier=sigma, sample_rate=rate, num_steps=steps)
+                    self._centering_events += steps
+            self._released_centres = released
+        self._remove_centering()
+        centering, _ = build_centering(model, self._centering_spec, self.noise, restored=released)
         centering.attach()
         self._input_centering = centering
         if self._has_dp_optimizer():
             self.dp_optimizer.centering = centering
 
-    def _released_by_rank_zero(self, model: Any) -> Dict[str, List[float]]:
-        """Rank 0's released centres (one process: its own), the same on every rank."""
+    def _released_by_rank_zero(self, model: Any, specs: Mapping[Any, Any]) -> Dict[str, List[float]]:
+        """Rank 0's release of ``specs`` (one process: its own), the same values on every rank."""
         distributed = self.world_size > 1 and dist.is_available() and dist.is_initialized()
         released: List[Any] = [None]
         if not distributed or self.global_rank == 0:
-            released[0] = build_centering(model, self._centering_spec, self.noise)[0].state_dict()
+            released[0] = build_centering(model, specs, self.noise)[0].state_dict()
         if distributed:
             dist.broadcast_object_list(released, src=0)
         return released[0]
@@ -57,8 +64,8 @@ class CenteringMixin:
             self._input_centering.detach()
 
     def _centering_releases(self) -> int:
-        """How many entries of the accountant's history are private centres (not optimizer steps)."""
-        return sum(isinstance(spec, PrivateMean) for spec in (self._centering_spec or {}).values())
+        """How many steps of the accountant's history are private centres (not optimizer steps)."""
+        return self._centering_events
 
     def _centering_summary(self) -> Optional[Dict[str, str]]:
         """For the privacy report: how each centred layer's centre was obtained."""
@@ -76,6 +83,4 @@ class CenteringMixin:
 
     def _centering_state(self) -> Optional[Dict[str, List[float]]]:
         """What checkpoints keep: the released centres by layer name (``None`` without centring)."""
-        if self._input_centering is not None:
-            return self._input_centering.state_dict()
-        return self._centering_of_checkpoint
+        return self._released_centres

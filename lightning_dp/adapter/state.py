@@ -133,6 +133,7 @@ class PrivacyStateMixin:
             "dropped_samples": self.dropped_samples,
             "adapted_max_grad_norm": self._adapted_max_grad_norm(),
             "centering": self._centering_state(),
+            "centering_releases": self._centering_releases(),
             "report": self.privacy_report().to_dict(),
         }
         if self._rank_states is not None:
@@ -151,7 +152,9 @@ class PrivacyStateMixin:
             self._sampling_generator.set_state(state["sampler"])
         self._dropped_before = int(state.get("dropped_samples", 0) or 0)
         self._adapted_norm_of_checkpoint = state.get("adapted_max_grad_norm")
-        self._centering_of_checkpoint = state.get("centering")
+        if state.get("centering") is not None:
+            self._released_centres = state["centering"]
+        self._centering_events = int(state.get("centering_releases", 0) or 0)
         self._settings_of_checkpoint = {k: state.get(k) for k in _RESUMED_SETTINGS}
         self._load_rank_states(state.get("ranks"))
 
