@@ -94,6 +94,11 @@ class DPConfig:
             "clipping": check_choice("clipping", self.clipping, CLIPPINGS),
             "bands": check_positive_int("bands", self.bands),
         }
+        if checked["bands"] > 1 and not self.poisson_sampling:
+            raise ValueError(
+                f"bands={self.bands} needs poisson_sampling=True: BandMF's accounting assumes the strategy's cyclic "
+                "Poisson groups, which a user sampler does not provide."
+            )
         if checked["bands"] > 1 and self.adaptive_clipping is not None:
             raise ValueError(
                 f"`adaptive_clipping` cannot be combined with bands={self.bands}: its noised count would share the "

@@ -32,9 +32,10 @@ class WideZeroLoss(TinyClassifier):
 
 def main(mode: str, out_dir: str) -> None:
     torch.manual_seed(0)
-    model = WideZeroLoss() if mode == "noise" else TinyClassifier(lr=0.5)
+    model = WideZeroLoss() if mode in ("noise", "bandmf") else TinyClassifier(lr=0.5)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    sigma = 1.5 if mode == "noise" else 0.0
+    sigma = 1.5 if mode in ("noise", "bandmf") else 0.0
+    bands = 2 if mode == "bandmf" else 1  # "bandmf": rank 0 adds the whole correlated noise
     # "adaptive": noise-free adaptive clipping, so the norm after the step is a function of the union batch
     adaptive = dict(target_quantile=0.5, learning_rate=0.7) if mode == "adaptive" else None
     # "centering": noise-free steps in the geometry of a centred first layer whose centre is a private mean
@@ -47,7 +48,7 @@ def main(mode: str, out_dir: str) -> None:
         accelerator="cpu",
         devices=2,
         strategy=DPDDPStrategy(noise_multiplier=sigma, max_grad_norm=1.7 if adaptive else 0.05, seed=11,
-                               adaptive_clipping=adaptive, centering=centering),
+                               adaptive_clipping=adaptive, centering=centering, bands=bands),
         max_steps=1,
         logger=False,
         default_root_dir=out_dir,
@@ -69,6 +70,8 @@ def main(mode: str, out_dir: str) -> None:
             "max_grad_norm": strategy.dp_optimizer.max_grad_norm,
             "history": list(strategy.accountant.history),
             "center": (strategy._centering_state() or {}).get("net.0"),
+            "labels": strategy._bandmf_labels,
+            "coefficients": getattr(strategy.dp_optimizer.noise, "coefficients", None),
         },
         os.path.join(out_dir, f"rank{trainer.global_rank}.pt"),
     )

@@ -279,15 +279,15 @@ def test_configuration_errors_name_the_argument():
         DPConfig(noise_multiplier=1.0, bands=2, adaptive_clipping={"target_quantile": 0.5})
 
 
-def test_lightning_strategy_refuses_bands():
+def test_only_the_fsdp_strategy_refuses_bands():
     import lightning_dp
 
     if lightning_dp.LIGHTNING_NAMESPACE is None:
         pytest.skip("no Lightning installed")
-    for strategy in (lightning_dp.DPStrategy, lightning_dp.DPDDPStrategy, lightning_dp.DPFSDPStrategy):
-        with warnings.catch_warnings(), pytest.raises(ValueError, match=r"does not take `bands`.*make_private only"):
-            warnings.simplefilter("ignore")
-            strategy(noise_multiplier=1.0, bands=4)
+    with warnings.catch_warnings(), pytest.raises(ValueError, match=r"does not take `bands`.*FSDP"):
+        warnings.simplefilter("ignore")
+        lightning_dp.DPFSDPStrategy(noise_multiplier=1.0, bands=4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        lightning_dp.DPStrategy(noise_multiplier=1.0, bands=1)  # the default is no request: accepted
+        for strategy in (lightning_dp.DPStrategy, lightning_dp.DPDDPStrategy):
+            assert strategy(noise_multiplier=1.0, bands=4).bands == 4  # tests/test_bandmf_strategy.py trains them

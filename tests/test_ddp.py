@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from lightning_dp import compute_epsilon
 from tests.conftest import microbatch_grads
 from tests.distributed_helpers import reference_update, run_launching_script
-from tests.lightning_helpers import TinyClassifier
+from tests.lightning_helpers import TinyClassifier, make_loader
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
@@ -65,6 +65,28 @@ def test_adaptive_clipping_follows_the_union_batch_on_every_rank(tmp_path):
     assert 0 < unclipped < len(norms)  # the count says something
     expected = 1.7 * math.exp(-0.7 * (unclipped / 16 - 0.5))
     assert [r["max_grad_norm"] for r in ranks] == [pytest.approx(expected, rel=1e-6)] * 2
+
+
+@pytest.mark.slow
+def test_bandmf_noise_is_rank_zeros_correlated_stream_and_groups_are_shared(tmp_path):
+    """bands=2 over 2 ranks: one partition for both ranks, step 0 samples group 0 on each, rank 0 alone adds
+    σC·z/c_0 (the first step of the banded recursion) and both accountants record one round at b·q."""
+    ranks = _run("bandmf", tmp_path)
+    labels = ranks[0]["labels"]
+    assert torch.equal(labels, ranks[1]["labels"]) and labels.shape == (64,)
+    data = make_loader(n=64, batch_size=8).dataset.tensors[0]
+    for r in ranks:
+        rows = r["batches"][0][0]
+        indices = [int((data == row).all(1).nonzero()) for row in rows]
+        assert all(labels[i] == 0 for i in indices)
+        assert r["history"] == [(1.5, 0.5, 1)] and r["steps"] == 1
+    c = ranks[0]["coefficients"]
+    assert c is not None and len(c) == 2 and ranks[1]["coefficients"] is None
+    noise = torch.cat([(ranks[0]["initial"][k] - ranks[0]["final"][k]).flatten() for k in ranks[0]["initial"]])
+    noise = noise.double() * ranks[0]["expected_batch_size"]
+    assert noise.std().item() == pytest.approx(1.5 * 0.05 / float(c[0]), rel=0.03)
+    for k in ranks[0]["final"]:
+        torch.testing.assert_close(ranks[0]["final"][k], ranks[1]["final"][k])
 
 
 @pytest.mark.slow

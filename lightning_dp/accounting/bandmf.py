@@ -141,6 +141,10 @@ class BandMFAccountant(Accountant):
     def _epsilon(self, history: Sequence[HistoryEntry], delta: float) -> float:
         return self.inner._epsilon(history, delta)
 
+    def fresh(self) -> "BandMFAccountant":
+        """A BandMF accountant over the same wrapped kind and bands, with nothing recorded."""
+        return BandMFAccountant(self.inner.mechanism, self.bands)
+
     def state_dict(self) -> Dict[str, Any]:
         """The wrapped accountant's state, the number of bands and the steps taken (plain types)."""
         return {"mechanism": self.mechanism, "inner": self.inner.state_dict(), "bands": self.bands,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 from typing import Any, Callable, Iterator, List, Optional
 
+import torch
 from torch.utils.data import DataLoader
 
 from ..accounting import get_noise_multiplier_for_plan
@@ -36,6 +37,11 @@ class EpochPoissonBatchSampler(PoissonBatchSampler):
         chunks_done: returns how many micro-batches of the epoch were already trained when an iteration
             starts (0, except in a run resumed from a checkpoint saved mid-epoch).
         generator, rank, world_size: as for :class:`~lightning_dp.PoissonBatchSampler`.
+        groups: BandMF's cyclic Poisson sampling (:mod:`lightning_dp.adapter.bandmf`): each example's group
+            (``N`` labels in ``0 … bands − 1``); optimizer step ``t`` then draws group ``t mod b`` of this rank's
+            examples at rate ``b·q``. ``None``: plain Poisson sampling.
+        steps_taken: optimizer steps taken so far (read when an epoch's iteration starts: the first draw is
+            for that step, whatever the loader prefetches).
 
     A run resumed from a checkpoint saved inside an accumulation window (``r`` of ``k`` micro-batches
     done, e.g. by a validation-end or time-based save) gets ``k − r`` empty micro-batches first: the
@@ -53,8 +59,15 @@ class EpochPoissonBatchSampler(PoissonBatchSampler):
         generator: Any = None,
         rank: int = 0,
         world_size: int = 1,
+        groups: Optional[torch.Tensor] = None,
+        bands: int = 1,
+        steps_taken: Callable[[], int] = lambda: 0,
     ) -> None:
         super().__init__(num_samples, 1.0, 1, generator, rank=rank, world_size=world_size)
+        self._groups = None if groups is None else [
+            self._candidates[groups[self._candidates] == g] for g in range(bands)]
+        self._steps_taken = steps_taken
+        self._next_step = 0
         self.batch_size = batch_size
         self.chunks_per_epoch = chunks_per_epoch
         self._accumulation = accumulation
@@ -91,11 +104,24 @@ class EpochPoissonBatchSampler(PoissonBatchSampler):
 
     def _iterate(self, k: int) -> Iterator[List[int]]:
         inside = self._chunks_done() % k
+        self._next_step = self._steps_taken() + (1 if inside else 0)  # a resumed window's rest is one step
         if inside:
             self.resumed_inside_window = k - inside
             for _ in range(k - inside):
                 yield []
         yield from super().__iter__()
+
+    def _draw(self) -> torch.Tensor:
+        if self._groups is None:
+            return super()._draw()
+        group = self._groups[self._next_step % len(self._groups)]
+        self._next_step += 1
+        rate = min(1.0, len(self._groups) * self.sample_rate)
+        if hasattr(self.generator, "bernoulli"):
+            mask = self.generator.bernoulli(len(group), rate).to("cpu")
+        else:
+            mask = torch.rand(len(group), generator=self.generator) < rate
+        return group[mask]
 
 
 class DataMixin:
@@ -120,6 +146,10 @@ class DataMixin:
         self._release_centering()  # before σ is calibrated: a private centre spends part of the budget
         if self.config.target_epsilon is not None and self.noise_multiplier is None:
             self.noise_multiplier = self._calibrate(trainer)
+        if self.bands > 1:
+            plan = plan_steps(trainer, self._host, self._planned_epochs(trainer))
+            self._check_bandmf_rate([q for q, _ in plan])
+            self._install_correlated_noise(sum(n for _, n in plan))
         if self._has_dp_optimizer():  # not yet when configure_optimizers asks for estimated_stepping_batches
             self.dp_optimizer.configure(noise_multiplier=self.noise_multiplier)
         return super().process_dataloader(dataloader)  # type: ignore[misc]
@@ -143,6 +173,9 @@ class DataMixin:
             generator=self._sampling_generator,
             rank=self.global_rank,
             world_size=self.world_size,
+            groups=self._partition(num_samples),
+            bands=self.bands,
+            steps_taken=lambda: self.accountant.total_steps,
         )
         sampler.epoch_cap = len(sampler)  # what Lightning reads now and keeps as the epoch's length
         lengths = [(k, sampler.length_for(k)) for k in planned_accumulations(trainer, host)]
@@ -175,11 +208,11 @@ class DataMixin:
         else:
             dataset_size, batch_size, _ = self._user_loader
             rate = min(1.0, trainer.accumulate_grad_batches * self.world_size * batch_size / dataset_size)
-        self.sample_rate = rate
+        self.sample_rate = self._accounted_rate(rate)  # BandMF: the within-group rate b·q
         self.dataset_size = dataset_size
         self.expected_batch_size = max(1, round(rate * dataset_size))
         if self._has_dp_optimizer():  # else setup_optimizers builds it with these settings
-            self.dp_optimizer.configure(sample_rate=rate, expected_batch_size=self.expected_batch_size)
+            self.dp_optimizer.configure(sample_rate=self.sample_rate, expected_batch_size=self.expected_batch_size)
 
     def _planned_epochs(self, trainer: Any) -> Iterator[Any]:
         host = self._host
@@ -215,10 +248,14 @@ class DataMixin:
                 f"DP target_epsilon={config.target_epsilon}: the Trainer's limits leave no optimizer step to plan for."
             )
         self._calibrated_accumulation = {epoch: k for epoch, k in self._planned_accumulation(trainer, len(plan))}
-        sigma = get_noise_multiplier_for_plan(
-            config.target_epsilon, config.delta, plan, accountant=self.accountant,
-            history=self.accountant.history,
-        )
+        if self.bands > 1:
+            self._check_bandmf_rate([q for q, _ in plan])
+            sigma = self._bandmf_sigma(plan)
+        else:
+            sigma = get_noise_multiplier_for_plan(
+                config.target_epsilon, config.delta, plan, accountant=self.accountant,
+                history=self.accountant.history,
+            )
         steps = sum(n for _, n in plan)
         rates = sorted({q for q, _ in plan})
         shown = f"{rates[0]:.5f}" if len(rates) == 1 else f"{rates[0]:.5f}–{rates[-1]:.5f}"

@@ -40,7 +40,7 @@ class ReportMixin:
             noise_multiplier=self.noise_multiplier,
             max_grad_norm=config.max_grad_norm,
             clipping_mode=clipping,
-            sampling="poisson" if config.poisson_sampling else "user sampler (not covered by the subsampling analysis)",
+            sampling=self._sampling_description(),
             sample_rate=self.sample_rate,
             expected_batch_size=self.expected_batch_size,
             steps=self.accountant.total_steps - self._centering_releases(),
@@ -58,6 +58,14 @@ class ReportMixin:
                 self._host.package: self._host.version,
             },
         )
+
+    def _sampling_description(self) -> str:
+        config = self.config
+        if not config.poisson_sampling:
+            return "user sampler (not covered by the subsampling analysis)"
+        if config.bands > 1:
+            return f"cyclic poisson over {config.bands} groups (BandMF correlated noise; q below is bands·q)"
+        return "poisson"
 
     def _secure_aggregation_summary(self) -> Optional[dict]:
         """The secure-aggregation mechanism of the report; ``None`` (the DDP strategy overrides it)."""

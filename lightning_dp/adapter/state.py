@@ -134,6 +134,7 @@ class PrivacyStateMixin:
             "adapted_max_grad_norm": self._adapted_max_grad_norm(),
             "centering": self._centering_state(),
             "centering_releases": self._centering_releases(),
+            "bandmf": self._bandmf_state(),
             "report": self.privacy_report().to_dict(),
         }
         if self._rank_states is not None:
@@ -155,6 +156,7 @@ class PrivacyStateMixin:
         if state.get("centering") is not None:
             self._released_centres = state["centering"]
         self._centering_events = int(state.get("centering_releases", 0) or 0)
+        self._load_bandmf_state(state.get("bandmf"))
         self._settings_of_checkpoint = {k: state.get(k) for k in _RESUMED_SETTINGS}
         self._load_rank_states(state.get("ranks"))
 

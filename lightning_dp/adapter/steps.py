@@ -34,7 +34,7 @@ class StepsMixin:
                 noise_multiplier=self.noise_multiplier if self.noise_multiplier is not None else 0.0,
                 max_grad_norm=self._starting_max_grad_norm(),
                 expected_batch_size=self.expected_batch_size,
-                noise=self.noise,
+                noise=self._step_noise(),
                 accountant=self.accountant,
                 sample_rate=self.sample_rate,
                 clipping_mode=config.clipping_mode,
@@ -51,7 +51,8 @@ class StepsMixin:
         """How the ranks' clipped sums become one gradient: the DPOptimizer's ``combine``/``noise_shares``
         (each rank noises its full clipped sum, :meth:`combine_clipped_sums` adds them up), or ``shards``
         for a sharded model (the FSDP strategy)."""
-        return {"combine": self.combine_clipped_sums, "noise_shares": self.world_size}
+        # BandMF: rank 0 adds the whole correlated noise (one stream, one noise state), the others none
+        return {"combine": self.combine_clipped_sums, "noise_shares": self.world_size if self.bands == 1 else 1}
 
     def combine_clipped_sums(self, tensors: List[torch.Tensor]) -> None:
         """Combine, in place, each rank's noised clipped sums into the step's gradient (one process:

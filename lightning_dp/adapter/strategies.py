@@ -16,6 +16,7 @@ from ..grad_sample import GradSampleHooks, attach_grad_sample_hooks
 from ..noise import SecureRNG
 from ..secure_aggregation import DEFAULT_BITS, DEFAULT_SCALE, DistributedDiscreteGaussianAccountant, SecureAggregator
 from ..validation import validate
+from .bandmf import BandMFMixin
 from .centering import CenteringMixin
 from .data import DataMixin
 from .features import check_trainer
@@ -25,8 +26,8 @@ from .state import PrivacyStateMixin
 from .steps import StepsMixin
 
 BANDS_REFUSAL = (
-    "BandMF correlated noise is supported by make_private only for now: the Lightning strategies' samplers and "
-    "checkpoints are DP-SGD's."
+    "BandMF correlated noise works with make_private, DPStrategy and DPDDPStrategy; under FSDP each rank would "
+    "hold shards of the b − 1 past noise buffers, which is not implemented."
 )
 
 
@@ -45,7 +46,7 @@ _DEVICE = Union[torch.device, str, int]
 _D = DPConfig  # defaults of the explicit signatures below are DPConfig's: written once
 
 
-class DPStrategyMixin(StepsMixin, DataMixin, PrivacyStateMixin, CenteringMixin, ReportMixin):
+class DPStrategyMixin(StepsMixin, DataMixin, PrivacyStateMixin, CenteringMixin, BandMFMixin, ReportMixin):
     """DP-SGD inside a Lightning strategy; the host class is the strategy it is mixed into.
 
     Subclasses call :meth:`_init_dp` with a :class:`~lightning_dp.config.DPConfig` after the host's
@@ -58,7 +59,13 @@ class DPStrategyMixin(StepsMixin, DataMixin, PrivacyStateMixin, CenteringMixin, 
     registry_description = ""
 
     def _init_dp(self, config: DPConfig, centering: Optional[Mapping[Any, Any]] = None) -> None:
+        if centering and config.bands > 1:
+            raise ValueError(
+                f"`centering` cannot be combined with bands={config.bands} for now: BandMF's accountant records rounds "
+                "of the banded mechanism only. Use bands=1 with centering, or no centering."
+            )
         self._init_privacy_state(config)
+        self._init_bandmf()
         self._init_centering(centering)
         self._hooks: Optional[GradSampleHooks] = None
         self._sampler: Any = None
@@ -147,6 +154,12 @@ class SingleDeviceDP(DPStrategyMixin):
             (0.2), ``count_noise_multiplier`` (``expected_batch_size/20``): ``max_grad_norm`` is then only
             the starting norm, which follows a private estimate of that quantile of the per-sample norms
             (Andrew et al. 2021) at no extra privacy cost: see :class:`~lightning_dp.clipping.AdaptiveClipping`.
+        bands: ``1`` (default): DP-SGD. ``b > 1``: BandMF correlated noise (Choquette-Choo et al. 2023;
+            :mod:`lightning_dp.adapter.bandmf`): the dataset is split once into ``b`` groups, step ``t``
+            Poisson-samples group ``t mod b`` at rate ``b·q``, the noise is ``σC·C^{-1}z`` for a ``b``-banded
+            strategy optimised for the planned steps, and the accountant records ``ceil(T/b)`` rounds at rate
+            ``b·q``. One σ and one rate for the run (a changing accumulation schedule is refused); the groups
+            and the past noise (``b − 1`` model-sized buffers, as private as the data) are in checkpoints.
         centering: ``None`` (default) or ``{layer name (or the layer): centre}`` for ``nn.Linear`` layers of the
             LightningModule: they are trained in the geometry of their centred input (``y = W(x − c) + u``,
             better conditioned when the inputs are far from zero on average; :mod:`lightning_dp.centering`).
@@ -186,6 +199,7 @@ class SingleDeviceDP(DPStrategyMixin):
         clipping_mode: str = _D.clipping_mode,
         clipping: str = _D.clipping,
         adaptive_clipping: Optional[Dict[str, float]] = _D.adaptive_clipping,
+        bands: int = _D.bands,
         centering: Optional[Mapping[Any, Any]] = None,
         device: Optional[_DEVICE] = None,
         **kwargs: Any,
@@ -194,7 +208,6 @@ class SingleDeviceDP(DPStrategyMixin):
             ("secure_aggregation", "min_honest_ranks", "secure_aggregation_bits"):
                 "one device has nothing to aggregate (its clipped sum never leaves it). "
                 "Use DPDDPStrategy(secure_aggregation=True) to train across data owners.",
-            ("bands",): BANDS_REFUSAL,
         })
         config = DPConfig.from_arguments(locals())
         super().__init__(device=device if device is not None else "cpu", **kwargs)
@@ -272,10 +285,10 @@ class DDPDP(DPStrategyMixin):
         secure_aggregation: bool = _D.secure_aggregation,
         min_honest_ranks: Optional[int] = _D.min_honest_ranks,
         secure_aggregation_bits: Optional[int] = _D.secure_aggregation_bits,
+        bands: int = _D.bands,
         centering: Optional[Mapping[Any, Any]] = None,
         **kwargs: Any,
     ) -> None:
-        refuse_options("DPDDPStrategy", kwargs, {("bands",): BANDS_REFUSAL})
         config = DPConfig.from_arguments(locals())
         if centering and config.secure_aggregation:
             raise ValueError(
