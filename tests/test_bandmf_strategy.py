@@ -3,8 +3,6 @@ step, correlated noise that follows the strategy's recursion, BandMF accounting 
 equal to the uninterrupted run, and the refusals."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -149,4 +147,18 @@ def test_bandmf_refusals_name_the_option(tmp_path):
                                           callbacks=[callbacks.GradientAccumulationScheduler({0: 1, 1: 2})]))
     with pytest.raises(Exception, match="one sampling rate for the whole run"):
         trainer.fit(TinyClassifier(), train_dataloaders=make_loader(n=N, batch_size=B))
-    assert math.isfinite(bandmf_epsilon(1.0, 0.1, 10, 2, 1e-5))
+
+    class Manual(TinyClassifier):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            self.manual_backward(F.cross_entropy(self(batch[0]), batch[1]))
+            opt.step()
+            opt.zero_grad()
+
+    trainer = pl.Trainer(strategy=DPStrategy(noise_multiplier=1.0, seed=0, bands=2), **trainer_kwargs(tmp_path, max_epochs=1))
+    with pytest.raises(Exception, match="bands=2 needs automatic optimization"):
+        trainer.fit(Manual(), train_dataloaders=make_loader(n=N, batch_size=B))

@@ -87,6 +87,12 @@ class BandMFMixin:
         :func:`~lightning_dp.accounting.bandmf.bandmf_sample_rate`)."""
         if self.bands == 1:
             return
+        if not self.lightning_module.automatic_optimization:
+            raise self._host.trainer_error(
+                f"bands={self.bands} needs automatic optimization: with manual optimization a training batch may go "
+                "without an optimizer step, and the cyclic groups would no longer be b steps apart. Use automatic "
+                "optimization, or bands=1."
+            )
         if len(set(rates)) > 1:
             raise self._host.trainer_error(
                 f"bands={self.bands}: BandMF's accounting covers one sampling rate for the whole run, and the "
