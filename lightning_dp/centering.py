@@ -158,13 +158,16 @@ class InputCentering:
     Args:
         centers: ``{layer: c}`` for ``nn.Linear`` layers with a trainable weight and bias; ``c`` holds one
             value per input feature (a float tensor).
+        names: each layer's name in the model (the keys of :meth:`state_dict` and of error messages).
 
     Raises:
         ValueError: a layer is not an ``nn.Linear``, has no trainable bias or weight, or ``c`` does not
             have ``in_features`` elements or is not finite.
     """
 
-    def __init__(self, centers: Mapping[nn.Module, torch.Tensor], names: Optional[Mapping[nn.Module, str]] = None) -> None:
+    def __init__(
+        self, centers: Mapping[nn.Module, torch.Tensor], names: Optional[Mapping[nn.Module, str]] = None
+    ) -> None:
         self.centers: Dict[nn.Linear, torch.Tensor] = {}
         names = names or {}
         for layer, center in centers.items():
@@ -219,6 +222,15 @@ def centered_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if center is None:
         return x
     return x - center.to(x.device, x.dtype)
+
+
+def check_centering_bands(centering: Optional[Mapping[Any, Any]], bands: int) -> None:
+    """Refuse centring with BandMF (``bands > 1``): the one place this combination is checked."""
+    if centering and bands > 1:
+        raise ValueError(
+            f"`centering` cannot be combined with bands={bands} for now: BandMF's accountant records rounds "
+            "of the banded mechanism only. Use bands=1 with centering, or no centering."
+        )
 
 
 def resolve_layer(model: nn.Module, key: Any) -> Tuple[nn.Module, str]:

@@ -26,7 +26,7 @@ import torch
 
 from ._checks import check_int, check_positive_int, check_rate
 from .accounting.bandmf import bandmf_sample_rate
-from .sampling import PoissonBatchSampler
+from .sampling import PoissonBatchSampler, poisson_mask
 
 __all__ = ["CorrelatedNoise", "CyclicPoissonBatchSampler", "banded_toeplitz_coefficients", "workload_error"]
 
@@ -248,6 +248,15 @@ class CorrelatedNoise:
 
 
 # ------------------------------------------------------------------------------------------ sampling
+def draw_partition(generator: Any, num_samples: int, bands: int) -> torch.Tensor:
+    """Each of ``num_samples`` examples' group, independent and uniform on ``0 … bands − 1`` (a CPU long
+    tensor), from a ``torch.Generator`` or a source with ``uniform(shape)`` (:class:`~lightning_dp.noise.SecureRNG`)."""
+    if hasattr(generator, "uniform"):
+        u = generator.uniform((num_samples,)).to("cpu")
+        return (u * bands).floor().long().clamp_(max=bands - 1)
+    return torch.randint(bands, (num_samples,), generator=generator)
+
+
 class CyclicPoissonBatchSampler(PoissonBatchSampler):
     """Cyclic Poisson sampling for BandMF: the ``N`` examples are split once into ``bands`` groups, and
     step ``t`` includes each example of group ``t mod bands`` independently with probability
@@ -297,22 +306,14 @@ class CyclicPoissonBatchSampler(PoissonBatchSampler):
 
     def _partition(self) -> torch.Tensor:
         """Each example's group, uniform on ``0 … bands − 1`` (all zeros, no draw, for one band)."""
-        n, b = self.num_samples, self.bands
-        if b == 1:
-            return torch.zeros(n, dtype=torch.long)
-        if hasattr(self.generator, "uniform"):
-            u = self.generator.uniform((n,)).to("cpu")
-            return (u * b).floor().long().clamp_(max=b - 1)
-        return torch.randint(b, (n,), generator=self.generator)
+        if self.bands == 1:
+            return torch.zeros(self.num_samples, dtype=torch.long)
+        return draw_partition(self.generator, self.num_samples, self.bands)
 
     def _draw(self) -> torch.Tensor:
         group = self.groups[self.step % self.bands]
         self.step += 1
-        if hasattr(self.generator, "bernoulli"):
-            mask = self.generator.bernoulli(len(group), self.inclusion_rate).to("cpu")
-        else:
-            mask = torch.rand(len(group), generator=self.generator) < self.inclusion_rate
-        return group[mask]
+        return group[poisson_mask(self.generator, len(group), self.inclusion_rate)]
 
     def state_dict(self) -> Dict[str, Any]:
         """The step count and the partition (each example's group), to resume the cycle."""

@@ -9,8 +9,8 @@ from torch.optim import Optimizer
 
 from ._checks import check_positive, check_rate
 from .accounting import make_accountant
-from .centering import InputCentering, build_centering
 from .accounting.bandmf import BandMFAccountant, bandmf_sample_rate
+from .centering import InputCentering, build_centering, check_centering_bands
 from .config import DPConfig
 from .correlated import CorrelatedNoise, banded_toeplitz_coefficients
 from .grad_sample import attach_grad_sample_hooks
@@ -173,13 +173,9 @@ def _centering(
 ) -> Optional[InputCentering]:
     """The :class:`~lightning_dp.centering.InputCentering` of :func:`make_private`, its private centres
     released now and recorded by the accountant."""
+    check_centering_bands(centering, config.bands)
     if not centering:
         return None
-    if config.bands > 1:
-        raise ValueError(
-            f"`centering` cannot be combined with bands={config.bands} for now: BandMF's accountant records rounds "
-            "of the banded mechanism only. Use bands=1 with centering, or no centering."
-        )
     input_centering, events = build_centering(module, centering, noise)
     if accountant is not None:
         for sigma, rate, steps in events:

@@ -13,6 +13,15 @@ from torch.utils.data import DataLoader, IterableDataset, Sampler
 from ._checks import check_positive_int, check_rate
 
 
+def poisson_mask(generator: Any, n: int, rate: float) -> torch.Tensor:
+    """``n`` independent inclusion decisions with probability ``rate`` (a CPU bool tensor), from a
+    ``torch.Generator`` (or ``None``: the default one) or a source with ``bernoulli(n, p)``
+    (:class:`~lightning_dp.noise.SecureRNG`): the one draw behind every Poisson sampler."""
+    if hasattr(generator, "bernoulli"):
+        return generator.bernoulli(n, rate).to("cpu")
+    return torch.rand(n, generator=generator) < rate
+
+
 class PoissonBatchSampler(Sampler[List[int]]):
     """Yields ``num_batches`` batches; index ``i`` is in each batch independently with probability ``q``.
 
@@ -79,12 +88,7 @@ class PoissonBatchSampler(Sampler[List[int]]):
         return self.num_batches * self.micro_batches
 
     def _draw(self) -> torch.Tensor:
-        n = len(self._candidates)
-        if hasattr(self.generator, "bernoulli"):
-            mask = self.generator.bernoulli(n, self.sample_rate).to("cpu")
-        else:
-            mask = torch.rand(n, generator=self.generator) < self.sample_rate
-        return self._candidates[mask]
+        return self._candidates[poisson_mask(self.generator, len(self._candidates), self.sample_rate)]
 
     def __iter__(self) -> Iterator[List[int]]:
         num_batches, micro_batches = self.num_batches, self.micro_batches  # fixed for this pass

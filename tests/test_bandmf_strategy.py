@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_dp.accounting.bandmf import bandmf_epsilon, bandmf_noise_multiplier
+from tests.dp_accounting_reference import poisson_gaussian_epsilon
 from tests.lightning_helpers import TinyClassifier, make_loader, trainer_kwargs
 from tests.namespace import DPDDPStrategy, DPFSDPStrategy, DPStrategy, pl
 
@@ -41,6 +42,9 @@ def test_each_step_samples_its_group_and_examples_are_b_steps_apart(tmp_path):
     acc = strategy.accountant
     assert acc.total_steps == 24 and acc.rounds == 6 and acc.history == [(1.0, 0.5, 6)]
     assert strategy.get_epsilon(1e-5) == pytest.approx(bandmf_epsilon(1.0, 1 / 8, 24, 4, 1e-5), rel=1e-12)
+    # dp-accounting fed the true per-step law: 6 rounds, each group Poisson-sampled at b·q = 0.5
+    reference = poisson_gaussian_epsilon(1.0, 0.5, 6, 1e-5)
+    assert reference <= strategy.get_epsilon(1e-5) <= reference * 1.01
     assert strategy.privacy_report().steps == 24
 
 

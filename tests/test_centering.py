@@ -13,6 +13,7 @@ from torch import nn
 from lightning_dp import DPOptimizer, make_private
 from lightning_dp.centering import CENTER_ATTRIBUTE, InputCentering, PrivateMean, build_centering
 from lightning_dp.noise import GaussianNoise
+from tests.dp_accounting_reference import release_then_poisson_gaussian_epsilon
 
 pytestmark = [pytest.mark.filterwarnings("ignore:secure_mode=False"), pytest.mark.filterwarnings("ignore:noise_multiplier=0")]
 
@@ -160,7 +161,6 @@ def test_private_mean_reads_batches_and_releases_once():
 
 
 def test_make_private_accounts_the_release_before_the_steps_as_dp_accounting_does():
-    dp_accounting = pytest.importorskip("dp_accounting")
     x, _y = _data()
     model = _model()
     sigma_c, sigma, q, steps = 3.0, 1.2, 0.05, 200
@@ -170,11 +170,7 @@ def test_make_private_accounts_the_release_before_the_steps_as_dp_accounting_doe
     assert opt.accountant.history == [(sigma_c, 1.0, 1)]
     opt.accountant.step(noise_multiplier=sigma, sample_rate=q, num_steps=steps)
     ours = opt.get_epsilon(1e-5)
-    acc = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4)
-    acc.compose(dp_accounting.GaussianDpEvent(sigma_c))
-    acc.compose(dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps))
-    reference = acc.get_epsilon(1e-5)
+    reference = release_then_poisson_gaussian_epsilon(sigma_c, sigma, q, steps, 1e-5)
     assert reference <= ours <= reference * 1.01
     without = make_private(_model(), torch.optim.SGD(_model().parameters(), lr=0.1), noise_multiplier=sigma,
                            max_grad_norm=1.0, expected_batch_size=3, sample_rate=q, seed=0)
@@ -243,6 +239,8 @@ def test_strategy_releases_the_centre_before_calibrating_and_reports_it(tmp_path
     history = strategy.accountant.history
     assert history[0] == (4.0, 1.0, 1) and [q for _, q, _ in history[1:]] == [8 / 64]
     assert 1.99 <= strategy.get_epsilon() <= 2.0
+    reference = release_then_poisson_gaussian_epsilon(4.0, strategy.noise_multiplier, 8 / 64, history[1][2], 1e-5)
+    assert reference <= strategy.get_epsilon() <= reference * 1.01
     assert strategy.noise_multiplier > _sigma_without_centre(tmp_path)
     assert strategy.dp_optimizer.centering is not None
     assert strategy._centering_state() == {"net.0": mean.value.tolist()}

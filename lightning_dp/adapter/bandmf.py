@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 
 from ..accounting.bandmf import BandMFAccountant, bandmf_noise_multiplier, bandmf_sample_rate
-from ..correlated import CorrelatedNoise, banded_toeplitz_coefficients
+from ..correlated import CorrelatedNoise, banded_toeplitz_coefficients, draw_partition
+from .features import plan_steps
 
 
 class _NoNoise:
@@ -71,22 +72,20 @@ class BandMFMixin:
         if labels is None:
             shared: List[Any] = [None]
             if self.global_rank == 0:
-                generator = self._sampling_generator
-                if hasattr(generator, "uniform"):
-                    u = generator.uniform((num_samples,)).to("cpu")
-                    shared[0] = (u * self.bands).floor().long().clamp_(max=self.bands - 1)
-                else:
-                    shared[0] = torch.randint(self.bands, (num_samples,), generator=generator)
+                shared[0] = draw_partition(self._sampling_generator, num_samples, self.bands)
             if self.world_size > 1 and dist.is_available() and dist.is_initialized():
                 dist.broadcast_object_list(shared, src=0)
             labels = self._bandmf_labels = shared[0]
         return labels
 
-    def _check_bandmf_rate(self, rates: List[float]) -> None:
-        """One rate for the whole run, before any training work (``b·q ≤ 1`` is checked by
-        :func:`~lightning_dp.accounting.bandmf.bandmf_sample_rate`)."""
+    def _checked_bandmf_plan(self, trainer: Any) -> Optional[List[Any]]:
+        """BandMF's planned ``(rate, steps)`` after checking, before any training work, that the run has one
+        rate and automatic optimization (``b·q ≤ 1`` is checked by
+        :func:`~lightning_dp.accounting.bandmf.bandmf_sample_rate`); ``None`` without BandMF."""
         if self.bands == 1:
-            return
+            return None
+        plan = plan_steps(trainer, self._host, self._planned_epochs(trainer))
+        rates = [q for q, _ in plan]
         if not self.lightning_module.automatic_optimization:
             raise self._host.trainer_error(
                 f"bands={self.bands} needs automatic optimization: with manual optimization a training batch may go "
@@ -98,6 +97,7 @@ class BandMFMixin:
                 f"bands={self.bands}: BandMF's accounting covers one sampling rate for the whole run, and the "
                 f"accumulation plan gives several ({sorted(set(rates))}). Keep accumulate_grad_batches fixed."
             )
+        return plan
 
     def _bandmf_sigma(self, plan: List[Any]) -> float:
         """σ for ``target_epsilon`` with BandMF: calibrated for the planned steps, or on resuming the
@@ -141,7 +141,8 @@ class BandMFMixin:
             stream = CorrelatedNoise(self.noise, resumed["coefficients"])
             stream.load_state_dict(resumed)
         else:
-            stream = CorrelatedNoise(self.noise, banded_toeplitz_coefficients(max(planned_steps, self.bands), self.bands))
+            coefficients = banded_toeplitz_coefficients(max(planned_steps, self.bands), self.bands)
+            stream = CorrelatedNoise(self.noise, coefficients)
         self._correlated_noise = stream
         if self._has_dp_optimizer():
             self.dp_optimizer.noise = stream

@@ -13,7 +13,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..accounting import get_noise_multiplier_for_plan
-from ..sampling import PoissonBatchSampler, expected_batch_size_of, poisson_dataloader, poisson_dataset_size
+from ..accounting.bandmf import bandmf_sample_rate
+from ..sampling import (
+    PoissonBatchSampler, expected_batch_size_of, poisson_dataloader, poisson_dataset_size, poisson_mask,
+)
 from .features import accumulation_for_epoch, check_windows, lightning_cap, planned_accumulations, plan_steps
 
 
@@ -116,12 +119,8 @@ class EpochPoissonBatchSampler(PoissonBatchSampler):
             return super()._draw()
         group = self._groups[self._next_step % len(self._groups)]
         self._next_step += 1
-        rate = min(1.0, len(self._groups) * self.sample_rate)
-        if hasattr(self.generator, "bernoulli"):
-            mask = self.generator.bernoulli(len(group), rate).to("cpu")
-        else:
-            mask = torch.rand(len(group), generator=self.generator) < rate
-        return group[mask]
+        rate = bandmf_sample_rate(self.sample_rate, len(self._groups))  # b·q, refused above 1
+        return group[poisson_mask(self.generator, len(group), rate)]
 
 
 class DataMixin:
@@ -144,12 +143,11 @@ class DataMixin:
         self._sync_sampling_plan()
         self._check_resumed_settings()
         self._release_centering()  # before σ is calibrated: a private centre spends part of the budget
+        bandmf_plan = self._checked_bandmf_plan(trainer)  # BandMF: one rate for the run, checked before σ
         if self.config.target_epsilon is not None and self.noise_multiplier is None:
             self.noise_multiplier = self._calibrate(trainer)
-        if self.bands > 1:
-            plan = plan_steps(trainer, self._host, self._planned_epochs(trainer))
-            self._check_bandmf_rate([q for q, _ in plan])
-            self._install_correlated_noise(sum(n for _, n in plan))
+        if bandmf_plan is not None:
+            self._install_correlated_noise(sum(n for _, n in bandmf_plan))
         if self._has_dp_optimizer():  # not yet when configure_optimizers asks for estimated_stepping_batches
             self.dp_optimizer.configure(noise_multiplier=self.noise_multiplier)
         return super().process_dataloader(dataloader)  # type: ignore[misc]
@@ -249,7 +247,6 @@ class DataMixin:
             )
         self._calibrated_accumulation = {epoch: k for epoch, k in self._planned_accumulation(trainer, len(plan))}
         if self.bands > 1:
-            self._check_bandmf_rate([q for q, _ in plan])
             sigma = self._bandmf_sigma(plan)
         else:
             sigma = get_noise_multiplier_for_plan(

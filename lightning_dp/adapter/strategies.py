@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from ..centering import check_centering_bands
 from ..config import DPConfig
 from ..grad_sample import GradSampleHooks, attach_grad_sample_hooks
 from ..noise import SecureRNG
@@ -59,11 +60,7 @@ class DPStrategyMixin(StepsMixin, DataMixin, PrivacyStateMixin, CenteringMixin, 
     registry_description = ""
 
     def _init_dp(self, config: DPConfig, centering: Optional[Mapping[Any, Any]] = None) -> None:
-        if centering and config.bands > 1:
-            raise ValueError(
-                f"`centering` cannot be combined with bands={config.bands} for now: BandMF's accountant records rounds "
-                "of the banded mechanism only. Use bands=1 with centering, or no centering."
-            )
+        check_centering_bands(centering, config.bands)
         self._init_privacy_state(config)
         self._init_bandmf()
         self._init_centering(centering)
