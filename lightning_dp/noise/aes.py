@@ -19,6 +19,7 @@ from typing import Any, Union
 import torch
 
 from .._checks import check_int
+from ._zero_stream import encrypt_zeros_into
 
 KEY_BYTES = 32
 NONCE_BYTES = 8
@@ -63,10 +64,9 @@ def aes256_ctr_keystream(
     """``num_bytes`` bytes of the AES-256-CTR keystream of ``(key, nonce)`` from block ``counter``, as a
     ``uint8`` tensor on ``device`` (computed on the CPU by OpenSSL, then copied there)."""
     num_bytes = check_int("num_bytes", num_bytes, 0)
-    out = torch.zeros(num_bytes, dtype=torch.uint8)
+    out = torch.empty(num_bytes, dtype=torch.uint8)
     if num_bytes:
-        buffer = out.numpy()
-        aes_encryptor(key, nonce, counter).update_into(buffer, buffer)  # in place: zeros ^ keystream
+        encrypt_zeros_into(aes_encryptor(key, nonce, counter), out.numpy())
     device = torch.device(device) if device is not None else torch.device("cpu")
     return out if device.type == "cpu" else out.to(device)
 

@@ -19,6 +19,7 @@ from typing import List, Union
 import torch
 
 from .._checks import check_choice, check_int
+from ._zero_stream import encrypt_zeros_into
 
 BACKENDS = ("auto", "openssl", "torch")
 KEY_BYTES = 32
@@ -71,10 +72,9 @@ def openssl_encryptor(key: bytes, nonce: bytes, counter: int = 0):  # type: igno
 
 
 def _keystream_openssl(key: bytes, nonce: bytes, counter: int, num_bytes: int) -> torch.Tensor:
-    out = torch.zeros(num_bytes, dtype=torch.uint8)
+    out = torch.empty(num_bytes, dtype=torch.uint8)
     if num_bytes:
-        buffer = out.numpy()
-        openssl_encryptor(key, nonce, counter).update_into(buffer, buffer)  # in place: zeros ^ keystream
+        encrypt_zeros_into(openssl_encryptor(key, nonce, counter), out.numpy())
     return out
 
 

@@ -27,6 +27,7 @@ import torch
 
 from .._checks import check_non_negative
 from ._parallel import load_native, run_parallel
+from ._zero_stream import encrypt_zeros_into
 
 
 _native = load_native()
@@ -80,12 +81,6 @@ def _generator_seed(seed: int) -> int:
     """
     digest = hashlib.sha256(f"lightning_dp.GaussianNoise:{seed}".encode()).digest()
     return int.from_bytes(digest[:8], "little")
-
-
-@functools.lru_cache(maxsize=1)
-def _zeros(num_bytes: int) -> memoryview:
-    """Zero bytes to encrypt: a counter-mode encryption of zeros is the keystream (allocated once)."""
-    return memoryview(bytes(num_bytes))
 
 
 @functools.lru_cache(maxsize=1)
@@ -279,12 +274,11 @@ class GaussianNoise:
         scratch = torch.empty(piece + (0 if native is not None else piece // 2), dtype=torch.int32)
         words, angles = scratch[:piece], scratch[piece:].view(torch.float32)
         raw = words.view(torch.uint8).numpy()
-        zeros = _zeros(4 * _PIECE)
         index, offset = 0, 0  # position in flats
         for start in range(0, total, piece):
             count = min(piece, total - start)
             half = (count + 1) // 2  # normals 0..half-1 are r·cos θ, the rest r·sin θ
-            encryptor.update_into(zeros[: 8 * half], raw[: 8 * half])
+            encrypt_zeros_into(encryptor, raw[: 8 * half])
             if native is not None:
                 _native_box_muller(native, raw, half, std)  # words → the piece's normals, in order
                 emit = functools.partial(_emit_normals, words[:count].view(torch.float32), add)

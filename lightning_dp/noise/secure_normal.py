@@ -31,7 +31,6 @@ transform.
 from __future__ import annotations
 
 import bisect
-import functools
 import itertools
 import math
 import threading
@@ -40,6 +39,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ._parallel import load_native, run_parallel
+from ._zero_stream import encrypt_zeros_into
 from .aes import BLOCK_BYTES as AES_BLOCK_BYTES
 from .aes import aes256_ctr_keystream, aes_encryptor
 from .chacha import BLOCK_BYTES, chacha20_keystream, openssl_encryptor
@@ -217,12 +217,6 @@ def stage(tensors: Sequence[torch.Tensor], add: bool) -> Tuple[List[Tuple[torch.
 
 
 # ------------------------------------------------------------------------------------------ filling
-@functools.lru_cache(maxsize=4)
-def _zeros(num_bytes: int) -> memoryview:
-    """Zero bytes to encrypt: a counter-mode encryption of zeros is the keystream (allocated once)."""
-    return memoryview(bytes(num_bytes))
-
-
 _buffers = threading.local()
 
 
@@ -278,7 +272,7 @@ def _fill_cpu(stream: Keystream, k: int, pairs: int, std: float, targets: Target
             encryptor, position = contexts.get(thread, (None, -1))
             if first != position:
                 encryptor = stream.encryptor(first * bytes_per_pair)
-            encryptor.update_into(_zeros(bytes_per_pair * chunk)[:nbytes], buffer)
+            encrypt_zeros_into(encryptor, buffer)
             contexts[thread] = (encryptor, first + size)
         else:
             memoryview(buffer).cast("B")[:] = stream.read(first * bytes_per_pair, nbytes).numpy().data
