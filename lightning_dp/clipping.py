@@ -50,7 +50,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 import torch
 
 from ._checks import check_choice
-from .grad_sample.bookkeeping import MaterializedPart, Part, merge
+from .grad_sample.bookkeeping import MaterializedPart, Part, merge, wide
 
 CLIPPINGS = ("flat", "per_layer", "automatic", "automatic_per_layer")
 AUTOMATIC_STABILITY = 0.01
@@ -75,7 +75,7 @@ class ClipResult(NamedTuple):
 
 def per_sample_norms(grad_samples: Sequence[torch.Tensor]) -> torch.Tensor:
     """L2 norm of each sample's gradient over all given tensors (each ``(B, ...)``) → ``(B,)``."""
-    squared = [g.reshape(g.shape[0], -1).pow(2).sum(dim=1) for g in grad_samples]
+    squared = [wide(g).reshape(g.shape[0], -1).pow(2).sum(dim=1) for g in grad_samples]
     return torch.stack(squared, dim=0).sum(dim=0).sqrt()
 
 
@@ -96,7 +96,7 @@ def automatic_factors(
 
 def clipped_sum(grad_sample: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     """``Σ_b factors[b] · grad_sample[b]`` without materialising the scaled copy."""
-    flat = grad_sample.reshape(grad_sample.shape[0], -1)
+    flat = wide(grad_sample).reshape(grad_sample.shape[0], -1)
     return (factors.to(flat.dtype) @ flat).view(grad_sample.shape[1:])
 
 

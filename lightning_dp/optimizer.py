@@ -13,6 +13,7 @@ from .accounting import Accountant
 from .centering import InputCentering
 from ._checks import check_choice, check_non_negative, check_positive, check_positive_int, check_rate
 from .clipping import CLIPPINGS, NON_FINITE, AdaptiveClipping, check_all_seen, clip_and_sum, grads_now, parts_of
+from .grad_sample.bookkeeping import wide_dtype
 from .grad_sample.fast import CLIPPING_MODES, set_clipping_mode
 from .noise import GaussianNoise
 from .noise.adding import add_noise_
@@ -310,7 +311,7 @@ class DPOptimizer(WrappedOptimizer):
             self.dropped_in_step += count
         received = list(zip(with_samples, sums)) + (unsampled() if unsampled is not None else [])
         for p, clipped in received:
-            clipped = clipped.to(p.dtype)
+            clipped = clipped.to(wide_dtype(p.dtype))  # float32 or wider until the noise is in
             previous = getattr(p, "summed_grad", None)
             p.summed_grad = clipped if previous is None else previous.add_(clipped)
         self.samples_in_step += next(iter(batch_sizes))
@@ -351,7 +352,7 @@ class DPOptimizer(WrappedOptimizer):
                 grads.append(self._zero_grad_of(p))  # pure noise, below
                 continue
             del p.summed_grad
-            grad = summed.to(p.dtype).contiguous()  # the clipped sum is ours: noise goes into it
+            grad = summed.contiguous()  # the clipped sum is ours (float32 or wider): noise goes into it
             if self._summed_divisor != divisor:  # expected_batch_size changed since it was summed
                 rescale.append(grad)
             grads.append(grad)
@@ -368,13 +369,14 @@ class DPOptimizer(WrappedOptimizer):
             if self.combine is not None:
                 self.combine(grads)
         for p, grad in zip(params, grads):
+            grad = grad.to(p.dtype)  # sum + noise, cast once to the parameter's dtype: post-processing
             p.grad = grad if self.shards is None else self.shards.to_grad(p, grad)
         self._known_grads = grads_now(params)
 
     def _zero_grad_of(self, p: nn.Parameter) -> torch.Tensor:
         if self.shards is not None:
-            return self.shards.zeros(p)
-        return torch.zeros(p.shape, device=p.device, dtype=p.dtype)
+            return self.shards.zeros(p).to(wide_dtype(p.dtype))
+        return torch.zeros(p.shape, device=p.device, dtype=wide_dtype(p.dtype))
 
     def _reduce_in_order(
         self, params: List[nn.Parameter], with_samples: List[nn.Parameter]
@@ -393,11 +395,12 @@ class DPOptimizer(WrappedOptimizer):
             for p in pending:
                 if p is target:
                     return
-                unsampled.append((p, shards.reduce(p, torch.zeros(p.shape, device=p.device, dtype=p.dtype))))
+                zeros = torch.zeros(p.shape, device=p.device, dtype=wide_dtype(p.dtype))
+                unsampled.append((p, shards.reduce(p, zeros)))
 
         def on_sum(k: int, clipped: torch.Tensor) -> torch.Tensor:
             reduce_zeros_until(with_samples[k])
-            return shards.reduce(with_samples[k], clipped.to(with_samples[k].dtype))
+            return shards.reduce(with_samples[k], clipped.to(wide_dtype(with_samples[k].dtype)))
 
         def finish() -> List[Tuple[nn.Parameter, torch.Tensor]]:
             reduce_zeros_until(None)

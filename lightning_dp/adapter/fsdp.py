@@ -223,7 +223,8 @@ class FSDPDP(DPStrategyMixin, _ShardedBackward):
         auto_wrap_policy: module classes to ``fully_shard`` (plus the root) when the model is not sharded
             by its ``configure_model``; ``None``: the root only (every parameter in one group).
         mp_policy: FSDP2's ``MixedPrecisionPolicy`` for the modules this strategy shards (e.g.
-            ``param_dtype=torch.bfloat16``); clipped sums are reduced in the sharded parameters' dtype.
+            ``param_dtype=torch.bfloat16``); clipped sums are reduced in float32 (or the sharded
+            parameters' dtype, if wider).
         reshard_after_forward: passed to ``fully_shard`` for the modules this strategy shards.
         **kwargs: passed to Lightning's ``ModelParallelStrategy`` (``save_distributed_checkpoint``,
             ``process_group_backend``, ``timeout``).

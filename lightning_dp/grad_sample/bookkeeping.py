@@ -25,6 +25,13 @@ A zero clip factor is not enough there: inside the GEMM ``(c ⊙ G)ᵀA`` the sa
 the dropped samples zeroed (activations *and* output gradients, or the per-sample values), so its
 clipped sum is exactly that of the kept samples; it is called only for a micro-batch that has such a
 sample, so the usual, all-finite step makes no extra pass over the factors.
+
+**Precision.** Norms and clipped sums are computed in float32 or wider whatever the factors' dtype: a
+part whose tensors are bf16/fp16 (a bf16 model, autocast's activations) is widened (:func:`wide`) while
+its norm or sum is made, one part at a time. Rounding in the parameter dtype could otherwise make a
+clipped sample's contribution longer than ``C`` (by ~0.4 % in bf16), which the sensitivity ``C`` that the
+accountant assumes does not allow. The norm and the clipped sum read the same factors, so a sample's
+contribution ``c_b·g_b`` has norm ``≤ C`` up to float32 rounding.
 """
 from __future__ import annotations
 
@@ -37,6 +44,20 @@ import torch
 from .utils import conv_patches, conv_weight_grad, pad_input, per_sample_rows
 
 NORM_METHODS = ("auto", "ghost", "materialize")
+
+
+def wide_dtype(dtype: torch.dtype) -> torch.dtype:
+    """``dtype`` if it is float32 or wider (or not floating point), else float32: the dtype norms, clip
+    factors, clipped sums and noise are computed in."""
+    if dtype.is_floating_point and dtype.itemsize < 4:
+        return torch.float32
+    return dtype
+
+
+def wide(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in :func:`wide_dtype` (a float32 copy of a bf16/fp16 tensor; the tensor itself otherwise)."""
+    dtype = wide_dtype(tensor.dtype)
+    return tensor if dtype == tensor.dtype else tensor.to(dtype)
 _BLOCK_ELEMENTS = 1 << 18  # im2col elements per block of samples in ConvPart.norm_sq (1 MB in float32)
 
 
@@ -78,10 +99,10 @@ class Part:
         return kept
 
     def _norm_sq(self, method: str) -> torch.Tensor:
-        return self._materialize().flatten(1).pow(2).sum(1)
+        return wide(self._materialize()).flatten(1).pow(2).sum(1)
 
     def _clipped_sum(self, factors: torch.Tensor) -> torch.Tensor:
-        flat = self._materialize().flatten(1)
+        flat = wide(self._materialize()).flatten(1)
         return (factors.to(flat.dtype) @ flat).view(self.shape)
 
     def _materialize(self) -> torch.Tensor:
@@ -104,7 +125,7 @@ class SharedSquares:
 
     def __call__(self) -> torch.Tensor:
         if self._value is None:
-            self._value = torch.linalg.vector_norm(self.g, dim=(1, 2)).square()
+            self._value = torch.linalg.vector_norm(wide(self.g), dim=(1, 2)).square()
         return self._value
 
 
@@ -146,7 +167,7 @@ class LinearPart(Part):
         return LinearPart(zero_rows(self.a, keep), zero_rows(self.g, keep), self.shape, self.rows, self.scale)
 
     def _norm_sq(self, method: str) -> torch.Tensor:
-        a, g = self.a, self.g
+        a, g = wide(self.a), wide(self.g)
         positions, in_features, out_features = a.shape[1], a.shape[2], g.shape[2]
         if positions == 1:  # ‖g aᵀ‖ = ‖g‖·‖a‖
             g_sq = self.g_squares() if self.g_squares is not None else torch.linalg.vector_norm(g, dim=(1, 2)).square()
@@ -160,7 +181,7 @@ class LinearPart(Part):
 
     def _clipped_sum(self, factors: torch.Tensor) -> torch.Tensor:
         # (c ⊙ G)ᵀA = Gᵀ(c ⊙ A): scale whichever of the two is smaller (A for a wide output head).
-        a, g = self.a, self.g
+        a, g = wide(self.a), wide(self.g)
         if a.shape[2] < g.shape[2]:
             a = a * factors.to(a.dtype).view(-1, 1, 1)
         else:
@@ -169,7 +190,7 @@ class LinearPart(Part):
         return _place(block, self.shape, self.rows)
 
     def _materialize(self) -> torch.Tensor:
-        block = torch.bmm(self.g.transpose(1, 2), self.a).view(self.batch_size, *self._block())
+        block = torch.bmm(wide(self.g).transpose(1, 2), wide(self.a)).view(self.batch_size, *self._block())
         return _place(block, self.shape, self.rows, batched=True)
 
 
@@ -195,9 +216,9 @@ class BiasPart(Part):
 
     def _per_sample(self) -> torch.Tensor:
         if self.g.shape[1] == 1:
-            return self.g[:, 0]
+            return wide(self.g[:, 0])
         if self._summed is None:  # summed over positions once, for the norm and the clipped sum
-            self._summed = self.g.sum(1)
+            self._summed = self.g.sum(1, dtype=wide_dtype(self.g.dtype))
         return self._summed
 
     def as_linear(self) -> LinearPart:
@@ -288,7 +309,7 @@ class ConvPart(Part):
         are copied once into ``(b, T, C·K)`` (about 1 MB per block), so the step's peak memory does not
         grow with the ``B·T·C·K`` im2col of the whole batch and the copies stay in cache."""
         if self.groups != 1:
-            return self._materialize().flatten(1).pow(2).sum(1)
+            return wide(self._materialize()).flatten(1).pow(2).sum(1)
         b, out_features = self.g.shape[:2]
         windows, g = self._windows(slice(0, 1), channels_last=True)
         positions, in_features = g.shape[2], windows.numel() // g.shape[2]
@@ -297,11 +318,12 @@ class ConvPart(Part):
         # Per-sample gradients kept for the clipped sum (a (B,)·(B, p) product instead of a convolution
         # backward) when they are no larger than the input and output gradient this part already holds.
         keep = not ghost and out_features * in_features <= self.x[0].numel() + self.g[0].numel()
-        per_sample = self.g.new_empty(b, out_features, in_features) if keep else None
+        per_sample = self.g.new_empty(b, out_features, in_features, dtype=wide_dtype(self.g.dtype)) if keep else None
         norms = []
         for start in range(0, b, block):
             windows, gb = self._windows(slice(start, start + block), channels_last=True)
-            a = windows.reshape(-1, positions, in_features)  # the im2col copy, features ordered (*K, C)
+            a = wide(windows.reshape(-1, positions, in_features))  # the im2col copy, features ordered (*K, C)
+            gb = wide(gb)
             if ghost:
                 norms.append((torch.bmm(a, a.transpose(1, 2)) * torch.bmm(gb.transpose(1, 2), gb)).sum((1, 2)))
             else:
@@ -316,7 +338,7 @@ class ConvPart(Part):
             return summed.view(self.shape[0], *self.shape[2:], self.shape[1]).movedim(-1, 1).contiguous()
         spatial = len(self.kernel_size)
         # The weight gradient is bilinear in (x, g): scale whichever of the two is smaller.
-        x, g = self.x, self.g
+        x, g = wide(self.x), wide(self.g)
         if x.numel() < g.numel():
             x = x * factors.to(x.dtype).view(-1, *([1] * (spatial + 1)))
         else:
@@ -330,7 +352,9 @@ class ConvPart(Part):
         return pad_input(self.x[samples], [p for p in reversed(self.padding) for _ in range(2)], "zeros")
 
     def _materialize(self) -> torch.Tensor:
-        return conv_weight_grad(self._padded(), self.g, self.kernel_size, self.stride, self.dilation, self.groups)
+        return conv_weight_grad(
+            wide(self._padded()), wide(self.g), self.kernel_size, self.stride, self.dilation, self.groups
+        )
 
 
 class RowsPart(Part):
@@ -367,16 +391,18 @@ class RowsPart(Part):
     def _norm_sq(self, method: str) -> torch.Tensor:
         keys = self.samples * self.shape[0] + self.rows
         unique, inverse = torch.unique(keys, return_inverse=True)
-        summed = self.values.new_zeros(unique.numel(), self.values.shape[1]).index_add_(0, inverse, self.values)
-        out = self.values.new_zeros(self.batch_size)
+        values = wide(self.values)
+        summed = values.new_zeros(unique.numel(), values.shape[1]).index_add_(0, inverse, values)
+        out = values.new_zeros(self.batch_size)
         return out.index_add_(0, torch.div(unique, self.shape[0], rounding_mode="floor"), summed.pow(2).sum(1))
 
     def _clipped_sum(self, factors: torch.Tensor) -> torch.Tensor:
-        values = self.values * factors.to(self.values.dtype)[self.samples].unsqueeze(1)
-        return self.values.new_zeros(self.shape).index_add_(0, self.rows, values)
+        values = wide(self.values)
+        values = values * factors.to(values.dtype)[self.samples].unsqueeze(1)
+        return values.new_zeros(self.shape).index_add_(0, self.rows, values)
 
     def _materialize(self) -> torch.Tensor:
-        return per_sample_rows(self.samples, self.rows, self.values, self.batch_size, self.shape[0])
+        return per_sample_rows(self.samples, self.rows, wide(self.values), self.batch_size, self.shape[0])
 
 
 class TiedPart(Part):
@@ -397,10 +423,11 @@ class TiedPart(Part):
     def _cross(self) -> torch.Tensor:
         emb, head = self.embedding, self.head
         b, tokens = emb.batch_size, emb.tokens_per_sample
-        values = emb.values.view(b, tokens, -1).to(head.a.dtype)
-        rows = emb.rows.view(b, 1, tokens).expand(b, head.g.shape[1], tokens)
-        dots = torch.bmm(head.a, values.transpose(1, 2))  # (B, T_head, T_emb): a_t · v_n
-        return (dots * torch.gather(head.g, 2, rows)).sum((1, 2)) * (emb.scale * head.scale)
+        a, g = wide(head.a), wide(head.g)
+        values = emb.values.view(b, tokens, -1).to(a.dtype)
+        rows = emb.rows.view(b, 1, tokens).expand(b, g.shape[1], tokens)
+        dots = torch.bmm(a, values.transpose(1, 2))  # (B, T_head, T_emb): a_t · v_n
+        return (dots * torch.gather(g, 2, rows)).sum((1, 2)) * (emb.scale * head.scale)
 
     def _norm_sq(self, method: str) -> torch.Tensor:
         total = self.embedding.norm_sq(method) + self.head.norm_sq(method) + 2 * self._cross()
