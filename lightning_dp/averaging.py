@@ -82,8 +82,10 @@ class ExponentialMovingAverage:
         current = self._tensors(self.module)
         floats: List[torch.Tensor] = []
         targets: List[torch.Tensor] = []
-        for name, avg in self.shadow.items():
+        for name, avg in list(self.shadow.items()):
             value = current[name].detach()
+            if avg.device != value.device:  # the module moved (make_private, then .to("cuda")): follow it
+                avg = self.shadow[name] = avg.to(value.device)
             if avg.is_floating_point():
                 floats.append(avg)
                 targets.append(value.to(avg.dtype))
@@ -129,7 +131,7 @@ class ExponentialMovingAverage:
         self.warmup = bool(state_dict["warmup"])
         self.num_updates = int(state_dict["num_updates"])
         for name, value in state_dict["shadow"].items():
-            self.shadow[name].copy_(value)
+            self.shadow[name].copy_(value)  # onto the average's device (copy_ moves across devices)
 
     def __repr__(self) -> str:
         return f"ExponentialMovingAverage(decay={self.decay}, warmup={self.warmup}, num_updates={self.num_updates})"

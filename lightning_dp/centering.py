@@ -207,9 +207,20 @@ class InputCentering:
         before = [layer.weight.detach().clone() for layer in self.centers]
         yield
         with torch.no_grad():
-            for (layer, center), weight in zip(self.centers.items(), before):
+            for layer, weight in zip(list(self.centers), before):
+                center = self._on_device(layer, weight.device)
                 weight.sub_(layer.weight)
-                layer.bias.add_(weight.to(layer.bias.dtype) @ center.to(weight.device, layer.bias.dtype))
+                layer.bias.add_(weight.to(layer.bias.dtype) @ center.to(layer.bias.dtype))
+
+    def _on_device(self, layer: nn.Linear, device: torch.device) -> torch.Tensor:
+        """``layer``'s centre on ``device``, moved there once when the model moved (``.to("cuda")`` after
+        :func:`~lightning_dp.make_private`): no copy per step."""
+        center = self.centers[layer]
+        if center.device != device:
+            center = self.centers[layer] = center.to(device)
+            if hasattr(layer, CENTER_ATTRIBUTE):
+                setattr(layer, CENTER_ATTRIBUTE, center)
+        return center
 
     def state_dict(self) -> Dict[str, List[float]]:
         """The centres by layer name (they are released values: as private as the accounted ε)."""
@@ -221,7 +232,10 @@ def centered_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     center = getattr(module, CENTER_ATTRIBUTE, None)
     if center is None:
         return x
-    return x - center.to(x.device, x.dtype)
+    if center.device != x.device:  # the model moved after the centring was built: move the centre once
+        center = center.to(x.device)
+        setattr(module, CENTER_ATTRIBUTE, center)
+    return x - center.to(x.dtype)
 
 
 def check_centering_bands(centering: Optional[Mapping[Any, Any]], bands: int) -> None:

@@ -176,7 +176,10 @@ class GaussianNoise:
     grid point), as with ``torch.randn`` in float32. Box–Muller runs in the native kernel when it was
     built (:func:`native_kernel`; on ``torch.get_num_threads()`` threads), else in torch ops; the two
     agree to float32 rounding (a few ulp), and a seed replays the same bits on the same kernel and CPU
-    family. Other devices and dtypes: a ``torch.Generator`` per device seeded from ``seed``.
+    family. Other devices and dtypes: a ``torch.Generator`` per device seeded from ``seed``. A restored
+    state (:meth:`load_state_dict`) is rebuilt on the device it was saved from when noise is first drawn
+    there; noise on another device of the same kind (``cuda:1`` for a state saved on ``cuda:0``) is refused,
+    since a freshly seeded generator there would replay the noise already added.
 
     Args:
         seed: integer seed for reproducible runs; ``None`` draws one from the OS.
@@ -199,12 +202,30 @@ class GaussianNoise:
         self._key = hashlib.sha256(_KEY_DOMAIN + str(self.seed).encode()).digest()[:16]  # CPU stream's key
         self._calls = 0  # calls of the CPU stream so far (each has its own counter range)
         self._lock = threading.Lock()
+        # Generator states of a checkpoint by device ("cuda:0"), made into generators when first used there
+        # (a CPU-only machine can load a CUDA run's state); None: not restored.
+        self._restored_states: Optional[Dict[str, torch.Tensor]] = None
 
     def _generator(self, device: torch.device) -> torch.Generator:
         key = str(device)
         if key not in self._generators:
+            restored = self._restored_states or {}
+            same_kind = sorted(k for k in restored if torch.device(k).type == device.type)
+            if key not in restored and same_kind:
+                # Generators of one kind seeded alike give the same draws on every index: a generator seeded
+                # afresh on cuda:1 would replay the noise the run already added on cuda:0.
+                raise RuntimeError(
+                    f"This seeded noise source was restored from a checkpoint whose {device.type} generator "
+                    f"states belong to {same_kind}, and is now asked for noise on {key}: a generator seeded "
+                    f"afresh there would replay noise the run already added. Resume with the model on "
+                    f"{' or '.join(same_kind)} (e.g. CUDA_VISIBLE_DEVICES, or the Trainer's devices=[index]), "
+                    "or start a new run with a new seed."
+                )
             generator = torch.Generator(device=device)
-            generator.manual_seed(_generator_seed(self.seed))
+            if key in restored:
+                generator.set_state(restored[key])
+            else:  # a kind of device this run never drew noise on: a stream of its own, nothing replayed
+                generator.manual_seed(_generator_seed(self.seed))
             self._generators[key] = generator
         return self._generators[key]
 
@@ -296,11 +317,9 @@ class GaussianNoise:
         """
         if not self.seeded:
             return {}
-        return {
-            "seed": self.seed,
-            "calls": self._calls,
-            "generators": {k: g.get_state() for k, g in self._generators.items()},
-        }
+        states = dict(self._restored_states or {})  # restored but not used since: kept for the next resume
+        states.update({k: g.get_state() for k, g in self._generators.items()})
+        return {"seed": self.seed, "calls": self._calls, "generators": states}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (an empty state keeps the current OS-drawn seed)."""
@@ -311,8 +330,9 @@ class GaussianNoise:
         self._key = hashlib.sha256(_KEY_DOMAIN + str(self.seed).encode()).digest()[:16]
         self._calls = int(state.get("calls", 0))
         self._generators = {}
-        for key, generator_state in state.get("generators", {}).items():
-            self._generator(torch.device(key)).set_state(generator_state)
+        # Each generator is rebuilt on its own device when noise is first drawn there; noise on any other
+        # non-CPU-stream device is refused (see _generator): never a fresh generator that replays noise.
+        self._restored_states = {str(torch.device(k)): v for k, v in state.get("generators", {}).items()}
 
     def __getstate__(self) -> Dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "_lock"}
