@@ -5,10 +5,13 @@ scheme; shuffled fixed-size batches are a different mechanism the accountants do
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, Sampler
+from torch.utils.data import (
+    BatchSampler, DataLoader, DistributedSampler, IterableDataset, RandomSampler, Sampler, SequentialSampler,
+)
 
 from ._checks import check_positive_int, check_rate
 
@@ -188,6 +191,44 @@ def poisson_dataset_size(dataset: Any) -> int:
     return num_samples
 
 
+_DEFAULT_SAMPLERS = (SequentialSampler, RandomSampler, DistributedSampler)  # shuffle=True/False, Lightning's DDP
+
+
+def replaced_sampling(loader: DataLoader) -> Optional[str]:
+    """The user's own sampler or batch sampler on ``loader`` that Poisson sampling replaces (its class name
+    and where it sits), or ``None`` for the defaults (``shuffle=True/False``, the ``DistributedSampler``
+    Lightning puts in their place, a Poisson sampler of this package)."""
+    batch_sampler = loader.batch_sampler
+    if batch_sampler is None or isinstance(batch_sampler, PoissonBatchSampler):
+        return None
+    if type(batch_sampler) is not BatchSampler:
+        return f"batch_sampler={type(batch_sampler).__name__}"
+    sampler = batch_sampler.sampler
+    inner = getattr(getattr(sampler, "dataset", None), "_sampler", None)  # Lightning's DistributedSamplerWrapper
+    if inner is not None and isinstance(sampler, DistributedSampler):
+        sampler = inner
+    if type(sampler) in _DEFAULT_SAMPLERS:
+        return None
+    return f"sampler={type(sampler).__name__}"
+
+
+def warn_replaced_sampling(loader: DataLoader) -> None:
+    """Warn that the user's own sampler or batch sampler (see :func:`replaced_sampling`) is replaced by
+    Poisson sampling, and say what keeps its intent under DP."""
+    replaced = replaced_sampling(loader)
+    if replaced is None:
+        return
+    warnings.warn(
+        f"The training DataLoader's {replaced} is replaced by Poisson sampling (each example joins each step "
+        "independently with probability q), which the privacy accounting assumes; what your sampler did "
+        "(class reweighting, grouping by length...) is lost. To weight examples under DP, weight each "
+        "example's loss instead: clipping bounds each sample's weighted gradient, so the guarantee is "
+        "unchanged (see 'Lightning features under DP' in the docs).",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
 def poisson_dataloader(
     loader: DataLoader,
     *,
@@ -215,6 +256,7 @@ def poisson_dataloader(
     dataset = loader.dataset
     num_samples = poisson_dataset_size(dataset)
     batch_size = expected_batch_size_of(loader)
+    warn_replaced_sampling(loader)
     if sample_rate is None:
         sample_rate = min(1.0, micro_batches * world_size * batch_size / num_samples)
     if batch_sampler is None:
@@ -250,5 +292,6 @@ __all__ = [
     "is_empty_batch",
     "poisson_dataloader",
     "poisson_dataset_size",
+    "replaced_sampling",
     "split_batch",
 ]

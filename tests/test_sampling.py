@@ -78,3 +78,57 @@ def test_sampler_bad_arguments(kwargs, name):
     args.update(kwargs)
     with pytest.raises(ValueError, match=name):
         PoissonBatchSampler(**args)
+
+
+# --- a user's own sampler is replaced, with a warning naming it (issue 28) ------------------------------------
+def _loader(**kwargs) -> DataLoader:
+    data = TensorDataset(torch.randn(20, 2), torch.arange(20))
+    return DataLoader(data, **kwargs)
+
+
+class _PairBatches(torch.utils.data.Sampler):
+    def __iter__(self):
+        return iter([[i, i + 1] for i in range(0, 20, 2)])
+
+    def __len__(self):
+        return 10
+
+
+@pytest.mark.parametrize("kwargs, named", [
+    (dict(batch_size=4, sampler=torch.utils.data.WeightedRandomSampler(torch.ones(20), 20)), "sampler=WeightedRandomSampler"),
+    (dict(batch_size=4, sampler=torch.utils.data.SubsetRandomSampler(range(10))), "sampler=SubsetRandomSampler"),
+    (dict(batch_sampler=_PairBatches()), "batch_sampler=_PairBatches"),
+])
+def test_a_users_own_sampler_is_replaced_with_a_warning_that_names_it(kwargs, named):
+    with pytest.warns(UserWarning, match=rf"{named} is replaced by Poisson sampling.*weight each example's loss"):
+        loader = poisson_dataloader(_loader(**kwargs), generator=torch.Generator().manual_seed(0))
+    assert isinstance(loader.batch_sampler, PoissonBatchSampler)
+
+
+@pytest.mark.parametrize("kwargs", [dict(batch_size=4), dict(batch_size=4, shuffle=True),
+                                    dict(batch_size=4, sampler=torch.utils.data.DistributedSampler(
+                                        TensorDataset(torch.zeros(20)), num_replicas=2, rank=0))])
+def test_the_default_samplers_are_replaced_silently(kwargs, recwarn):
+    poisson_dataloader(_loader(**kwargs), generator=torch.Generator().manual_seed(0))
+    assert not [w for w in recwarn if "replaced by Poisson sampling" in str(w.message)]
+
+
+def test_lightnings_distributed_wrapper_names_the_users_sampler():
+    wrapper = pytest.importorskip("lightning.fabric.utilities.distributed").DistributedSamplerWrapper
+    from lightning_dp.sampling import replaced_sampling
+
+    sampler = wrapper(torch.utils.data.WeightedRandomSampler(torch.ones(20), 20), num_replicas=2, rank=0)
+    assert replaced_sampling(_loader(batch_size=4, sampler=sampler)) == "sampler=WeightedRandomSampler"
+
+
+@pytest.mark.lightning
+def test_lightning_fit_warns_about_a_weighted_sampler(tmp_path):
+    from tests.lightning_helpers import TinyClassifier, trainer_kwargs
+    from tests.namespace import DPStrategy, pl
+
+    data = TensorDataset(torch.randn(32, 6), torch.randint(0, 3, (32,)))
+    loader = DataLoader(data, batch_size=8, sampler=torch.utils.data.WeightedRandomSampler(torch.ones(32), 32))
+    trainer = pl.Trainer(max_steps=2, strategy=DPStrategy(noise_multiplier=1.0, max_grad_norm=1.0, seed=0),
+                         **trainer_kwargs(tmp_path))
+    with pytest.warns(UserWarning, match="sampler=WeightedRandomSampler is replaced by Poisson sampling"):
+        trainer.fit(TinyClassifier(), loader)
