@@ -361,9 +361,10 @@ class RowsPart(Part):
     """Embedding-style gradients: value ``v_n`` added to row ``rows[n]`` of sample ``samples[n]``.
 
     Norms without the vocabulary dimension, in ``O(N·D)``: values of the same (sample, row) are summed
-    (``unique`` over ``sample·V + row``), then squared and summed per sample. ``tokens_per_sample``: set
-    when the entries are sample-major with the same count per sample (an ``nn.Embedding`` lookup), which
-    lets a tied output head be combined without materialising (:class:`TiedPart`)."""
+    (segments of the sorted keys ``sample·V + row``; no ``unique``, so no host sync), then squared and
+    summed per sample. ``tokens_per_sample``: set when the entries are sample-major with the same count
+    per sample (an ``nn.Embedding`` lookup), which lets a tied output head be combined without
+    materialising (:class:`TiedPart`)."""
 
     def __init__(
         self,
@@ -389,12 +390,18 @@ class RowsPart(Part):
         )
 
     def _norm_sq(self, method: str) -> torch.Tensor:
+        # Entries of the same (sample, row) are summed first: segments of the sorted keys. Sizes stay N
+        # (no torch.unique, whose output size would make the host wait for the device).
         keys = self.samples * self.shape[0] + self.rows
-        unique, inverse = torch.unique(keys, return_inverse=True)
+        order = torch.argsort(keys)
+        ordered = keys[order]
+        starts = torch.ones_like(ordered, dtype=torch.bool)
+        starts[1:] = ordered[1:] != ordered[:-1]
+        segment = torch.empty_like(order).scatter_(0, order, torch.cumsum(starts, 0) - 1)  # entry → its segment
         values = wide(self.values)
-        summed = values.new_zeros(unique.numel(), values.shape[1]).index_add_(0, inverse, values)
-        out = values.new_zeros(self.batch_size)
-        return out.index_add_(0, torch.div(unique, self.shape[0], rounding_mode="floor"), summed.pow(2).sum(1))
+        summed = values.new_zeros(values.shape).index_add_(0, segment, values)  # segments beyond the last: 0
+        owner = torch.zeros_like(order).scatter_(0, segment, self.samples)  # each segment's sample
+        return values.new_zeros(self.batch_size).index_add_(0, owner, summed.pow(2).sum(1))
 
     def _clipped_sum(self, factors: torch.Tensor) -> torch.Tensor:
         values = wide(self.values)
