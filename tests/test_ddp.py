@@ -22,6 +22,7 @@ def _run(mode: str, out_dir: Path) -> list:
 
 
 @pytest.mark.slow
+@pytest.mark.smoke
 def test_two_processes_without_noise_equal_one_process_with_the_global_batch(tmp_path):
     ranks = _run("exact", tmp_path)
     assert ranks[0]["sample_rate"] == pytest.approx(2 * 8 / 64) and ranks[0]["expected_batch_size"] == 16

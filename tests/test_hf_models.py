@@ -385,6 +385,7 @@ def test_peft_lora_on_embeddings_is_refused_before_training():
 
 
 @core
+@pytest.mark.smoke
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_dora_matches_float64_reference(name, monkeypatch):
     """DoRA (``use_dora=True``): the magnitude vector goes through the ``torch.func`` fallback and LoRA's A
@@ -446,7 +447,9 @@ class HFModule(pl.LightningModule):
         return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.05)
 
 
-@pytest.mark.parametrize("name, variant", [(n, "full") for n in MODELS] + [("gpt2", "lora")])
+@pytest.mark.parametrize(
+    "name, variant", [(n, "full") for n in MODELS] + [pytest.param("gpt2", "lora", marks=pytest.mark.smoke)]
+)
 def test_lightning_run_with_privacy_budget(name, variant, tmp_path):
     module = HFModule(name, variant)
     batch = make_batch(module.task, n=16, seed=2)

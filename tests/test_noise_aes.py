@@ -20,6 +20,7 @@ SP800_38A_CIPHERTEXT = bytes.fromhex(
 )
 
 
+@pytest.mark.smoke
 def test_sp800_38a_ctr_aes256_vector():
     """The counter block is the 8-byte nonce then the 64-bit big-endian block counter."""
     nonce, counter = SP800_38A_COUNTER[:8], int.from_bytes(SP800_38A_COUNTER[8:], "big")

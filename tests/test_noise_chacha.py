@@ -113,6 +113,7 @@ def _bytes(t: torch.Tensor) -> bytes:
     return bytes(t.cpu().tolist())
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rfc_2_3_2_block_function(backend):
     block = chacha20_keystream(RFC_2_3_2_KEY, RFC_2_3_2_NONCE, 1, 64, backend=backend)
@@ -120,6 +121,7 @@ def test_rfc_2_3_2_block_function(backend):
     assert _bytes(block) == RFC_2_3_2_BLOCK
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rfc_2_4_2_encryption(backend):
     stream = chacha20_keystream(RFC_2_3_2_KEY, RFC_2_4_2_NONCE, 1, len(RFC_2_4_2_PLAINTEXT), backend=backend)
@@ -127,6 +129,7 @@ def test_rfc_2_4_2_encryption(backend):
     assert _bytes(stream ^ plaintext) == RFC_2_4_2_CIPHERTEXT
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("index", range(len(RFC_A_1)))
 def test_rfc_appendix_a_1(backend, index):

@@ -217,6 +217,7 @@ def test_checkpoint_weights_load_into_a_plain_module(tmp_path):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.smoke
 def test_secure_mode_end_to_end_and_key_never_in_checkpoint(tmp_path):
     from lightning_dp.noise import SecureRNG
 
