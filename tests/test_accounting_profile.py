@@ -58,7 +58,7 @@ def test_with_the_gaussian_profile_the_route_is_the_subsampled_gaussian(sigma, q
     ours = max(_pld.Plan([SubsampledProfileStep(_gaussian_profile(sigma), q, d)], [steps], [steps], 1e-5)
                .epsilon([steps], 1e-5) for d in ("remove", "add"))
     reference = poisson_gaussian_epsilon(sigma, q, steps, 1e-5)
-    assert reference * (1 - 2e-3) <= ours <= reference * 1.01
+    assert reference * (1 - 1e-3) <= ours <= reference * 1.01  # measured 0.06-0.09 % above
     prv = PRVAccountant()
     prv.step(noise_multiplier=sigma, sample_rate=q, num_steps=steps)
     assert ours == pytest.approx(prv.get_epsilon(1e-5), rel=1e-2)
@@ -105,7 +105,7 @@ def test_ddg_accounting_takes_the_tighter_of_the_two_routes():
     assert ddg_epsilon(6.4, big_q, big_steps, 1e-5, **kwargs) == min(by_rdp, by_profile)
     # never below the Gaussian at the rounded sensitivity, whose RDP curve the step has (τ ≈ 0 here)
     sigma_eff = 6.4 * 2.0**20 / (2.0**20 + math.sqrt(9610))
-    assert by_profile >= 0.995 * poisson_gaussian_epsilon(sigma_eff, big_q, big_steps, 1e-5)
+    assert by_profile >= (1 - 1e-3) * poisson_gaussian_epsilon(sigma_eff, big_q, big_steps, 1e-5)  # +0.09 %
     # σ for ε = 3 at the demo's rate: within 1.4x of the Gaussian's (was 5.9x with the RDP route alone)
     from lightning_dp.accounting import get_noise_multiplier
     gaussian = get_noise_multiplier(3.0, 1e-5, big_q, steps=big_steps)

@@ -19,13 +19,14 @@ from lightning_dp.accounting import (
     get_noise_multiplier,
     make_accountant,
 )
+from tests.dp_accounting_reference import import_dp_accounting
 
 ABOVE_TOL = 0.01  # epsilon at most 1% above dp-accounting's PLD ...
 BELOW_TOL = 0.001  # ... and at most 0.1% below it (both are upper bounds of the same quantity)
 
 
 def _reference_epsilons(segments, deltas, interval=1e-4):
-    dp_accounting = pytest.importorskip("dp_accounting")
+    dp_accounting = import_dp_accounting()
     from dp_accounting.pld import pld_privacy_accountant
 
     ref = pld_privacy_accountant.PLDAccountant(value_discretization_interval=interval)

@@ -19,6 +19,7 @@ from lightning_dp.correlated import (
 )
 from lightning_dp.grad_sample import attach_grad_sample_hooks
 from lightning_dp.noise import GaussianNoise
+from tests.dp_accounting_reference import import_dp_accounting
 
 pytestmark = pytest.mark.filterwarnings("ignore:secure_mode=False")
 
@@ -228,9 +229,15 @@ def test_cyclic_sampler_one_band_is_poisson_and_checks():
 
 
 # -------------------------------------------------------------------------------------- accounting
+# Same tolerance as tests/test_accounting_prv.py against dp-accounting's PLD accountant: both are upper bounds
+# of the same ε, so ours may sit a little above the reference but never materially below it.
+ABOVE_TOL = 0.01  # ε at most 1% above the reference ...
+BELOW_TOL = 0.001  # ... and at most 0.1% below it (an ε below the reference under-reports privacy loss)
+
+
 @pytest.mark.parametrize("sigma,q,steps,bands", [(1.0, 0.01, 1000, 4), (2.5, 0.1, 300, 8), (0.9, 0.05, 101, 3)])
 def test_epsilon_matches_dp_accounting_pld(sigma, q, steps, bands):
-    dp_accounting = pytest.importorskip("dp_accounting")
+    dp_accounting = import_dp_accounting()
     from dp_accounting.pld import pld_privacy_accountant
 
     rounds, p = math.ceil(steps / bands), bands * q
@@ -242,8 +249,8 @@ def test_epsilon_matches_dp_accounting_pld(sigma, q, steps, bands):
     for _ in range(steps):
         accountant.step(noise_multiplier=sigma, sample_rate=p)
     assert accountant.rounds == rounds and accountant.total_steps == steps
-    assert accountant.get_epsilon(1e-5) == pytest.approx(expected, rel=0.01)
-    assert bandmf_epsilon(sigma, q, steps, bands, 1e-5) == pytest.approx(expected, rel=0.01)
+    for ours in (accountant.get_epsilon(1e-5), bandmf_epsilon(sigma, q, steps, bands, 1e-5)):
+        assert expected * (1 - BELOW_TOL) <= ours <= expected * (1 + ABOVE_TOL), (ours, expected)
     restored = BandMFAccountant("prv", bands)
     restored.load_state_dict(accountant.state_dict())
     assert restored.get_epsilon(1e-5) == accountant.get_epsilon(1e-5)

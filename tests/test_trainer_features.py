@@ -27,6 +27,7 @@ from typing import List, Sequence, Tuple
 import pytest
 import torch
 
+from tests.dp_accounting_reference import import_dp_accounting
 from tests.lightning_helpers import TinyClassifier, make_loader, trainer_kwargs
 from tests.namespace import DPStrategy, MisconfigurationException, pl, submodule
 
@@ -47,7 +48,7 @@ REFUSED = r"^Not available under DP:"
 def pld_epsilon(steps: Sequence[Tuple[float, float]], delta: float, interval: float = 1e-4) -> float:
     """ε at ``delta`` of the per-step ``(σ, q)`` list by dp-accounting's PLD accountant (each run of
     equal steps composed as one ``SelfComposedDpEvent`` of a Poisson-subsampled Gaussian)."""
-    dp_accounting = pytest.importorskip("dp_accounting")
+    dp_accounting = import_dp_accounting()
     from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
 
     events = [
@@ -242,15 +243,22 @@ def test_accumulation_changed_between_epochs_is_accounted(tmp_path):
     assert_epsilon_matches_pld(trainer.strategy, per_step(*expected))
 
 
-def test_accumulation_changed_between_epochs_with_target_epsilon_stays_within_the_target(tmp_path):
-    target = 3.0
+def test_accumulation_changed_between_epochs_with_target_epsilon_is_refused_at_the_change(tmp_path):
+    """σ was calibrated for k=1 in all 4 epochs (32 steps at q=1/8); k=3 from epoch 2 would take steps at
+    q=3/8 the plan never priced. The table in lightning_dp/adapter/features.py (and
+    docs/lightning_features.rst) says: refused with target_epsilon, at the first micro-batch after the
+    change. So epochs 0–1 run (16 steps at q=1/8, within the target), and nothing of epoch 2 does."""
+    B, target = 8, 3.0
+    model = TinyClassifier()
     strategy = DPStrategy(target_epsilon=target, delta=DELTA, seed=0)
     trainer = pl.Trainer(max_epochs=4, strategy=strategy, callbacks=[SetAccumulationAtEpochStart(2, 3)],
                          **trainer_kwargs(tmp_path))
-    try:
-        trainer.fit(TinyClassifier(), train_dataloaders=make_loader(n=N, batch_size=8))
-    except MisconfigurationException as err:  # refusing the change is as good as staying within the target
-        assert str(err).startswith("Not available under DP:") and "accumulate_grad_batches" in str(err)
+    refused = REFUSED + r" accumulate_grad_batches changed to 3 in epoch 2, but σ was calibrated for target_epsilon"
+    with pytest.raises(MisconfigurationException, match=refused):
+        trainer.fit(model, train_dataloaders=make_loader(n=N, batch_size=B))
+    sigma = strategy.noise_multiplier
+    assert_history(strategy, [(sigma, B / N, 2 * (N // B))])
+    assert trainer.global_step == 16 and model.training_steps_run == 16  # epoch 2's first batch never ran
     assert strategy.get_epsilon(DELTA) <= target
 
 
