@@ -41,9 +41,11 @@ demo: $(STAMP)
 # The whole suite under `import lightning as L`, then the Lightning tests again under pytorch_lightning.
 # One intra-op thread per process: the tests' models are tiny (thread hand-offs cost more than they save)
 # and the distributed tests run several processes at once; tests about threads set their own counts.
+# The venv has the test extra, so the independent references (dp-accounting) are required: a check against
+# a missing reference fails instead of skipping (tests/dp_accounting_reference.py).
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m pytest tests
-	OMP_NUM_THREADS=1 LIGHTNING_DP_TEST_NAMESPACE=pytorch_lightning $(PY) -m pytest tests -m lightning
+	OMP_NUM_THREADS=1 LIGHTNING_DP_REQUIRE_REFERENCES=1 $(PY) -m pytest tests
+	OMP_NUM_THREADS=1 LIGHTNING_DP_REQUIRE_REFERENCES=1 LIGHTNING_DP_TEST_NAMESPACE=pytorch_lightning $(PY) -m pytest tests -m lightning
 
 # The smoke set (marker `smoke`: the RFC 8439 and SP 800-38A vectors, a secure-mode fit, a 2-process DDP
 # step, Hugging Face LoRA and DoRA steps) against the oldest supported versions; the Lightning ones again
