@@ -3,6 +3,9 @@
     python benchmarks/step_time.py [--repeats 15] [--models cnn,mlp,tf64,tf256,gpt2,gpt2-lora] [--methods ...]
                                    [--no-memory] [--device cuda]
 
+Models ``gpt2-ac`` and ``gpt2-lora-ac`` are the GPT-2-shaped rows with activation checkpointing on (Hugging
+Face's ``gradient_checkpointing_enable()``): compare their peak memory with ``gpt2`` and ``gpt2-lora``.
+
 Times: every method's training step (zero_grad, forward, loss, backward, optimizer step incl. noise)
 on the same model weights and the same batch, interleaved round by round in one process; the table
 shows medians and ratios to the non-private step. In each round every method runs two steps and only
@@ -55,9 +58,11 @@ class TinyTransformer(nn.Module):
 class GPT2Logits(nn.Module):
     """A GPT-2-shaped causal LM built from a config (random init, offline): 6 layers, d=384, 6 heads,
     vocabulary 8192, tied input/output embeddings; ``lora=True`` freezes it and adds PEFT LoRA (r=8) to the
-    attention and MLP projections. Returns the logits."""
+    attention and MLP projections; ``checkpointing=True`` turns on Hugging Face's activation checkpointing
+    of every block (``gradient_checkpointing_enable()``, its default: non-reentrant since transformers 5).
+    Returns the logits."""
 
-    def __init__(self, lora: bool = False) -> None:
+    def __init__(self, lora: bool = False, checkpointing: bool = False) -> None:
         super().__init__()
         from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -70,7 +75,9 @@ class GPT2Logits(nn.Module):
 
             model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, fan_in_fan_out=True,
                                                      target_modules=["c_attn", "c_proj", "c_fc"]))
-        self.lm = model
+        if checkpointing:
+            model.gradient_checkpointing_enable()  # frozen embeddings (LoRA): inputs made to require grad too
+        self.lm = model.train()
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.lm(input_ids=idx).logits
@@ -97,6 +104,10 @@ def models() -> Dict[str, Tuple[str, Callable[[], nn.Module], Callable[[], tuple
         "gpt2": ("GPT-2-shaped LM (6×384, V=8192), full fine-tuning, T=128, B=8", GPT2Logits, gpt2_batch),
         "gpt2-lora": ("GPT-2-shaped LM (6×384, V=8192), LoRA r=8, T=128, B=8", lambda: GPT2Logits(lora=True),
                       gpt2_batch),
+        "gpt2-ac": ("GPT-2-shaped LM (6×384, V=8192), full fine-tuning, activation checkpointing, T=128, B=8",
+                    lambda: GPT2Logits(checkpointing=True), gpt2_batch),
+        "gpt2-lora-ac": ("GPT-2-shaped LM (6×384, V=8192), LoRA r=8, activation checkpointing, T=128, B=8",
+                         lambda: GPT2Logits(lora=True, checkpointing=True), gpt2_batch),
         "cnn": ("tutorial CNN, MNIST, B=256", cnn, lambda: (torch.randn(256, 1, 28, 28), torch.randint(0, 10, (256,)))),
         "mlp": ("MLP 784-512-512-10, B=256", mlp, lambda: (torch.randn(256, 784), torch.randint(0, 10, (256,)))),
         "tf64": ("1-block transformer, T=64, B=64", TinyTransformer, lm_batch(64)),

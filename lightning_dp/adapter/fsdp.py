@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Any, Dict, Iterator, List, Optional, Set, Tuple, Type
 
@@ -69,6 +70,20 @@ class DTensorShards:
 def _has_rule(module: nn.Module) -> bool:
     """Whether the per-sample-gradient hooks know ``type(module)`` (only its type is looked at)."""
     return type(module) in _FACTORED or get_grad_sampler(module) is not None or get_dp_forward(module) is not None
+
+
+def _check_checkpointing_policy(policy: Any) -> None:
+    """``activation_checkpointing_policy``: a set of block classes (not single layers with a rule)."""
+    if policy is None:
+        return
+    if not all(isinstance(c, type) and issubclass(c, nn.Module) for c in policy):
+        raise ValueError(f"`activation_checkpointing_policy` must be a set of nn.Module classes, got {policy!r}.")
+    layers = sorted(c.__name__ for c in policy if _has_rule(c.__new__(c)))
+    if layers:
+        raise ValueError(
+            f"`activation_checkpointing_policy` names single layers {layers}: the per-sample gradient hooks run "
+            "their own forward for such layers. Name the blocks that hold them (e.g. the transformer layer)."
+        )
 
 
 def _drop_grad(param: torch.Tensor) -> None:
@@ -190,6 +205,33 @@ def _sharded_by_dp_strategy() -> None:
     """The model was sharded by ``DPFSDPStrategy(auto_wrap_policy=...)``."""
 
 
+_CHECKPOINTED = "_dp_checkpointed_forward"
+
+
+def _checkpointed_forward(forward: Any, *args: Any, **kwargs: Any) -> Any:
+    """``forward(*args, **kwargs)`` under non-reentrant activation checkpointing, when gradients are on."""
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def apply_activation_checkpointing(module: nn.Module, policy: Tuple[Type[nn.Module], ...]) -> List[nn.Module]:
+    """Run the forward of every submodule of ``module`` whose class is in ``policy`` under non-reentrant
+    ``torch.utils.checkpoint`` (an instance ``forward``: no wrapper module, names and state-dict keys
+    unchanged; FSDP2's hooks stay outside it). Returns the modules, each checkpointed once however often
+    this is called."""
+    chosen = []
+    for submodule in module.modules():
+        if isinstance(submodule, policy) and submodule is not module:
+            if _CHECKPOINTED not in vars(submodule):
+                submodule.forward = functools.partial(_checkpointed_forward, submodule.forward)
+                setattr(submodule, _CHECKPOINTED, True)
+            chosen.append(submodule)
+    return chosen
+
+
 class FSDPDP(DPStrategyMixin, _ShardedBackward):
     """DP-SGD on a sharded model (FSDP2): ``Trainer(devices=N, strategy=DPFSDPStrategy(...))`` (or ``"dp_fsdp"``).
 
@@ -226,6 +268,12 @@ class FSDPDP(DPStrategyMixin, _ShardedBackward):
             ``param_dtype=torch.bfloat16``); clipped sums are reduced in float32 (or the sharded
             parameters' dtype, if wider).
         reshard_after_forward: passed to ``fully_shard`` for the modules this strategy shards.
+        activation_checkpointing_policy: module classes (blocks, such as a transformer layer) whose forward
+            runs under non-reentrant activation checkpointing (``torch.utils.checkpoint``): their activations
+            are dropped after the forward and recomputed in the backward pass; per-sample gradients are
+            exact as without it. Applied whether this strategy or ``configure_model`` shards the model.
+            Single layers with a per-sample rule (``nn.Linear``...) are refused: checkpoint the block that
+            holds them.
         **kwargs: passed to Lightning's ``ModelParallelStrategy`` (``save_distributed_checkpoint``,
             ``process_group_backend``, ``timeout``).
     """
@@ -251,6 +299,7 @@ class FSDPDP(DPStrategyMixin, _ShardedBackward):
         auto_wrap_policy: Optional[Set[Type[nn.Module]]] = None,
         mp_policy: Optional[Any] = None,
         reshard_after_forward: Optional[bool] = None,
+        activation_checkpointing_policy: Optional[Set[Type[nn.Module]]] = None,
         **kwargs: Any,
     ) -> None:
         refuse_options("DPFSDPStrategy", kwargs, {
@@ -275,11 +324,20 @@ class FSDPDP(DPStrategyMixin, _ShardedBackward):
                 )
         if auto_wrap_policy is not None and not all(isinstance(c, type) and issubclass(c, nn.Module) for c in auto_wrap_policy):
             raise ValueError(f"`auto_wrap_policy` must be a set of nn.Module classes, got {auto_wrap_policy!r}.")
+        _check_checkpointing_policy(activation_checkpointing_policy)
+        if "activation_checkpointing" in kwargs:
+            raise ValueError(
+                "DPFSDPStrategy takes `activation_checkpointing_policy` (a set of block classes), not "
+                "`activation_checkpointing`."
+            )
         super().__init__(data_parallel_size="auto", tensor_parallel_size=1, **kwargs)
         self._init_dp(config)
         self.auto_wrap_policy = frozenset(auto_wrap_policy) if auto_wrap_policy is not None else None
         self.mp_policy = mp_policy
         self.reshard_after_forward = reshard_after_forward
+        self.activation_checkpointing_policy = (
+            frozenset(activation_checkpointing_policy) if activation_checkpointing_policy else None
+        )
         self._unsharded_parameters: Optional[UnshardedParameters] = None
         self._padding_pass = False
         self._sharded_here = False  # this strategy called fully_shard on the model (auto_wrap_policy)
@@ -293,6 +351,8 @@ class FSDPDP(DPStrategyMixin, _ShardedBackward):
     def setup(self, trainer: Any) -> None:
         """Shard the model unless its ``configure_model`` did, set up as Lightning and the DP mixins do, then
         make the sharded step private: FSDP2's gradient sync off, unsharded parameters connected."""
+        if self.activation_checkpointing_policy:
+            apply_activation_checkpointing(self.lightning_module, tuple(self.activation_checkpointing_policy))
         self._shard_model()
         with _declaring_configure_model(self.lightning_module):
             super().setup(trainer)

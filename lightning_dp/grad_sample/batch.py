@@ -20,6 +20,12 @@ as per-sample, as they always did), a layer input is
   position ids, but also T5's buckets ``(q, k)`` when ``q`` happens to equal ``B``). Its output is
   handed on as a shared tensor too, and the first operation that meets the batch decides: kept as
   per-sample if its leading dimension lines up with the batch there, shared if it is broadcast over it.
+
+Activation checkpointing runs a block's forward again during the backward pass (its recompute), with the
+block's own arguments; every layer input must be taken there as in the original forward. A forward
+during a backward pass is such a recompute: ``B`` comes from the recomputed container's arguments (the
+last forward's when the checkpointed function calls layers directly, outside any container) and the
+inputs that count as the model's own are the last forward's (:meth:`ForwardBatch._current`).
 """
 from __future__ import annotations
 
@@ -46,8 +52,9 @@ class ForwardBatch:
         self.batch_first = batch_first
         self.recording = recording
         self.aware_size: Optional[int] = None
-        self.size: Optional[int] = None
+        self._size: Optional[int] = None
         self._inputs: set = set()  # storages of the outermost call's tensors
+        self._last: Tuple[Optional[int], set] = (None, set())  # (size, inputs) of the last recording forward
         self._depth = 0
         self._entries: set = set()  # ids of the modules whose calls are counted (not their copies)
 
@@ -64,14 +71,38 @@ class ForwardBatch:
     def detach(self) -> None:
         """Forget the counted modules (their hooks are removed by the caller)."""
         self._entries.clear()
-        self.size, self._depth = None, 0
+        self._size, self._depth = None, 0
+
+    @property
+    def size(self) -> Optional[int]:
+        """``B`` of the forward in progress (``None`` outside any counted call; see :meth:`_current`)."""
+        return self._current()[0]
 
     def enter(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
-        """An outermost call begins: its first tensor argument's first dimension gives ``B``."""
+        """An outermost call begins: its first tensor argument's first dimension gives ``B``. During a
+        backward pass the call is activation checkpointing's recompute of a block: see :meth:`_current`."""
         tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         first = next((t for t in tensors if t.dim() > 0), None)
-        self.size = None if first is None else first.shape[0]
-        self._inputs = {_storage(t) for t in tensors}
+        size = None if first is None else first.shape[0]
+        if in_backward():
+            self._size = self._last[0] if size is None else size
+            self._inputs = self._last[1]
+            return
+        self._size, self._inputs = size, {_storage(t) for t in tensors}
+        self._last = (self._size, self._inputs)
+
+    def _current(self) -> Tuple[Optional[int], set]:
+        """``(B, storages of the forward's inputs)``.
+
+        A forward during a backward pass is activation checkpointing's recompute of a block (a checkpointed
+        container, or a function that calls layers directly) and must take every layer input as the
+        original forward did (the same code path: the recompute saves the same tensors, and hooks that run
+        record the same per-sample gradients). A recomputed container finds ``B`` in its arguments as
+        usual; a layer called outside any container takes the last forward's. The inputs that count as
+        the model's own (integer ids, per-sample) are the last forward's, not the block's arguments."""
+        if self._depth == 0 and self._size is None and in_backward():
+            return self._last
+        return self._size, self._inputs
 
     def find_batch_dim(self, shape: Sequence[int]) -> int:
         """Batch dimension (0 or 1) of a tensor of ``shape`` from a layer that takes any leading dims."""
@@ -89,15 +120,21 @@ class ForwardBatch:
         shared tensor is what its roots are."""
         if isinstance(x, shared.SharedTensor):
             return shared.state(x)
-        if self.size is None or not self.batch_first:  # time-major models: as they always were
+        size, inputs = self._current()
+        if size is None or not self.batch_first:  # time-major models: as they always were
             return PER_SAMPLE
         # after a batch-aware layer (attention, RNN with their own batch_first) dimension 1 may be the batch
         dims = (0,) if self.aware_size is None else (0, 1)
-        if not any(d < x.dim() and x.shape[d] == self.size for d in dims):
+        if not any(d < x.dim() and x.shape[d] == size for d in dims):
             return SHARED
-        if x.shape[0] != self.size or x.is_floating_point() or x.is_complex() or _storage(x) in self._inputs:
+        if x.shape[0] != size or x.is_floating_point() or x.is_complex() or _storage(x) in inputs:
             return PER_SAMPLE
         return UNDECIDED
+
+
+def in_backward() -> bool:
+    """Whether a backward pass is running on this thread (a forward now is a checkpointed block's recompute)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def infer_batch_first(module: nn.Module) -> bool:
@@ -128,5 +165,5 @@ def _leave(ref: Any, module: nn.Module, args: Tuple[Any, ...], output: Any) -> N
         return
     batch._depth = max(0, batch._depth - 1)
     if batch._depth == 0:
-        batch.size = None  # B holds for this call only
+        batch._size = None  # B holds for this call only
         batch._inputs = set()

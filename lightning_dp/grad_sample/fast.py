@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .saved import Saved
+
 CLIPPING_MODES = ("auto", "ghost", "materialize")
 FAST_MODES = ("auto", "ghost")
 _MODE_ATTR = "_dp_clipping_mode"
@@ -72,9 +74,10 @@ class _LinearInputGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
-        weight = ctx.saved_tensors[0]
+        saved = ctx.saved_tensors  # read once: non-reentrant checkpointing refuses a second read
+        weight = saved[0]
         if ctx.record is not None:
-            ctx.record(ctx.saved_tensors[1].detach(), grad)
+            ctx.record(saved[1].detach(), grad)
         grad_x = grad @ weight.to(grad.dtype) if ctx.needs_input_grad[0] else None
         return (
             grad_x, _unused_grad(weight, ctx.needs_input_grad[1]), _unused_grad(ctx.bias, ctx.needs_input_grad[2]),
@@ -139,10 +142,11 @@ class _EmbeddingNoGrad(torch.autograd.Function):
 
 
 def _record_from_hook(out: torch.Tensor, x: torch.Tensor, record: Record) -> torch.Tensor:
-    """The usual op ran (autocast): ``record`` is called from a hook on its output instead."""
+    """The usual op ran (autocast): ``record`` is called from a hook on its output instead (``x`` kept
+    through autograd's saved-tensor hooks, see ``saved.py``)."""
     if record is not None and out.requires_grad:
-        saved = x.detach()
-        out.register_hook(lambda grad: record(saved, grad))
+        saved = Saved(x)
+        out.register_hook(lambda grad: record(saved.get(), grad))
     return out
 
 

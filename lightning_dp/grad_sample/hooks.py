@@ -26,7 +26,14 @@ Design notes:
 
 * The activation is captured by the closure of the output's tensor hook, not in a list on the module:
   a module called several times in one forward gets one hook per call, and activations are freed with
-  the autograd graph (no leak when a forward is never followed by a backward).
+  the autograd graph (no leak when a forward is never followed by a backward). The closure holds it as
+  a tensor saved for backward (``saved.py``), so that activation checkpointing drops it after the
+  forward and recomputes it with the rest of its block, as it does the layer's own saved tensors.
+* Activation checkpointing: the recompute of a checkpointed block runs these forwards again. Under
+  non-reentrant checkpointing its graph is never backpropagated (the original graph is), so its hooks
+  never fire; under reentrant checkpointing the original forward runs without gradients and records
+  nothing. Either way each call records once. The recompute takes every input as the forward did
+  (``batch.py``).
 * Tensor hooks on the output see the gradient of the value the module produced, even if a later
   in-place op (``ReLU(inplace=True)``) modifies it — ``register_full_backward_hook`` fails there.
 * Nothing is recorded when gradients are disabled (``torch.no_grad``, Lightning's validation and
@@ -67,6 +74,7 @@ from .registry import (
     get_rule_batch_dim,
     trainable_parameters,
 )
+from .saved import Saved, no_saved_tensor_hooks
 from .utils import flatten_middle, place_rows
 
 _LOSS_REDUCTIONS = ("mean", "sum")
@@ -210,10 +218,10 @@ class GradSampleHooks:
             return
         if kwargs:  # rules see the forward's arguments positionally, in signature order
             inputs = _positional(module, inputs, kwargs)
-        activations = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in inputs)
+        saved = Saved(tuple(inputs))  # through autograd's saved-tensor hooks: checkpointing drops them
 
         def on_output_grad(grad: torch.Tensor) -> None:
-            self._apply_rule(module, activations, grad)
+            self._apply_rule(module, saved.get(), grad)
 
         output.register_hook(on_output_grad)
 
@@ -331,9 +339,10 @@ class GradSampleHooks:
         need_b = bias is not None and bias.requires_grad
         if not (need_w or need_b) or not out.requires_grad:
             return out
-        x_saved = x.detach()
+        saved = Saved(x)
 
         def on_output_grad(grad: torch.Tensor) -> None:
+            x_saved = saved.get()
             scale = self.scale_factor(grad.shape[0])
             need_w_now, need_b_now = need_w, need_b
             if factored and need_w:
@@ -373,20 +382,26 @@ class GradSampleHooks:
         kwargs = torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.detach(), kwargs)
         batch_size = outputs[live[0]].shape[0]
         if id(module) not in self._checked:
-            with self._suspend():
+            # inside a checkpointed block the checkpoint's saved-tensor hooks are set, and torch.func refuses
+            # to run under them; the check's tensors are its own (not saved for the block's backward)
+            with self._suspend(), no_saved_tensor_hooks():
                 check_fallback(module, self._path(module), args, kwargs, outputs, live)
             self._checked.add(id(module))
-        shapes = [outputs[i] for i in live]
+        like = [(outputs[i].shape, outputs[i].dtype, outputs[i].device) for i in live]
+        saved = Saved((args, kwargs))  # through autograd's saved-tensor hooks: checkpointing drops them
 
         def on_output_grads(grads: Sequence[Optional[torch.Tensor]]) -> None:
-            grads = [torch.zeros_like(o) if g is None else self.scale(g, batch_size) for g, o in zip(grads, shapes)]
-            with self._suspend():
+            grads = [
+                torch.zeros(shape, dtype=dtype, device=device) if g is None else self.scale(g, batch_size)
+                for g, (shape, dtype, device) in zip(grads, like)
+            ]
+            args, kwargs = saved.get()
+            with self._suspend(), no_saved_tensor_hooks():
                 per_sample = fallback_grad_sample(module, args, kwargs, live, grads)
             for name, grad_sample in per_sample.items():
                 self.add_grad_sample(module.get_parameter(name), grad_sample, module)
 
-        # the handle lives on the output tensors and is freed with the graph
-        torch.autograd.graph.register_multi_grad_hook([outputs[i] for i in live], on_output_grads)
+        _on_output_grads([outputs[i] for i in live], on_output_grads)
 
     def per_sample_inputs(
         self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]
@@ -444,6 +459,46 @@ class _Suspend:
 
     def __exit__(self, *exc: Any) -> None:
         self.hooks._suspended -= 1
+
+
+def _on_output_grads(outputs: Sequence[torch.Tensor], fn: Any) -> None:
+    """Call ``fn(grads)`` once per backward pass that reaches any of ``outputs``, with the gradient of each
+    (``None`` for one the pass does not reach): as soon as all have arrived, else at the end of the pass.
+
+    Unlike ``torch.autograd.graph.register_multi_grad_hook``, nothing here holds the outputs' autograd
+    nodes. That function keeps them in its hooks' closure (to count the gradients to expect): a reference
+    cycle through the nodes, which the garbage collector cannot break while anything else holds a node
+    (the engine, until the next backward pass; for good when the hook also held the outputs, as the
+    fallback's did), so every step's inputs and outputs of a custom layer stayed alive. Here the hooks
+    live on the outputs' nodes and go with the graph.
+    """
+    if len(outputs) == 1:
+        outputs[0].register_hook(lambda grad: fn([grad]))
+        return
+    pending: Dict[int, List[Any]] = {}  # graph task → [gradients, number arrived]
+
+    def flush(task: int) -> None:
+        entry = pending.pop(task, None)
+        if entry is not None:
+            fn(entry[0])
+
+    def hook_for(index: int) -> Any:
+        def hook(grad: torch.Tensor) -> None:
+            task = torch._C._current_graph_task_id()
+            entry = pending.get(task)
+            if entry is None:
+                entry = pending[task] = [[None] * len(outputs), 0]
+                # outputs the pass does not reach: their gradients stay None, fn runs when the pass ends
+                torch.autograd.Variable._execution_engine.queue_callback(lambda: flush(task))
+            entry[0][index] = grad
+            entry[1] += 1
+            if entry[1] == len(outputs):
+                flush(task)
+
+        return hook
+
+    for i, t in enumerate(outputs):
+        t.register_hook(hook_for(i))
 
 
 def _layer_forward(module: nn.Module, hooks: "GradSampleHooks", *args: Any, **kwargs: Any) -> Any:
