@@ -110,11 +110,15 @@ class UserShardedNet(ShardedNet):
 
 
 class LeafShardedNet(ShardedNet):
-    """Gives a single Linear to fully_shard: refused at setup (FSDP2 changes its class)."""
+    """Gives single layers to fully_shard in configure_model (FSDP2 turns each into an ``FSDPLinear``)."""
 
     def configure_model(self):
-        fully_shard(self.net[0], mesh=self.device_mesh["data_parallel"])
-        fully_shard(self, mesh=self.device_mesh["data_parallel"])
+        mesh = self.device_mesh["data_parallel"]
+        fully_shard(self.net[0], mesh=mesh)
+        for block in self.net[1:-1]:
+            fully_shard(block.lin1, mesh=mesh)
+            fully_shard(block.norm, mesh=mesh)
+        fully_shard(self, mesh=mesh)
 
 
 def _trainer(strategy, out_dir: str, num_nodes: int, **overrides):
@@ -212,11 +216,9 @@ def job_fsdp(out_dir: str) -> None:
             model=ShardedNet(momentum=0.9), save_to=path, **loader)
         fit(f"resumed_{kind}", out_dir, _fsdp(save_distributed_checkpoint=distributed, **noisy), max_steps=4,
             model=ShardedNet(momentum=0.9), ckpt_path=path, **loader)
-    try:  # last: a fit that fails at setup (on every rank alike)
-        fit("refused", out_dir, _fsdp(**exact), model=LeafShardedNet())
-    except Exception as err:  # noqa: BLE001  (the test checks the type and message)
-        message = f"{type(err).__name__}: {err}"
-        torch.save({"error": message}, os.path.join(out_dir, f"refused.rank{int(os.environ['LOCAL_RANK'])}.pt"))
+    # Single layers sharded on their own: by the user in configure_model, and every Linear by the policy.
+    fit("leaf_sharded", out_dir, _fsdp(**exact), model=LeafShardedNet(), max_steps=2)
+    fit("leaf_policy", out_dir, _fsdp(**dict(exact, auto_wrap_policy={nn.Linear})), max_steps=2)
 
 
 def job_num_nodes(out_dir: str) -> None:

@@ -115,9 +115,12 @@ def test_resume_from_a_checkpoint_keeps_epsilon_and_continues_every_rank_stream(
 
 
 @pytest.mark.slow
-def test_a_single_layer_given_to_fully_shard_is_refused_at_setup(results):
-    for r in load(results, "refused"):
-        assert r["error"].startswith("MisconfigurationException: DPFSDPStrategy: module net.0 (Linear)")
+@pytest.mark.parametrize("name", ["leaf_sharded", "leaf_policy"])
+def test_single_layers_given_to_fully_shard_are_exact(results, name):
+    """Opacus's FSDP2 wrapper shards every layer that has parameters: single Linear and LayerNorm layers
+    sharded on their own (FSDP2 gives each a generated class, FSDPLinear) keep their per-sample rules, and
+    every step equals one process on the union batch, as for blocks."""
+    check_steps(load(results, name))
 
 
 def test_registry_name_and_arguments():

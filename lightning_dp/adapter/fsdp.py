@@ -27,7 +27,6 @@ from ..sampling import batch_size_of, is_empty_batch, map_tensors, split_batch
 from .strategies import BANDS_REFUSAL, DPStrategyMixin, refuse_options
 
 _D = DPConfig
-_FACTORED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 _STEP_METHODS = ("training_step", "validation_step", "test_step", "predict_step")
 _PER_SAMPLE_ATTRS = ("grad_sample", "grad_parts")
 
@@ -68,8 +67,9 @@ class DTensorShards:
 
 
 def _has_rule(module: nn.Module) -> bool:
-    """Whether the per-sample-gradient hooks know ``type(module)`` (only its type is looked at)."""
-    return type(module) in _FACTORED or get_grad_sampler(module) is not None or get_dp_forward(module) is not None
+    """Whether the per-sample-gradient hooks know ``type(module)`` (only its type is looked at; the registry
+    reads a class FSDP2 generated around a layer as that layer's class)."""
+    return get_grad_sampler(module) is not None or get_dp_forward(module) is not None
 
 
 def _check_checkpointing_policy(policy: Any) -> None:
@@ -243,8 +243,9 @@ class FSDPDP(DPStrategyMixin, _ShardedBackward):
       (use ``self.device_mesh["data_parallel"]`` as the mesh). Otherwise every module whose class is in
       ``auto_wrap_policy`` is given to ``fully_shard`` (innermost first), then the LightningModule itself,
       with ``training_step``/``validation_step``/``test_step``/``predict_step`` registered as FSDP2 forward
-      methods. Give ``fully_shard`` blocks (a transformer layer), not single layers: FSDP2 changes a sharded
-      module's class, and the per-sample rules find layers by their exact class (such a layer is refused).
+      methods. Blocks (a transformer layer) and single layers (``auto_wrap_policy={nn.Linear}``, as Opacus's
+      FSDP2 wrapper shards every layer with parameters) both work: FSDP2 gives a sharded module a class of
+      its own (``FSDPLinear``), which the per-sample rules read as the layer's class.
     * **The DPDDPStrategy guarantee**: distributed Poisson sampling at the global rate (every example in at
       most one rank's batch); each rank clips its own samples before anything leaves it (FSDP2's raw
       gradient reduce-scatter is off); each layer's clipped sum is reduce-scattered into the ranks' shards
@@ -408,20 +409,6 @@ class FSDPDP(DPStrategyMixin, _ShardedBackward):
                 raise host.trainer_error(
                     f"DPFSDPStrategy: parameter {name} is placed {p.placements} on a {p.device_mesh.ndim}-D mesh; "
                     "only FSDP2 sharding over one data-parallel mesh dimension (Shard) is supported under DP."
-                )
-        fsdp = _fsdp()
-        paths = {id(m): path for path, m in self.lightning_module.named_modules()}
-        for module in self.lightning_module.modules():
-            if not isinstance(module, fsdp.FSDPModule) or not any(
-                p.requires_grad for p in module.parameters(recurse=False)
-            ):
-                continue
-            layer = next((c for c in type(module).__mro__[1:] if not issubclass(c, fsdp.FSDPModule)), None)
-            if layer is not None and not _has_rule(module) and _has_rule(layer.__new__(layer)):
-                raise host.trainer_error(
-                    f"DPFSDPStrategy: module {paths.get(id(module)) or '<root>'} ({layer.__name__}) was given to "
-                    "fully_shard on its own. FSDP2 changes its class, and per-sample gradient rules find layers by "
-                    "their exact class. Shard the module that contains it (e.g. its transformer block) instead."
                 )
 
     def teardown(self) -> None:

@@ -151,10 +151,27 @@ def register_dp_forward(*module_types: ModuleType) -> Callable[[DPForward], DPFo
 
 
 _NAMES: Dict[type, str] = {}
+_LAYER_CLASSES: Dict[type, type] = {}
+
+
+def layer_class(cls: type) -> type:
+    """The class rules are looked up by: ``cls``, or for a class that PyTorch's composable distributed APIs
+    generated around a layer's own (``fully_shard`` turns an ``nn.Linear`` into ``FSDPLinear`` with bases
+    ``(FSDPModule, nn.Linear)``; ``replicate`` likewise) that layer's class. The wrapper adds hooks around
+    the forward, not another computation, so the layer's rule holds."""
+    found = _LAYER_CLASSES.get(cls)
+    if found is None:
+        bases = cls.__bases__
+        generated = (
+            cls.__module__.startswith("torch.distributed.") and len(bases) == 2
+            and bases[0].__module__.startswith("torch.distributed.") and issubclass(bases[1], nn.Module)
+        )
+        found = _LAYER_CLASSES[cls] = layer_class(bases[1]) if generated else cls
+    return found
 
 
 def _lookup(table: Dict[ModuleType, _T], module: nn.Module) -> Optional[_T]:
-    cls = type(module)
+    cls = layer_class(type(module))
     found = table.get(cls)
     if found is None and table:
         name = _NAMES.get(cls)
