@@ -36,10 +36,18 @@ by at most ``C``, and the noise ``σC`` and the accounting stay as they are. The
 ``expected_batch_size`` (never by the number of kept samples, which depends on the data). A micro-batch
 whose samples are all dropped contributes zeros: the step is noise only, and is accounted as any step.
 
-The check costs one ``torch.isfinite(norms).all()`` per micro-batch; when every norm is finite (the usual
-case) nothing else is done. ``non_finite="propagate"`` skips it and keeps the plain arithmetic, where one
-non-finite sample makes the whole clipped sum non-finite (wanted under a fp16 ``GradScaler``: an
-overflow must reach the gradients so that the scaler skips the step and lowers its scale).
+On the CPU the check costs one ``torch.isfinite(norms).all()`` per micro-batch; when every norm is finite
+(the usual case) nothing else is done. On any other device (CUDA...) reading that answer would make the
+host wait for the device at every micro-batch, so there the check is **sync-free**: the mask of kept
+samples is always made, the factors go through ``torch.where`` and the rows of dropped samples are zeroed
+in every part unconditionally (one elementwise pass over the factors, no host sync); the returned
+``dropped`` mask is then always set (a device tensor, counted without a sync by the optimizer).
+``non_finite="propagate"`` skips all of it and keeps the plain arithmetic, where one non-finite sample
+makes the whole clipped sum non-finite (wanted under a fp16 ``GradScaler``: an overflow must reach the
+gradients so that the scaler skips the step and lowers its scale).
+
+``scale`` may be a 0-dim tensor (a ``GradScaler``'s scale, read without a sync): it is only multiplied in,
+never compared on the host.
 """
 from __future__ import annotations
 
@@ -69,8 +77,9 @@ class ClipResult(NamedTuple):
     """Each sample's norm over all parameters ``(B,)``, before clipping, after ``s`` (NaN/inf for a
     non-finite sample, also when it was dropped)."""
     dropped: Optional[torch.Tensor]
-    """Bool ``(B,)``, true for the samples left out of the sums (non-finite gradient); ``None`` when none
-    was (every norm finite, or ``non_finite="propagate"``): the common case costs no mask."""
+    """Bool ``(B,)``, true for the samples left out of the sums (non-finite gradient); on the CPU ``None``
+    when none was (every norm finite: the common case costs no mask), on other devices always the mask
+    (sync-free, see the module docstring); ``None`` with ``non_finite="propagate"``."""
 
 
 def per_sample_norms(grad_samples: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -167,7 +176,8 @@ def clip_and_sum(
         max_grad_norm: ``C`` (flat), or the total ``C`` split as ``C/√K`` over the ``K`` parameters.
         clipping: ``"flat"``, ``"per_layer"``, ``"automatic"`` or ``"automatic_per_layer"`` (see the
             module docstring).
-        scale: ``s > 0``, multiplies every per-sample gradient before clipping.
+        scale: ``s > 0``, multiplies every per-sample gradient before clipping: a number or a 0-dim tensor
+            (read without a host sync).
         norm_method: ``"auto"``, ``"ghost"`` or ``"materialize"`` (how factored parts compute norms).
         num_layers: ``K`` for per-layer clipping (default ``len(params)``): the number of trainable
             parameters of the optimizer, including those without gradient in this pass.
@@ -201,23 +211,22 @@ def clip_and_sum(
         for part_scale, norms in groups.items():
             summed = norms[0] if len(norms) == 1 else torch.stack(norms).sum(0)
             factor = (part_scale * scale) ** 2
-            summed = summed if factor == 1.0 else summed * factor
+            summed = summed if _is_one(factor) else summed * factor
             total_sq = summed if total_sq is None else total_sq + summed
         total = total_sq.sqrt()
-        keep = _finite(total) if non_finite == "drop" else None
+        keep = _kept(total, total) if non_finite == "drop" else None
         factors = [factor_of(total, max_grad_norm)] * len(params)
     else:
         squared = [_sum([part.norm_sq(norm_method) for part in ps]) for ps in parts]
-        if scale != 1.0:
+        if not _is_one(scale):
             squared = [sq * (scale * scale) for sq in squared]
         stacked = torch.stack(squared)
         total = stacked.sum(0).sqrt()
-        keep = None
-        if non_finite == "drop" and not bool(torch.isfinite(total).all()):
-            keep = torch.isfinite(stacked).all(0)  # any parameter's norm non-finite: the whole sample out
+        # any parameter's norm non-finite: the whole sample out
+        keep = _kept(total, stacked) if non_finite == "drop" else None
         bound = max_grad_norm / math.sqrt(num_layers or len(params))
         factors = [factor_of(sq.sqrt(), bound) for sq in squared]
-    if keep is not None:  # some sample is not finite: factor 0, and its rows zeroed in every part below
+    if keep is not None:  # some sample may not be finite: factor 0, and its rows zeroed in every part below
         zeroed: Dict[int, torch.Tensor] = {}
         for f in factors:
             if id(f) not in zeroed:
@@ -233,7 +242,7 @@ def clip_and_sum(
             key = (id(f), part.scale)
             if key not in scaled:
                 multiplier = scale * sum_scale * part.scale
-                scaled[key] = f if multiplier == 1.0 else f * multiplier
+                scaled[key] = f if _is_one(multiplier) else f * multiplier
             contributions.append(part.clipped_sum(scaled[key], scaled=False))
         if release:
             parts[k] = None  # type: ignore[index]
@@ -241,11 +250,21 @@ def clip_and_sum(
     return ClipResult(sums, total, None if keep is None else ~keep)
 
 
-def _finite(norms: torch.Tensor) -> Optional[torch.Tensor]:
-    """``None`` when every norm is finite (one reduction and one sync), else the bool mask of finite ones."""
-    if bool(torch.isfinite(norms).all()):
+def _kept(total: torch.Tensor, norms: torch.Tensor) -> Optional[torch.Tensor]:
+    """The bool ``(B,)`` mask of the samples to keep: those whose ``norms`` (``(B,)``, or ``(K, B)`` per
+    parameter) are all finite. On the CPU ``None`` when every sample's ``total`` norm is finite (one
+    reduction and one cheap sync; a NaN/inf among the ``norms`` makes ``total`` non-finite): the common
+    step makes no mask and zeroes nothing. On other devices always the mask, without any host sync."""
+    if total.device.type == "cpu" and bool(torch.isfinite(total).all()):
         return None
-    return torch.isfinite(norms)
+    finite = torch.isfinite(norms)
+    return finite if finite.dim() == 1 else finite.all(0)
+
+
+def _is_one(value: Any) -> bool:
+    """Whether ``value`` is the number 1 (a multiplication by it can be skipped); a tensor is never
+    compared (that would make the host wait for the device), it is multiplied in."""
+    return not isinstance(value, torch.Tensor) and value == 1.0
 
 
 def _sum(tensors: List[torch.Tensor]) -> torch.Tensor:

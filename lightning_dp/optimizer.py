@@ -112,11 +112,14 @@ class DPOptimizer(WrappedOptimizer):
     Attributes:
         per_sample_grad_scale: factor applied to per-sample gradients before clipping, to undo loss
             scaling done outside the model (Lightning divides the loss by ``accumulate_grad_batches``;
-            AMP's GradScaler multiplies it by its scale).
+            AMP's GradScaler multiplies it by its scale). A number, or a 0-dim tensor on the gradients'
+            device (the scaler's scale read without a host sync): multiplied in, never read on the host.
         steps_taken: optimizer steps taken (accounted) so far.
         dropped_samples: samples dropped for a non-finite gradient (``non_finite="drop"``) over the
             optimizer's life: every micro-batch clipped by :meth:`accumulate_micro_batch` adds its
             dropped samples, including those of a step later refused by :attr:`step_guard` or skipped.
+            Off the CPU the count is kept on the device (:attr:`dropped_samples_count`: no host sync per
+            micro-batch); reading this property is what brings it to the host.
         dropped_in_step: samples dropped from the current step: :meth:`accumulate_micro_batch` adds a
             micro-batch's dropped samples to it, and the first micro-batch of a step starts it again
             from 0, so after :meth:`step` (or :meth:`pre_step`) it holds the count of the step just taken
@@ -175,8 +178,8 @@ class DPOptimizer(WrappedOptimizer):
         self.per_sample_grad_scale = 1.0
         self.samples_in_step = 0
         self.steps_taken = 0
-        self.dropped_samples = 0
-        self.dropped_in_step = 0
+        self._dropped_total: "int | torch.Tensor" = 0  # a device tensor off the CPU: see dropped_samples
+        self._dropped_step: "int | torch.Tensor" = 0
         self._known_grads: Dict[int, Tuple[Any, int]] = {}  # see clipping.check_all_seen
         self._summed_divisor = 1.0  # what param.summed_grad is divided by (see add_noise)
         set_clipping_mode(self.params, clipping_mode)
@@ -208,6 +211,32 @@ class DPOptimizer(WrappedOptimizer):
         if expected_batch_size is not None:
             self.expected_batch_size = check_positive_int("expected_batch_size", expected_batch_size)
         self._check_adaptive_clipping()
+
+    @property
+    def dropped_samples(self) -> int:
+        """Samples dropped for a non-finite gradient over the optimizer's life (see the class Attributes);
+        off the CPU reading it waits for the device (read it when needed, not at every step)."""
+        return int(self._dropped_total)
+
+    @dropped_samples.setter
+    def dropped_samples(self, value: int) -> None:
+        self._dropped_total = int(value)
+
+    @property
+    def dropped_in_step(self) -> int:
+        """Samples dropped from the current step (see the class Attributes); a host sync off the CPU."""
+        return int(self._dropped_step)
+
+    @dropped_in_step.setter
+    def dropped_in_step(self, value: int) -> None:
+        self._dropped_step = int(value)
+
+    @property
+    def dropped_samples_count(self) -> "int | torch.Tensor":
+        """:attr:`dropped_samples` as it is kept, without a host sync: an ``int`` on the CPU, a 0-dim
+        integer tensor on the gradients' device once a micro-batch was clipped there (e.g. for
+        ``LightningModule.log``, which reads it only when it writes the logs)."""
+        return self._dropped_total
 
     @property
     def non_finite(self) -> str:
@@ -251,7 +280,7 @@ class DPOptimizer(WrappedOptimizer):
                 if hasattr(p, attr):
                     delattr(p, attr)
         self.samples_in_step = 0
-        self.dropped_in_step = 0
+        self._dropped_step = 0
         self._unclipped_in_step = 0.0
 
     @torch.no_grad()
@@ -277,7 +306,7 @@ class DPOptimizer(WrappedOptimizer):
             check_all_seen(params, with_samples, self._known_grads)
             self._known_grads = grads_now(params)
         if not with_samples:
-            return torch.zeros(0)
+            return torch.zeros(0, device=params[0].device if params else None)
         batch_sizes = {part.batch_size for ps in parts for part in ps}
         if len(batch_sizes) > 1:
             raise RuntimeError(
@@ -290,14 +319,14 @@ class DPOptimizer(WrappedOptimizer):
                 if hasattr(p, attr):
                     delattr(p, attr)
         if self.samples_in_step == 0:  # the first micro-batch of a step
-            self.dropped_in_step = 0
+            self._dropped_step = 0
         on_sum, unsampled = self._reduce_in_order(params, with_samples) if self.shards is not None else (None, None)
         sums, norms, dropped = clip_and_sum(
             with_samples,
             parts,
             self.max_grad_norm,
             clipping=self.clipping,
-            scale=float(self.per_sample_grad_scale),
+            scale=_scale_of(self.per_sample_grad_scale),
             norm_method="materialize" if self.clipping_mode == "materialize" else self.clipping_mode,
             num_layers=len(params),
             release=True,
@@ -305,18 +334,22 @@ class DPOptimizer(WrappedOptimizer):
             non_finite=self.non_finite,
             on_sum=on_sum,
         )
-        if dropped is not None:  # only when a norm was not finite: the common step counts nothing
-            count = int(dropped.sum())
-            self.dropped_samples += count
-            self.dropped_in_step += count
+        if dropped is not None:  # CPU: only when a norm was not finite; other devices: always, no sync
+            count = dropped.sum()
+            if count.device.type == "cpu":
+                count = int(count)
+            self._dropped_total = self._dropped_total + count
+            self._dropped_step = self._dropped_step + count
         received = list(zip(with_samples, sums)) + (unsampled() if unsampled is not None else [])
         for p, clipped in received:
             clipped = clipped.to(wide_dtype(p.dtype))  # float32 or wider until the noise is in
             previous = getattr(p, "summed_grad", None)
             p.summed_grad = clipped if previous is None else previous.add_(clipped)
         self.samples_in_step += next(iter(batch_sizes))
-        if self.adaptive_clipping is not None:  # centred count of unclipped samples (a NaN norm counts −½)
-            self._unclipped_in_step += float((norms <= self.max_grad_norm).sum()) - 0.5 * norms.numel()
+        if self.adaptive_clipping is not None:  # centred count of unclipped samples (a NaN norm counts −½),
+            # kept on the norms' device: read once per step, in _adapt_clipping_norm
+            unclipped = (norms <= self.max_grad_norm).sum(dtype=torch.float64) - 0.5 * norms.numel()
+            self._unclipped_in_step = self._unclipped_in_step + unclipped
         return norms
 
     def clip_and_accumulate(self) -> torch.Tensor:
@@ -419,7 +452,7 @@ class DPOptimizer(WrappedOptimizer):
         """Turn this step's per-sample gradients into the noisy DP gradient in ``param.grad``."""
         self.accumulate_micro_batch()
         if self.samples_in_step == 0:  # no micro-batch in this step: none of its samples was dropped
-            self.dropped_in_step = 0
+            self._dropped_step = 0
         self.add_noise()
         if self.adaptive_clipping is not None:
             self._adapt_clipping_norm()
@@ -479,10 +512,14 @@ class DPOptimizer(WrappedOptimizer):
     @torch.no_grad()
     def _adapt_clipping_norm(self) -> None:
         """Release the step's centred count of unclipped samples with noise ``N(0, σ_b²)`` (shared over
-        ranks like the gradient noise) and move ``max_grad_norm`` towards the target quantile."""
+        ranks like the gradient noise) and move ``max_grad_norm`` towards the target quantile.
+
+        The count is accumulated on the device over the step's micro-batches; reading the noised count
+        here (``float``) is the step's one host sync: the new norm is a Python number, used by the next
+        micro-batch's clipping."""
         rule, batch = self.adaptive_clipping, float(self.expected_batch_size)
         device = self.params[0].device if self.params else None
-        count = torch.tensor([self._unclipped_in_step], dtype=torch.float64, device=device)
+        count = torch.as_tensor(self._unclipped_in_step, dtype=torch.float64, device=device).reshape(1).clone()
         self._unclipped_in_step = 0.0
         if self.noise_multiplier > 0:
             add_noise_(self.noise, [count], rule.count_std(batch) / math.sqrt(self.noise_shares))
@@ -495,3 +532,9 @@ class DPOptimizer(WrappedOptimizer):
         if self.accountant is None:
             raise RuntimeError("This DPOptimizer has no accountant: pass sample_rate to make_private.")
         return self.accountant.get_epsilon(delta)
+
+
+def _scale_of(scale: "float | torch.Tensor") -> "float | torch.Tensor":
+    """:attr:`DPOptimizer.per_sample_grad_scale` for :func:`~lightning_dp.clipping.clip_and_sum`: a number
+    as a ``float``, a tensor as it is (converting it would make the host wait for the device)."""
+    return scale if isinstance(scale, torch.Tensor) else float(scale)

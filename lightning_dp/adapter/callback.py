@@ -110,7 +110,7 @@ class PrivacyBudget:
         value = self.last_epsilon if math.isfinite(self.last_epsilon) else float("inf")
         log = dict(on_step=True, on_epoch=False, logger=True, batch_size=1)
         pl_module.log(self.metric_name, value, prog_bar=self.prog_bar, **log)
-        pl_module.log(self.dropped_metric_name, float(trainer.strategy.dropped_samples), prog_bar=False, **log)
+        pl_module.log(self.dropped_metric_name, _dropped_value(trainer.strategy), prog_bar=False, **log)
         self._warn_uncovered(trainer)
         self._check_next_step(trainer)
 
@@ -142,6 +142,17 @@ class PrivacyBudget:
         self.last_epsilon = float(state_dict.get("last_epsilon", 0.0))
         if self.delta is None:
             self.delta = state_dict.get("delta")
+
+
+def _dropped_value(strategy: Any) -> Any:
+    """The strategy's dropped-sample count for ``pl_module.log`` without a host sync: off the CPU it is a
+    device tensor (logged as a float tensor, which Lightning brings to the host only when it writes the
+    logs, every ``log_every_n_steps``; the count is not in the progress bar, which would read it each
+    step), on the CPU a number."""
+    count = getattr(strategy, "dropped_samples_count", None)
+    if count is None:
+        return float(strategy.dropped_samples)
+    return count.float() if hasattr(count, "float") else float(count)
 
 
 def training_step_metrics(trainer: Any) -> List[str]:

@@ -257,6 +257,12 @@ class PrivacyStateMixin:
     def dropped_samples(self) -> int:
         """Samples dropped so far because their gradient was not finite (clip factor 0), this process,
         including those before a resumed checkpoint."""
+        return int(self.dropped_samples_count)
+
+    @property
+    def dropped_samples_count(self) -> Any:
+        """:attr:`dropped_samples` without a host sync: an ``int``, or a 0-dim tensor on the device where
+        samples are clipped (see :attr:`~lightning_dp.DPOptimizer.dropped_samples_count`)."""
         optimizer = self.optimizers[0] if getattr(self, "optimizers", None) else None
-        return self._dropped_before + int(getattr(optimizer, "dropped_samples", 0))
+        return self._dropped_before + getattr(optimizer, "dropped_samples_count", 0)
 

@@ -106,14 +106,21 @@ class StepsMixin:
         """Backward as usual, then clip this pass's per-sample gradients into the step's running sum.
 
         Per-sample gradients are first unscaled by the factors applied outside the model: Lightning's
-        ``1 / accumulate_grad_batches`` and, with ``precision="16-mixed"``, the GradScaler's scale.
+        ``1 / accumulate_grad_batches`` and, with ``precision="16-mixed"``, the GradScaler's scale. The
+        scaler's scale is read as the device tensor it is (``get_scale()`` would make the host wait for
+        the device at every micro-batch): the per-sample scale is then a 0-dim tensor, made now (the
+        scaler updates its own tensor in place after the step).
         """
         output = super().backward(closure_loss, optimizer, *args, **kwargs)  # type: ignore[misc]
         dp_optimizer = self.dp_optimizer
-        scale = float(self.lightning_module.trainer.accumulate_grad_batches)
+        scale: Any = float(self.lightning_module.trainer.accumulate_grad_batches)
         scaler = self._grad_scaler()
         if scaler is not None:
-            scale /= float(scaler.get_scale())
+            scaler_scale = getattr(scaler, "_get_scale_async", lambda: None)()
+            if isinstance(scaler_scale, torch.Tensor):
+                scale = scale / scaler_scale.to(torch.float64)  # a new tensor: in-place updates do not reach it
+            else:
+                scale /= float(scaler.get_scale())
         dp_optimizer.per_sample_grad_scale = scale
         dp_optimizer.accumulate_micro_batch()
         return output

@@ -23,8 +23,9 @@ A sample whose gradient is not finite is left out of the clipped sum (see :mod:`
 A zero clip factor is not enough there: inside the GEMM ``(c ⊙ G)ᵀA`` the sample's rows of ``A`` and
 ``G`` still meet, and ``0 · NaN = NaN``. :meth:`Part.keep_samples` gives the part with every factor row of
 the dropped samples zeroed (activations *and* output gradients, or the per-sample values), so its
-clipped sum is exactly that of the kept samples; it is called only for a micro-batch that has such a
-sample, so the usual, all-finite step makes no extra pass over the factors.
+clipped sum is exactly that of the kept samples. On the CPU it is called only for a micro-batch that has
+such a sample, so the usual, all-finite step makes no extra pass over the factors; on other devices it is
+called for every micro-batch (one elementwise pass), so the host never waits to learn whether it is needed.
 
 **Precision.** Norms and clipped sums are computed in float32 or wider whatever the factors' dtype: a
 part whose tensors are bf16/fp16 (a bf16 model, autocast's activations) is widened (:func:`wide`) while
@@ -38,6 +39,7 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Tuple
 
 import copy
+import functools
 
 import torch
 
@@ -514,10 +516,15 @@ def merge(parts: List[Part]) -> List[Part]:
         if len(group) == 1:
             merged.append(group[0])
             continue
-        dtype, scale = group[0].a.dtype, group[0].scale
+        scale = group[0].scale
         same_scale = all(p.scale == scale for p in group)
-        a = torch.cat([p.a.to(dtype) for p in group], dim=1)
-        g = torch.cat([p.g.to(dtype) * (1.0 if same_scale else p.scale) for p in group], dim=1)
+        # each factor in the widest dtype among the parts (autocast may leave A float32 and G bf16); G
+        # rescaled per part is widened first, so the scales are not rounded to bf16
+        a_dtype = functools.reduce(torch.promote_types, [p.a.dtype for p in group])
+        g_dtype = functools.reduce(torch.promote_types, [p.g.dtype for p in group])
+        g_dtype = g_dtype if same_scale else wide_dtype(g_dtype)
+        a = torch.cat([p.a.to(a_dtype) for p in group], dim=1)
+        g = torch.cat([p.g.to(g_dtype) * (1.0 if same_scale else p.scale) for p in group], dim=1)
         merged.append(LinearPart(a, g, group[0].shape, group[0].rows, scale if same_scale else 1.0))
     return merged
 

@@ -84,5 +84,5 @@ class ConvFactors(Factored):
             parts.append((module.weight, ConvPart(module, x, grad, padding, scale)))
         bias = module.bias
         if bias is not None and bias.requires_grad:
-            parts.append((bias, BiasPart(grad.flatten(2).transpose(1, 2).to(bias.dtype), bias.shape, scale=scale)))
+            parts.append((bias, BiasPart(grad.flatten(2).transpose(1, 2), bias.shape, scale=scale)))
         return parts

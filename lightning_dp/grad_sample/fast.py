@@ -8,9 +8,15 @@ In the fast modes (``"auto"``, ``"ghost"``) Linear, Conv1/2/3d and Embedding lay
 backward computes only the gradient of the layer's *input*: the weight gradient is assembled later,
 already clipped, from the factors the hooks keep (``bookkeeping.py``), so autograd's own weight GEMM
 would be thrown away. ``param.grad`` is then left untouched by the backward pass (the optimizer writes
-the noisy gradient). Exceptions, where the backward is the usual one: under autocast (a GradScaler reads
-the raw gradients to find overflows), and in distributed runs parameters receive zero gradients so
-that DDP's reducer sees every parameter.
+the noisy gradient). Exceptions, where the backward is the usual one: under **float16** autocast (the
+``GradScaler`` that goes with it reads the raw gradients in ``unscale_``, before the DP step, to find
+overflows and skip the step), and in distributed runs parameters receive zero gradients so that DDP's
+reducer sees every parameter. Under **bfloat16** autocast (no ``GradScaler``: nothing reads the raw
+gradients, the DP optimizer writes ``param.grad``) the fast path stays on, and the factors keep
+autocast's dtype (norms and sums are widened to float32 inside the parts, ``bookkeeping.wide``).
+
+Autocast is asked about only for device types it knows (:func:`autocast_dtype`): a ``meta`` tensor (the
+device stand-in of the tests) or a backend without autocast is simply not under autocast.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ from typing import Any, Callable, Iterable, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.amp.autocast_mode import is_autocast_available
 
 from .saved import Saved
 
@@ -40,8 +47,18 @@ def clipping_mode_of(param: Optional[torch.Tensor]) -> Optional[str]:
     return None if param is None else getattr(param, _MODE_ATTR, None)
 
 
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype autocast casts to on ``device_type`` when it is enabled there, else ``None``; ``None``
+    also for a device type autocast does not know (``meta``, where ``torch.is_autocast_enabled`` raises)."""
+    if not is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 def _skip_weight_grads(x: torch.Tensor) -> bool:
-    return not torch.is_autocast_enabled(x.device.type)
+    """Whether autograd's weight gradient may be skipped: always, except under float16 autocast, whose
+    ``GradScaler`` reads the raw gradients for overflows (see the module docstring)."""
+    return autocast_dtype(x.device.type) != torch.float16
 
 
 def _unused_grad(param: Optional[torch.Tensor], needed: bool) -> Optional[torch.Tensor]:
@@ -112,8 +129,11 @@ class _ConvInputGrad(torch.autograd.Function):
         stride, padding, dilation, groups = ctx.conf
         grad_x = None
         if ctx.needs_input_grad[0]:
+            # Under autocast (CUDA casts convolutions) the output gradient is bf16 while the saved input and
+            # weight are float32: the backward kernel takes one dtype (autograd casts grad_x back to x's).
             grad_x = torch.ops.aten.convolution_backward(
-                grad, x, weight, None, stride, padding, dilation, False, [0] * len(stride), groups,
+                grad, x.to(grad.dtype), weight.to(grad.dtype), None, stride, padding, dilation, False,
+                [0] * len(stride), groups,
                 [True, False, False],
             )[0]
         return (

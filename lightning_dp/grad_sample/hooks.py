@@ -307,7 +307,9 @@ class GradSampleHooks:
             if found != 0:
                 grad = grad.movedim(found, 0)
                 x = x.movedim(found, 0) if x.dim() > found else x
-        grad, (x,) = _common_dtype(module, grad, (x,))
+        # No cast to the parameters' dtype (unlike a rule's inputs): under autocast the factors keep their
+        # own dtype (bf16 activations stay bf16, not a float32 copy of twice the size); every part widens
+        # them to float32 while it computes a norm or a sum (bookkeeping.wide), one part at a time.
         for param, part in factored.parts(module, x, grad, self.scale_factor(grad.shape[0])):
             self.add_part(param, part)
 
@@ -345,12 +347,12 @@ class GradSampleHooks:
             x_saved = saved.get()
             scale = self.scale_factor(grad.shape[0])
             need_w_now, need_b_now = need_w, need_b
-            if factored and need_w:
-                a, g = flatten_middle(x_saved.to(weight.dtype)), flatten_middle(grad.to(weight.dtype))
+            if factored and need_w:  # factors in their own dtype, as in _record_factors
+                a, g = flatten_middle(x_saved), flatten_middle(grad)
                 self.add_part(weight, LinearPart(a, g, weight.shape, weight_rows, scale))
                 need_w_now = False
             if factored and need_b:
-                self.add_part(bias, BiasPart(flatten_middle(grad.to(bias.dtype)), bias.shape, bias_rows, scale))
+                self.add_part(bias, BiasPart(flatten_middle(grad), bias.shape, bias_rows, scale))
                 need_b_now = False
             if not (need_w_now or need_b_now):
                 return
@@ -558,7 +560,7 @@ def _common_dtype(
 ) -> Tuple[torch.Tensor, Tuple[Any, ...]]:
     """Under autocast a layer's input, output gradient and weights can have different float dtypes;
     rules compute in the parameters' dtype (float32 for bf16/fp16 mixed precision), ``dtype`` when the
-    caller knows it."""
+    caller knows it. Factored parts are not cast (they widen while computing, see ``_record_factors``)."""
     if dtype is None:
         dtype = next((p.dtype for p in module.parameters(recurse=False)), grad.dtype)
     if grad.dtype != dtype:

@@ -68,16 +68,17 @@ class LinearFactors(Factored):
         weight, bias = module.weight, module.bias
         a, g = flatten_middle(centered_input(module, x)), flatten_middle(grad)
         need_bias = bias is not None and bias.requires_grad
-        # one position per sample and a bias in the same dtype: ‖g_b‖² serves both parts
+        # one position per sample: ‖g_b‖² serves both parts (the bias part reads g in its own dtype too,
+        # widened while it computes, as every part does)
         shared = SharedSquares(g) if (
-            need_bias and weight.requires_grad and g.shape[1] == 1 and bias.dtype == g.dtype and not self.transposed
+            need_bias and weight.requires_grad and g.shape[1] == 1 and not self.transposed
         ) else None
         parts: List[Tuple[nn.Parameter, Part]] = []
         if weight.requires_grad:
             factors = (g, a) if self.transposed else (a, g)
             parts.append((weight, LinearPart(*factors, weight.shape, scale=scale, g_squares=shared)))
         if need_bias:
-            parts.append((bias, BiasPart(g.to(bias.dtype), bias.shape, scale=scale, g_squares=shared)))
+            parts.append((bias, BiasPart(g, bias.shape, scale=scale, g_squares=shared)))
         return parts
 
 
