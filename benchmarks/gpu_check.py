@@ -13,9 +13,12 @@ It prints four tables (markdown, ready for ``docs/clipping.rst``) and writes the
    precision. Peak memory: ``torch.cuda.max_memory_allocated`` over 3 steps (CPU: not measured here; see
    ``step_time.py``).
 2. **Secure normals**: ``SecureRNG.normal`` against ``torch.normal`` (``benchmarks/noise.py``'s
-   interleaved timing), float32, ``--samples`` draws.
+   interleaved timing), float32, ``--samples`` draws. Where the fused Triton kernel runs (CUDA with
+   ``triton``), both CUDA paths in the same interleaved rounds (fused Triton, and torch ops with
+   ``LIGHTNING_DP_SECURE_KERNEL=torch``), and their seeded normals compared (``FAIL`` above 1e-5).
 3. **ChaCha20 on the device**: the tensor backend's keystream on the device against OpenSSL's bytes on the
-   CPU, for several sizes and counters, and RFC 8439's block-function vector (§2.3.2).
+   CPU, for several sizes and counters, and RFC 8439's block-function vector (§2.3.2); with the Triton
+   kernel, its keystream entry too (``Triton:`` rows).
 4. **bf16 clipped norm**: a bf16 model on the device, one sample far outside the clipping ball, every
    clipping mode: the float64 norm of its pre-noise contribution over ``C`` (must be ``≤ 1 + 1e-5``).
 
@@ -113,15 +116,56 @@ def step_table(keys: List[str], repeats: int, device: torch.device) -> List[Dict
     return rows
 
 
-def normal_table(samples: int, repeats: int, device: torch.device) -> Dict[str, float]:
-    """``benchmarks/noise.py``'s interleaved timing of ``torch.normal`` and ``SecureRNG.normal``."""
-    result = noise_bench.bench(samples, repeats, device, torch.float32)
+def normal_table(samples: int, repeats: int, device: torch.device) -> Dict[str, Any]:
+    """``benchmarks/noise.py``'s interleaved timing of ``torch.normal`` and ``SecureRNG.normal``; on a
+    device where the fused Triton kernel runs, ``SecureRNG.normal`` with it (``kernel``: ``"triton"``)
+    and, interleaved in the same rounds, with the torch-ops path (``LIGHTNING_DP_SECURE_KERNEL=torch``),
+    and the largest difference between the two paths' seeded normals (``FAIL`` above 1e-5)."""
+    from lightning_dp.noise import SecureRNG, secure_normal
+
+    kernel = secure_normal.device_kernel(device) if device.type != "cpu" else "cpu"
+    if kernel != "triton":
+        result: Dict[str, Any] = noise_bench.bench(samples, repeats, device, torch.float32)
+        result["ratio"] = result["SecureRNG.normal"] / result["torch.normal"]
+        result["kernel"] = kernel
+        return result
+    env = secure_normal.KERNEL_ENV
+
+    def with_kernel(name: str, fn: Callable[[], object]) -> Callable[[], object]:
+        def run() -> object:
+            os.environ[env] = name
+            try:
+                return fn()
+            finally:
+                os.environ.pop(env, None)
+        return run
+
+    rng = SecureRNG()
+    contenders = {
+        "torch.normal": lambda: torch.normal(0.0, 1.0, size=(samples,), device=device, dtype=torch.float32),
+        "SecureRNG.normal": with_kernel("triton", lambda: rng.normal((samples,), 1.0, device=device)),
+        "SecureRNG.normal torch ops": with_kernel("torch", lambda: rng.normal((samples,), 1.0, device=device)),
+    }
+    times: Dict[str, List[float]] = {name: [] for name in contenders}
+    for fn in contenders.values():
+        fn()  # warm-up (the Triton kernel compiles here)
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            times[name].append(noise_bench._times(fn, device)[0])
+    result = {name: statistics.median(ts) for name, ts in times.items()}
     result["ratio"] = result["SecureRNG.normal"] / result["torch.normal"]
+    result["ratio torch ops"] = result["SecureRNG.normal torch ops"] / result["torch.normal"]
+    result["kernel"] = kernel
+    fused = with_kernel("triton", lambda: SecureRNG(seed=b"gpu_check").normal((1 << 20) + 3, 1.0, device=device))()
+    ops = with_kernel("torch", lambda: SecureRNG(seed=b"gpu_check").normal((1 << 20) + 3, 1.0, device=device))()
+    result["fused_max_abs_diff"] = float((fused - ops).abs().max())
+    result["fused_equal"] = result["fused_max_abs_diff"] <= 1e-5
     return result
 
 
 def chacha_table(device: torch.device) -> List[Dict[str, Any]]:
     """The tensor backend's ChaCha20 on ``device`` against OpenSSL's bytes (and RFC 8439 §2.3.2)."""
+    from lightning_dp.noise import secure_normal
     from lightning_dp.noise.chacha import chacha20_keystream
 
     rows = []
@@ -140,6 +184,17 @@ def chacha_table(device: torch.device) -> List[Dict[str, Any]]:
         reference = chacha20_keystream(key, nonce, counter, size, backend="openssl")
         rows.append({"case": f"{size} bytes from block {counter}", "equal": bool(torch.equal(ours.cpu(), reference)),
                      "gb_per_s": size / seconds / 1e9})
+        if device.type != "cpu" and secure_normal.device_kernel(device) == "triton":  # the fused kernel's keystream
+            from lightning_dp.noise import _triton_chacha
+
+            _triton_chacha.keystream(key, nonce, counter, 64, device)  # compile outside the timing
+            _sync(device)
+            start = time.perf_counter()
+            ours = _triton_chacha.keystream(key, nonce, counter, size, device)
+            _sync(device)
+            seconds = time.perf_counter() - start
+            rows.append({"case": f"Triton: {size} bytes from block {counter}",
+                         "equal": bool(torch.equal(ours.cpu(), reference)), "gb_per_s": size / seconds / 1e9})
     return rows
 
 
@@ -185,8 +240,12 @@ def _print_markdown(steps, normals, chacha, clipped, device: torch.device) -> No
         lo, hi = r["range_ms"]
         print(f"| {r['model']} | {r['precision']} | {r['method']} | {r['ms']:.2f} ({lo:.2f}–{hi:.2f}) "
               f"| {r['ratio']:.2f} | {r['peak_mb']:.0f} |")
-    print(f"\n### Secure normals: {normals['SecureRNG.normal'] * 1e3:.2f} ms vs torch.normal "
+    print(f"\n### Secure normals ({normals['kernel']}): {normals['SecureRNG.normal'] * 1e3:.2f} ms vs torch.normal "
           f"{normals['torch.normal'] * 1e3:.2f} ms: {normals['ratio']:.2f}×\n")
+    if "ratio torch ops" in normals:
+        print(f"Torch-ops path, same rounds: {normals['SecureRNG.normal torch ops'] * 1e3:.2f} ms: "
+              f"{normals['ratio torch ops']:.2f}×; fused vs torch ops, seeded: max |Δ| "
+              f"{normals['fused_max_abs_diff']:.3g} {'(equal)' if normals['fused_equal'] else 'FAIL'}\n")
     print("| ChaCha20 on the device | equal to OpenSSL / RFC | GB/s |\n|---|---|---|")
     for r in chacha:
         print(f"| {r['case']} | {'yes' if r['equal'] else 'FAIL'} | {r.get('gb_per_s', float('nan')):.2f} |")
@@ -222,6 +281,7 @@ def main(argv: List[str] | None = None) -> int:
         json.dump(report, f, indent=1)
     print(f"\n{report['seconds']:.0f} s; written to {args.out}")
     failed = [r for r in chacha if not r["equal"]] + [r for r in clipped if not r["ok"]]
+    failed += [normals] if not normals.get("fused_equal", True) else []
     return 1 if failed else 0
 
 

@@ -24,15 +24,22 @@ GIL released), which writes or adds them straight into the destination tensors. 
 same formulas run as float64 torch ops (:func:`box_muller_sum_`). A chunk's outputs do not depend on
 which thread computes it, so the result does not depend on the thread count or the schedule.
 
-**Other devices** (CUDA): the tensor ChaCha20 on the device (an AES keystream, when asked for, is made
-on the CPU and copied), a group of chunks at a time (about 64 MiB of keystream), and the torch-ops
-transform.
+**Other devices** (CUDA): with ChaCha20's tensor backend (the default there) and a device kernel
+:func:`device_kernel` picks ``"triton"`` for, the fused Triton kernel of :mod:`._triton_chacha`: keystream and
+Box–Muller in one launch per destination tensor, the keystream never written to memory. Otherwise
+(``triton`` not installed, a GPU older than compute capability 8.0, ROCm, or
+``LIGHTNING_DP_SECURE_KERNEL=torch``) the tensor ChaCha20 on the device (an AES keystream, when asked
+for, is made on the CPU and copied), a group of chunks at a time (about 64 MiB of keystream), and the
+torch-ops transform. Both give the same normals (the same words, the same float64 formulas in the same
+order; tested to float64 rounding in Triton's interpreter, ``tests/test_noise_triton.py``).
 """
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import math
+import os
 import threading
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -71,6 +78,43 @@ def native_kernel() -> bool:
     """Whether :class:`~lightning_dp.noise.SecureRNG` turns CPU keystream into normals in the native
     kernel (else in float64 torch ops)."""
     return _native is not None
+
+
+KERNEL_ENV = "LIGHTNING_DP_SECURE_KERNEL"
+"""Environment variable: ``"auto"`` (default), ``"triton"`` or ``"torch"``: the device kernel of secure
+normals off the CPU (:func:`device_kernel`)."""
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_module() -> Any:
+    """:mod:`._triton_chacha`, or ``None`` where ``triton`` cannot be imported."""
+    try:
+        from . import _triton_chacha
+    except Exception:  # ImportError, or a broken triton install: the torch path still works
+        return None
+    return _triton_chacha
+
+
+def device_kernel(device: torch.device) -> str:
+    """The kernel of secure normals on ``device`` off the CPU, the one place it is chosen: ``"triton"``
+    (the fused ChaCha20 + Box–Muller kernel of :mod:`._triton_chacha`) where ``triton`` imports and the
+    device is CUDA of compute capability 8.0 or newer, else ``"torch"`` (tensor ops). The environment
+    variable ``LIGHTNING_DP_SECURE_KERNEL`` (read at each draw) forces ``"torch"``, or ``"triton"`` (an
+    error where it cannot run). Both give the same normals."""
+    choice = os.environ.get(KERNEL_ENV, "auto").strip().lower() or "auto"
+    if choice not in ("auto", "triton", "torch"):
+        raise ValueError(f"{KERNEL_ENV} must be 'auto', 'triton' or 'torch', got {choice!r}.")
+    if choice == "torch" or device.type == "cpu":
+        return "torch"
+    module = _triton_module()
+    if module is not None and module.available(device):
+        return "triton"
+    if choice == "triton":
+        raise RuntimeError(
+            f"{KERNEL_ENV}=triton, but the Triton kernel cannot run on {device}: it needs `triton` "
+            "(pip install lightning-dp[gpu]) and a CUDA GPU of compute capability 8.0 or newer."
+        )
+    return "torch"
 
 
 def pairs_per_chunk(k: int) -> int:
@@ -305,12 +349,16 @@ def _fill_cpu(stream: Keystream, k: int, pairs: int, std: float, targets: Target
 
 
 def _fill_device(stream: Keystream, k: int, pairs: int, std: float, targets: Targets) -> None:
-    """Groups of chunks in tensor ops on the targets' device (the keystream too, with ChaCha20's torch
+    """The fused Triton kernel where :func:`device_kernel` says so (ChaCha20's tensor backend only); else
+    groups of chunks in tensor ops on the targets' device (the keystream too, with ChaCha20's torch
     backend; else made on the CPU and copied)."""
     chunk = pairs_per_chunk(k)
+    device = targets.device
+    if stream.cipher == "chacha20" and stream.backend == "torch" and device_kernel(device) == "triton":
+        _triton_module().fill_normals(stream.key, stream.nonce, k, pairs, chunk, std, targets.flats)
+        return
     group = chunk * _DEVICE_GROUP_CHUNKS
     bytes_per_pair = 16 * k
-    device = targets.device
     for first in range(0, pairs, group):
         size = min(group, pairs - first)
         words = stream.read(first * bytes_per_pair, bytes_per_pair * size, device=device).view(torch.int64)
@@ -325,4 +373,5 @@ def _fill_device(stream: Keystream, k: int, pairs: int, std: float, targets: Tar
         targets.emit(values, 2 * first)
 
 
-__all__ = ["Keystream", "Targets", "box_muller_sum_", "fill", "native_kernel", "pairs_per_chunk", "stage"]
+__all__ = ["Keystream", "Targets", "box_muller_sum_", "device_kernel", "fill", "native_kernel", "pairs_per_chunk",
+           "stage"]
