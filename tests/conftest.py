@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from typing import Callable, Dict, List
 
 import pytest
@@ -58,6 +59,25 @@ def one_thread():
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+_DISTRIBUTED_ENVIRONMENT = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK",
+                            "LOCAL_WORLD_SIZE", "GROUP_RANK", "TORCHELASTIC_RUN_ID")
+
+
+@pytest.fixture(autouse=True)
+def _restore_distributed_environment():
+    """Undo what a one-process distributed fit writes into ``os.environ`` (Lightning sets ``LOCAL_RANK``,
+    ``NODE_RANK``, ``MASTER_PORT``...). Left behind, a later 2-process test's launcher sees ``LOCAL_RANK``,
+    believes its processes were created outside it, never starts rank 1, and rank 0 waits until its
+    timeout: the DDP tests after the single-process FSDP fits hung this way."""
+    saved = {name: os.environ.get(name) for name in _DISTRIBUTED_ENVIRONMENT}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def pytest_collection_modifyitems(config, items) -> None:
