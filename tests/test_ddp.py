@@ -129,3 +129,35 @@ def test_clipped_sums_are_all_reduced_in_few_buckets():
         assert torch.equal(t, e)
     # float32: [15 + 24] then the 2000-element tensor alone, then [1]; float64: [7]
     assert calls == [(torch.float32, 39), (torch.float32, 2000), (torch.float32, 1), (torch.float64, 7)]
+
+
+@pytest.mark.parametrize("lightning_calls_the_private_hook", [True, False])
+def test_the_local_gradient_hook_is_installed_even_if_lightning_stops_calling_its_private_hook(
+        tmp_path, monkeypatch, lightning_calls_the_private_hook):
+    """Lightning installs communication hooks from the private ``DDPStrategy._register_ddp_hooks``, which the
+    DP strategy overrides with the no-communication hook. Today Lightning calls it (the first case must say
+    "lightning": if it does not, Lightning changed and this test says so loudly); a release that stops calling
+    it (simulated) still gets the hook, from the public ``configure_ddp``, so no raw gradient crosses ranks."""
+    import torch.distributed as dist
+
+    from tests.lightning_helpers import TinyClassifier, make_loader, trainer_kwargs
+    from tests.namespace import DPDDPStrategy, pl, submodule
+
+    base = submodule("strategies").DDPStrategy
+    if not lightning_calls_the_private_hook:
+        def configure_ddp_without_private_hook(self):
+            self.model = self._setup_model(self.model)  # Lightning's configure_ddp, less the hook call
+        monkeypatch.setattr(base, "configure_ddp", configure_ddp_without_private_hook)
+    hooks = []
+    register = torch.nn.parallel.DistributedDataParallel.register_comm_hook
+    monkeypatch.setattr(torch.nn.parallel.DistributedDataParallel, "register_comm_hook",
+                        lambda self, state, hook: (hooks.append(hook.__name__), register(self, state, hook))[1])
+    strategy = DPDDPStrategy(noise_multiplier=1.0, max_grad_norm=1.0, seed=0)
+    trainer = pl.Trainer(devices=1, max_steps=1, strategy=strategy, **trainer_kwargs(tmp_path))
+    try:
+        trainer.fit(TinyClassifier(), make_loader())
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert hooks == ["_local_gradients_only"]
+    assert strategy._local_hook_installed_by == ("lightning" if lightning_calls_the_private_hook else "lightning_dp")

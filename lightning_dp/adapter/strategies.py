@@ -348,6 +348,17 @@ class DDPDP(DPStrategyMixin):
     def _register_ddp_hooks(self) -> None:
         """Install the no-communication hook on every backend (Lightning only does so on CUDA)."""
         self.model.register_comm_hook(state=None, hook=_local_gradients_only)  # type: ignore[union-attr]
+        self._local_hook_installed_by = getattr(self, "_local_hook_installed_by", None) or "lightning"
+
+    def configure_ddp(self) -> None:
+        """Lightning's DDP set-up, then a check that the no-communication hook is on. Lightning installs
+        communication hooks from its private ``_register_ddp_hooks`` (overridden above); should a release
+        stop calling it, the hook is installed here instead, so raw gradients never cross ranks."""
+        self._local_hook_installed_by = None
+        super().configure_ddp()  # type: ignore[misc]
+        if self._local_hook_installed_by is None:
+            self._local_hook_installed_by = "lightning_dp"
+            self._register_ddp_hooks()
 
     def combine_clipped_sums(self, tensors: List[torch.Tensor]) -> None:
         """Sum every rank's noised clipped sums (``all_reduce`` SUM), in place, a few buckets at a time
