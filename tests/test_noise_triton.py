@@ -34,9 +34,25 @@ from .test_noise_chacha import (  # noqa: E402
 
 _MODULE = "lightning_dp.noise._triton_chacha"
 _ENV = os.environ.get("TRITON_INTERPRET")
+
+
+def _restore_environment() -> None:
+    if _ENV is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _ENV
+
+
+# An interpreted copy of the module for this file's tests only, imported at collection and taken out of
+# sys.modules and of the environment at once: other test modules (collected and run before this one's
+# fixture) must get the ordinary module, which never runs the interpreter on a device's tensors.
 os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are decorated, and again when they run
 _BEFORE = sys.modules.pop(_MODULE, None)
 tc = importlib.import_module(_MODULE)
+sys.modules.pop(_MODULE, None)
+if _BEFORE is not None:
+    sys.modules[_MODULE] = _BEFORE
+_restore_environment()
 _CPU_FILL = secure_normal.fill
 
 
@@ -45,14 +61,9 @@ def _interpreter():
     """The interpreter for this module's tests only; afterwards the interpreted module is forgotten (a
     later CUDA draw in this process imports the compiled kernels)."""
     os.environ["TRITON_INTERPRET"] = "1"
+    secure_normal._triton_module.cache_clear()
     yield
-    if _ENV is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _ENV
-    sys.modules.pop(_MODULE, None)
-    if _BEFORE is not None:
-        sys.modules[_MODULE] = _BEFORE
+    _restore_environment()
     secure_normal._triton_module.cache_clear()
 
 

@@ -221,10 +221,11 @@ def _normals_kernel(
 
 # ---------------------------------------------------------------------------------------------- host
 def available(device: torch.device) -> bool:
-    """Whether the kernels can run on ``device``: the interpreter (any device), or CUDA (not ROCm) of
+    """Whether the kernels can run on ``device``: in Triton's interpreter (``TRITON_INTERPRET=1`` when this
+    module was imported: tests) only on CPU tensors, which it runs in host memory; else CUDA (not ROCm) of
     compute capability 8.0 or newer (Triton's supported NVIDIA GPUs)."""
     if INTERPRET:
-        return True
+        return device.type == "cpu"
     if device.type != "cuda" or torch.version.cuda is None or not torch.cuda.is_available():
         return False
     return torch.cuda.get_device_capability(device) >= (8, 0)
