@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
+from typing_extensions import override
 
 from ..centering import check_centering_bands
 from ..config import DPConfig
@@ -345,11 +346,13 @@ class DDPDP(DPStrategyMixin):
         summary["accounting"] = DistributedDiscreteGaussianAccountant.description
         return summary
 
+    @override
     def _register_ddp_hooks(self) -> None:
         """Install the no-communication hook on every backend (Lightning only does so on CUDA)."""
         self.model.register_comm_hook(state=None, hook=_local_gradients_only)  # type: ignore[union-attr]
         self._local_hook_installed_by = getattr(self, "_local_hook_installed_by", None) or "lightning"
 
+    @override
     def configure_ddp(self) -> None:
         """Lightning's DDP set-up, then a check that the no-communication hook is on. Lightning installs
         communication hooks from its private ``_register_ddp_hooks`` (overridden above); should a release

@@ -60,6 +60,12 @@ def wide(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` in :func:`wide_dtype` (a float32 copy of a bf16/fp16 tensor; the tensor itself otherwise)."""
     dtype = wide_dtype(tensor.dtype)
     return tensor if dtype == tensor.dtype else tensor.to(dtype)
+
+
+def scaled_rows(tensor: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (batch first) times ``factors[b]`` on each sample's rows, in :func:`wide_dtype`: one pass
+    (type promotion widens a bf16/fp16 tensor within the product, no separate float32 copy first)."""
+    return tensor * factors.to(wide_dtype(tensor.dtype)).view(-1, *([1] * (tensor.dim() - 1)))
 _BLOCK_ELEMENTS = 1 << 18  # im2col elements per block of samples in ConvPart.norm_sq (1 MB in float32)
 
 
@@ -169,11 +175,13 @@ class LinearPart(Part):
         return LinearPart(zero_rows(self.a, keep), zero_rows(self.g, keep), self.shape, self.rows, self.scale)
 
     def _norm_sq(self, method: str) -> torch.Tensor:
-        a, g = wide(self.a), wide(self.g)
-        positions, in_features, out_features = a.shape[1], a.shape[2], g.shape[2]
+        a = wide(self.a)
+        positions, in_features, out_features = a.shape[1], a.shape[2], self.g.shape[2]
         if positions == 1:  # ‖g aᵀ‖ = ‖g‖·‖a‖
-            g_sq = self.g_squares() if self.g_squares is not None else torch.linalg.vector_norm(g, dim=(1, 2)).square()
+            g_sq = (self.g_squares() if self.g_squares is not None
+                    else torch.linalg.vector_norm(wide(self.g), dim=(1, 2)).square())
             return torch.linalg.vector_norm(a, dim=(1, 2)).square() * g_sq
+        g = wide(self.g)
         if use_ghost(positions, in_features, out_features, method):
             return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
         return torch.bmm(g.transpose(1, 2), a).pow(2).sum((1, 2))
@@ -183,11 +191,10 @@ class LinearPart(Part):
 
     def _clipped_sum(self, factors: torch.Tensor) -> torch.Tensor:
         # (c ⊙ G)ᵀA = Gᵀ(c ⊙ A): scale whichever of the two is smaller (A for a wide output head).
-        a, g = wide(self.a), wide(self.g)
-        if a.shape[2] < g.shape[2]:
-            a = a * factors.to(a.dtype).view(-1, 1, 1)
+        if self.a.shape[2] < self.g.shape[2]:
+            a, g = scaled_rows(self.a, factors), wide(self.g)
         else:
-            g = g * factors.to(g.dtype).view(-1, 1, 1)
+            a, g = wide(self.a), scaled_rows(self.g, factors)
         block = (g.reshape(-1, g.shape[2]).t() @ a.reshape(-1, a.shape[2])).view(self._block())
         return _place(block, self.shape, self.rows)
 
@@ -340,11 +347,10 @@ class ConvPart(Part):
             return summed.view(self.shape[0], *self.shape[2:], self.shape[1]).movedim(-1, 1).contiguous()
         spatial = len(self.kernel_size)
         # The weight gradient is bilinear in (x, g): scale whichever of the two is smaller.
-        x, g = wide(self.x), wide(self.g)
-        if x.numel() < g.numel():
-            x = x * factors.to(x.dtype).view(-1, *([1] * (spatial + 1)))
+        if self.x.numel() < self.g.numel():
+            x, g = scaled_rows(self.x, factors), wide(self.g)
         else:
-            g = g * factors.to(g.dtype).view(-1, *([1] * (spatial + 1)))
+            x, g = wide(self.x), scaled_rows(self.g, factors)
         return torch.ops.aten.convolution_backward(
             g, x, self.weight.to(g.dtype), None, list(self.stride), list(self.padding), list(self.dilation),
             False, [0] * spatial, self.groups, [False, True, False],
