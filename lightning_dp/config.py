@@ -14,7 +14,7 @@ from typing import Any, Dict, Mapping, Optional
 from ._checks import check_choice, check_non_negative, check_open_unit, check_positive, check_positive_int
 from .accounting import DEFAULT_ACCOUNTANT, make_accountant
 from .clipping import CLIPPINGS, AdaptiveClipping
-from .grad_sample.fast import CLIPPING_MODES
+from .grad_sample import CLIPPING_MODES
 
 LOSS_REDUCTIONS = ("mean", "sum")
 

@@ -13,8 +13,7 @@ from .accounting import Accountant
 from .centering import InputCentering
 from ._checks import check_choice, check_non_negative, check_positive, check_positive_int, check_rate
 from .clipping import CLIPPINGS, NON_FINITE, AdaptiveClipping, check_all_seen, clip_and_sum, grads_now, parts_of
-from .grad_sample.bookkeeping import wide_dtype
-from .grad_sample.fast import CLIPPING_MODES, set_clipping_mode
+from .grad_sample import CLIPPING_MODES, set_clipping_mode, wide_dtype
 from .noise import GaussianNoise
 from .noise.adding import add_noise_
 from .wrapped_optimizer import WrappedOptimizer

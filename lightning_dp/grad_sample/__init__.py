@@ -4,6 +4,8 @@ other module with trainable parameters; inputs shared by the batch followed to w
 from . import (  # noqa: F401  (registers the rules)
     attention, conv, embedding, group_norm, hf_conv1d, layer_norm, linear, prelu, rnn,
 )
+from .bookkeeping import wide_dtype
+from .fast import CLIPPING_MODES, set_clipping_mode
 from .functional import UnsupportedModuleError
 from .hooks import GradSampleHooks, attach_grad_sample_hooks, clear_grad_samples, get_attached_hooks
 from .registry import (
@@ -22,6 +24,7 @@ from .registry import (
 from .shared import SharedInputError, SharedTensor
 
 __all__ = [
+    "CLIPPING_MODES",
     "DP_FORWARDS",
     "FACTORED",
     "GRAD_SAMPLERS",
@@ -39,5 +42,7 @@ __all__ = [
     "register_dp_forward",
     "register_factored",
     "register_grad_sampler",
+    "set_clipping_mode",
     "trainable_parameters",
+    "wide_dtype",
 ]
