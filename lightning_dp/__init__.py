@@ -20,8 +20,9 @@ from .accounting import PRVAccountant, RDPAccountant, compute_epsilon, get_noise
 from .averaging import ExponentialMovingAverage
 from .centering import PrivateMean
 from .config import DPConfig
-from .engine import make_private
+from .plain_pytorch import make_private
 from .optimizer import DPOptimizer
+from .privacy_state import PrivacyState
 from .report import PrivacyReport
 from .sampling import PoissonBatchSampler, poisson_dataloader
 from .grad_sample import UnsupportedModuleError
@@ -67,6 +68,7 @@ __all__ = [
     "DPDDPStrategy",
     "DPFSDPStrategy",
     "DPOptimizer",
+    "PrivacyState",
     "DPStrategy",
     "ExponentialMovingAverage",
     "LIGHTNING_NAMESPACE",

@@ -1,43 +1,30 @@
-"""DPOptimizer: wraps any ``torch.optim.Optimizer`` so that ``step()`` performs a DP-SGD step."""
+"""DPOptimizer: wraps any ``torch.optim.Optimizer`` so that ``step()`` performs a DP-SGD step:
+clip → exchange → noise → step. σ, q, C and the noise source are the :class:`~lightning_dp.PrivacyState`'s;
+how clipped sums cross processes is the :mod:`~lightning_dp.exchange` object it is built with."""
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from ._checks import check_choice
 from .accounting import Accountant
 from .centering import InputCentering
-from ._checks import check_choice, check_non_negative, check_positive, check_positive_int, check_rate
 from .clipping import CLIPPINGS, NON_FINITE, AdaptiveClipping, check_all_seen, clip_and_sum, grads_now, parts_of
+from .exchange import GradientExchange, GradientShards, ReduceScatterExchange, exchange_from_arguments
 from .grad_sample import CLIPPING_MODES, set_clipping_mode, wide_dtype
 from .noise import GaussianNoise
 from .noise.adding import add_noise_
+from .privacy_state import PrivacyState
 from .wrapped_optimizer import WrappedOptimizer
 
+__all__ = ["DPOptimizer", "GradientShards"]
 
-class GradientShards(Protocol):
-    """How a sharded host (FSDP2) keeps the DP gradient: each rank holds only its shard of each parameter.
-
-    With ``DPOptimizer(shards=...)`` every clipped sum goes to :meth:`reduce` as soon as it is made, after
-    each backward pass, for every trainable parameter in the same order on every rank (a parameter without
-    per-sample gradients on this rank contributes zeros); the optimizer keeps the shard it returns, adds
-    the noise of std ``σC`` to that shard only (each element of the gradient is noised once, by the rank
-    that owns it) and sets ``param.grad = to_grad(param, shard)``.
-    """
-
-    def reduce(self, param: nn.Parameter, clipped_sum: torch.Tensor) -> torch.Tensor:
-        """This rank's shard of the sum over ranks of ``clipped_sum`` (full size: this rank's samples);
-        a collective, called by every rank."""
-
-    def zeros(self, param: nn.Parameter) -> torch.Tensor:
-        """A zero tensor shaped like this rank's shard of ``param`` (a step without per-sample gradients)."""
-
-    def to_grad(self, param: nn.Parameter, shard: torch.Tensor) -> torch.Tensor:
-        """The value of ``param.grad`` for this rank's noised ``shard`` (FSDP2: a DTensor over it)."""
+_PER_SAMPLE = ("grad_sample", "grad_parts")
 
 
 class DPOptimizer(WrappedOptimizer):
@@ -49,24 +36,26 @@ class DPOptimizer(WrappedOptimizer):
     1. clip each sample to ``C = max_grad_norm`` over all trainable parameters (flat clipping):
        ``ḡ_b = g_b · min(1, C / ‖g_b‖)``, or each parameter tensor to ``C/√K`` (per-layer clipping);
        a sample whose gradient is not finite gets ``ḡ_b = 0`` (``non_finite="drop"``, the default);
-    2. sum over the batch and add Gaussian noise of std ``σ·C`` (``σ = noise_multiplier``);
+    2. sum over the batch, exchange across processes and add Gaussian noise of std ``σ·C`` once
+       (``σ = noise_multiplier``; the :class:`~lightning_dp.exchange.GradientExchange` decides who adds it);
     3. divide by ``expected_batch_size`` (with Poisson sampling the actual batch size is random and
        must not be used: it depends on the data) and write the result to ``param.grad``;
-    4. run the wrapped optimizer's step and record the step with the accountant.
+    4. run the wrapped optimizer's step and record the step with the privacy state's accountant.
 
     The wrapped optimizer keeps its ``param_groups`` and ``state`` (shared, not copied), so learning
     rate schedulers and checkpoints see an ordinary optimizer.
 
     Args:
         optimizer: the optimizer to wrap.
-        noise_multiplier: σ, the ratio of the noise std to the clipping norm (``0`` disables noise:
-            no privacy, for tests and debugging).
-        max_grad_norm: the per-sample clipping norm C.
-        expected_batch_size: the denominator of the averaged update (``q·N`` under Poisson sampling).
-        noise: source of Gaussian noise (default: :class:`~lightning_dp.noise.GaussianNoise` seeded by ``seed``).
-        accountant: records each step as ``(noise_multiplier, sample_rate)`` when ``sample_rate`` is set.
-        sample_rate: the Poisson sampling rate ``q`` (needed for accounting).
-        seed: seed of the default noise source.
+        privacy: the run's :class:`~lightning_dp.PrivacyState` (σ, C, q, expected batch size, noise source,
+            accountant, budgets). Without it one is built from ``noise_multiplier``, ``max_grad_norm``,
+            ``expected_batch_size``, ``noise`` (or ``seed``), ``accountant`` and ``sample_rate`` (those
+            arguments are only taken without ``privacy``).
+        exchange: how clipped sums cross processes (:mod:`lightning_dp.exchange`; default: one process).
+            Without it one is built from ``combine`` (a callable summing tensors in place across ranks; one
+            with ``adds_noise = True``, a :class:`~lightning_dp.secure_aggregation.SecureAggregator`, adds the
+            noise itself), ``noise_shares`` (ranks that each add ``σC/√noise_shares``) or ``shards`` (a
+            sharded model, :class:`~lightning_dp.exchange.GradientShards`; excludes the other two).
         clipping_mode: how per-sample gradients are obtained (the update is the same in every mode):
             ``"auto"`` (default): one backward pass, no per-sample gradient materialised where a layer
             has a factored form (Linear, Conv, Embedding, attention and RNN projections): each sample's
@@ -81,107 +70,146 @@ class DPOptimizer(WrappedOptimizer):
             ``"automatic_per_layer"``: each sample normalised, ``c_b = C/(‖g_b‖ + 0.01)`` (Bu et al. 2023;
             sensitivity still ``C``), so ``C`` needs no tuning.
         non_finite: what a sample whose per-sample gradient (or loss) is NaN or inf does to the step:
-            ``"drop"`` (default): it gets clip factor 0 and contributes exactly nothing (its rows are
-            zeroed in every factor of the clipped sum); the step goes on with the other samples, still
-            divided by ``expected_batch_size``, with the same noise and accounting (a dropped sample
-            contributes ``0 ≤ C``: the sensitivity is unchanged). Flat clipping drops a sample whose
-            total norm is not finite, per-layer clipping one with *any* non-finite per-parameter norm
-            (from every parameter). A batch with every sample dropped gives a noise-only step.
-            ``"propagate"``: no check, the NaN/inf reaches ``param.grad`` (the behaviour before this
-            option; needed under a fp16 ``GradScaler``, which must see an overflow to skip the step and
-            lower its scale). May be changed between steps; see :mod:`lightning_dp.clipping`.
-        step_guard: optional callable run after the closure; when it returns ``False`` the step is
-            skipped (gradients cleared, no noise drawn, nothing accounted). A privacy budget uses it.
-        combine: optional callable that combines, in place, the noised clipped sums of several processes
-            into the step's gradient (a list of tensors, one per parameter); the host strategy provides it
-            (DDP: ``all_reduce`` SUM). ``None``: one process.
-        noise_shares: how many processes' noise ``combine`` adds up (each adds std ``σC/√noise_shares``,
-            so the combined gradient carries noise of std ``σC`` exactly once). ``1`` for one process.
-        shards: for a sharded model (FSDP2), how each rank keeps only its shard of the gradient (see
-            :class:`GradientShards`): clipped sums are reduced into shards after every backward pass and
-            each rank noises its own shard with std ``σC``. Excludes ``combine`` and ``noise_shares``.
+            ``"drop"`` (default): it gets clip factor 0 and contributes exactly nothing; the step goes on
+            with the other samples, still divided by ``expected_batch_size``, with the same noise and
+            accounting (a dropped sample contributes ``0 ≤ C``: the sensitivity is unchanged). Flat clipping
+            drops a sample whose total norm is not finite, per-layer clipping one with *any* non-finite
+            per-parameter norm. A batch with every sample dropped gives a noise-only step. ``"propagate"``:
+            no check, the NaN/inf reaches ``param.grad`` (needed under a fp16 ``GradScaler``, which must see
+            an overflow to skip the step). May be changed between steps; see :mod:`lightning_dp.clipping`.
         adaptive_clipping: ``None``, an :class:`~lightning_dp.clipping.AdaptiveClipping` or a dict of its
             arguments: after each step ``max_grad_norm`` moves towards a private estimate of a quantile of
-            the per-sample norms (Andrew et al. 2021). The accountant still records ``noise_multiplier``
-            (σ); the gradient gets the larger :attr:`gradient_noise_multiplier` so that gradient and count
-            together cost exactly σ. Flat or per-layer clipping, without ``shards``.
+            the per-sample norms (Andrew et al. 2021). The accountant still records σ; the gradient gets
+            the larger :attr:`gradient_noise_multiplier` so that gradient and count together cost exactly σ.
+            Flat or per-layer clipping, not on a sharded model.
         centering: ``None`` or an :class:`~lightning_dp.centering.InputCentering`: the step is taken in the
-            coordinates of the centred layers (their biases corrected after the inner step). Without ``shards``.
+            coordinates of the centred layers (their biases corrected after the inner step). Not sharded.
+        step_guard: optional callable run after the closure; when it returns ``False`` the step is skipped
+            (gradients cleared, no noise drawn, nothing accounted), as for a step over a privacy budget of
+            the privacy state.
 
     Attributes:
-        per_sample_grad_scale: factor applied to per-sample gradients before clipping, to undo loss
-            scaling done outside the model (Lightning divides the loss by ``accumulate_grad_batches``;
-            AMP's GradScaler multiplies it by its scale). A number, or a 0-dim tensor on the gradients'
-            device (the scaler's scale read without a host sync): multiplied in, never read on the host.
-        steps_taken: optimizer steps taken (accounted) so far.
-        dropped_samples: samples dropped for a non-finite gradient (``non_finite="drop"``) over the
-            optimizer's life: every micro-batch clipped by :meth:`accumulate_micro_batch` adds its
-            dropped samples, including those of a step later refused by :attr:`step_guard` or skipped.
-            Off the CPU the count is kept on the device (:attr:`dropped_samples_count`: no host sync per
-            micro-batch); reading this property is what brings it to the host.
-        dropped_in_step: samples dropped from the current step: :meth:`accumulate_micro_batch` adds a
-            micro-batch's dropped samples to it, and the first micro-batch of a step starts it again
+        per_sample_grad_scale: the default factor applied to per-sample gradients before clipping (see
+            :meth:`accumulate_micro_batch`'s ``scale``).
+        dropped_samples: samples dropped for a non-finite gradient over the optimizer's life (including
+            those of a step later refused or skipped). Off the CPU the count is kept on the device
+            (:attr:`dropped_samples_count`: no host sync per micro-batch); reading this property brings it
+            to the host.
+        dropped_in_step: samples dropped from the current step: the first micro-batch of a step starts it
             from 0, so after :meth:`step` (or :meth:`pre_step`) it holds the count of the step just taken
-            until the next step's first micro-batch is clipped (0 for a step without per-sample
-            gradients); :meth:`reset_accumulation` sets it to 0. Always 0 with ``"propagate"``.
+            until the next step's first micro-batch is clipped; :meth:`reset_accumulation` sets it to 0.
     """
 
     def __init__(
-        self,
-        optimizer: Optimizer,
-        *,
-        noise_multiplier: float,
-        max_grad_norm: float,
-        expected_batch_size: Optional[int],
-        noise: Optional[GaussianNoise] = None,
-        accountant: Optional[Accountant] = None,
-        sample_rate: Optional[float] = None,
-        seed: Optional[int] = None,
-        clipping_mode: str = "auto",
-        clipping: str = "flat",
-        non_finite: str = "drop",
-        step_guard: Optional[Callable[[], bool]] = None,
-        combine: Optional[Callable[[List[torch.Tensor]], None]] = None,
-        noise_shares: int = 1,
+        self, optimizer: Optimizer, *, privacy: Optional[PrivacyState] = None,
+        exchange: Optional[GradientExchange] = None, clipping_mode: str = "auto", clipping: str = "flat",
+        non_finite: str = "drop", adaptive_clipping: "AdaptiveClipping | Dict[str, float] | None" = None,
+        centering: Optional[InputCentering] = None, step_guard: Optional[Callable[[], bool]] = None,
+        noise_multiplier: Optional[float] = None, max_grad_norm: Optional[float] = None,
+        expected_batch_size: Optional[int] = None, noise: Optional[GaussianNoise] = None,
+        accountant: Optional[Accountant] = None, sample_rate: Optional[float] = None, seed: Optional[int] = None,
+        combine: Optional[Callable[[List[torch.Tensor]], None]] = None, noise_shares: int = 1,
         shards: Optional[GradientShards] = None,
-        adaptive_clipping: "AdaptiveClipping | Dict[str, float] | None" = None,
-        centering: Optional[InputCentering] = None,
     ) -> None:
         if isinstance(optimizer, DPOptimizer):
             raise ValueError("`optimizer` is already a DPOptimizer; wrap the original optimizer once.")
         super().__init__(optimizer)
-        self.noise_multiplier = check_non_negative("noise_multiplier", noise_multiplier)
-        self.max_grad_norm = check_positive("max_grad_norm", max_grad_norm)
+        self.privacy = privacy if privacy is not None else _privacy_from_arguments(
+            noise_multiplier, max_grad_norm, expected_batch_size, noise, accountant, sample_rate, seed)
+        self.exchange = exchange if exchange is not None else exchange_from_arguments(combine, noise_shares, shards)
         self._clipping_mode = check_choice("clipping_mode", clipping_mode, CLIPPING_MODES)
         self.clipping = check_choice("clipping", clipping, CLIPPINGS)
         self.non_finite = non_finite
-        self.expected_batch_size = expected_batch_size
-        if expected_batch_size is not None:
-            check_positive("expected_batch_size", expected_batch_size)
-        self.noise = noise if noise is not None else GaussianNoise(seed)
-        self.accountant = accountant
-        self.sample_rate = sample_rate
-        self.step_guard = step_guard
-        self.combine = combine
-        self.noise_shares = check_positive_int("noise_shares", noise_shares)
-        if shards is not None and (combine is not None or noise_shares != 1):
-            raise ValueError(
-                f"`shards` reduces the clipped sums and noises each rank's shard itself; got also combine={combine!r}, "
-                f"noise_shares={noise_shares!r}. Pass `shards` alone (sharded model) or `combine` and `noise_shares`."
-            )
-        self.shards = shards
-        if centering is not None and shards is not None:
+        sharded = isinstance(self.exchange, ReduceScatterExchange)
+        if centering is not None and sharded:
             raise ValueError("`centering` corrects whole bias tensors after each step; it does not work with `shards`.")
         self.centering = centering
-        self._init_adaptive_clipping(adaptive_clipping)
-        self.per_sample_grad_scale = 1.0
+        self.step_guard = step_guard
+        self.adaptive_clipping = AdaptiveClipping.from_config(adaptive_clipping)
+        if self.adaptive_clipping is not None and (sharded or self.clipping.startswith("automatic")):
+            raise ValueError(
+                f"`adaptive_clipping` works with flat or per-layer clipping and without `shards`, got "
+                f"clipping={self.clipping!r}, shards={self.shards!r}: automatic clipping needs no tuned norm."
+            )
+        self._check_adaptive_clipping()
+        self.per_sample_grad_scale: "float | torch.Tensor" = 1.0
         self.samples_in_step = 0
-        self.steps_taken = 0
+        self._unclipped_in_step: "float | torch.Tensor" = 0.0
         self._dropped_total: "int | torch.Tensor" = 0  # a device tensor off the CPU: see dropped_samples
         self._dropped_step: "int | torch.Tensor" = 0
         self._known_grads: Dict[int, Tuple[Any, int]] = {}  # see clipping.check_all_seen
         self._summed_divisor = 1.0  # what param.summed_grad is divided by (see add_noise)
         set_clipping_mode(self.params, clipping_mode)
+
+    # --- the privacy state's settings, read where they live ----------------------------------------------
+    @property
+    def noise_multiplier(self) -> Optional[float]:
+        """σ (the privacy state's)."""
+        return self.privacy.noise_multiplier
+
+    @noise_multiplier.setter
+    def noise_multiplier(self, value: float) -> None:
+        self.configure(noise_multiplier=value)
+
+    @property
+    def max_grad_norm(self) -> float:
+        """The clipping norm C (the privacy state's; adaptive clipping moves it)."""
+        return self.privacy.max_grad_norm
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value: float) -> None:
+        self.privacy.max_grad_norm = float(value)
+
+    @property
+    def expected_batch_size(self) -> Optional[int]:
+        """The denominator of the averaged update (``q·N``; the privacy state's)."""
+        return self.privacy.expected_batch_size
+
+    @expected_batch_size.setter
+    def expected_batch_size(self, value: int) -> None:
+        self.configure(expected_batch_size=value)
+
+    @property
+    def sample_rate(self) -> Optional[float]:
+        """The rate the accountant records (the privacy state's)."""
+        return self.privacy.sample_rate
+
+    @sample_rate.setter
+    def sample_rate(self, value: float) -> None:
+        self.configure(sample_rate=value)
+
+    @property
+    def accountant(self) -> Optional[Accountant]:
+        """The privacy state's accountant (``None``: steps are not accounted)."""
+        return self.privacy.accountant
+
+    @property
+    def noise(self) -> Any:
+        """Where the step's noise comes from (the privacy state's step noise)."""
+        return self.privacy.step_noise
+
+    @property
+    def steps_taken(self) -> int:
+        """Optimizer steps taken (accounted) in this run."""
+        return self.privacy.steps_taken
+
+    @property
+    def shards(self) -> Optional[GradientShards]:
+        """The exchange's shards (a sharded model), else ``None``."""
+        return self.exchange.shards
+
+    @property
+    def noise_shares(self) -> int:
+        """How many ranks each add part of the noise."""
+        return self.exchange.noise_shares
+
+    def configure(self, *, noise_multiplier: Optional[float] = None, sample_rate: Optional[float] = None,
+                  expected_batch_size: Optional[int] = None) -> None:
+        """Change σ and the sampling plan of the coming steps (in the privacy state; validated; ``None``
+        keeps a setting)."""
+        self.privacy.configure(noise_multiplier=noise_multiplier, sample_rate=sample_rate,
+                               expected_batch_size=expected_batch_size)
+        self._check_adaptive_clipping()
 
     @property
     def clipping_mode(self) -> str:
@@ -193,28 +221,18 @@ class DPOptimizer(WrappedOptimizer):
         self._clipping_mode = check_choice("clipping_mode", mode, CLIPPING_MODES)
         set_clipping_mode(self.params, mode)
 
-    def configure(
-        self,
-        *,
-        noise_multiplier: Optional[float] = None,
-        sample_rate: Optional[float] = None,
-        expected_batch_size: Optional[int] = None,
-    ) -> None:
-        """Change the settings of the coming steps (validated; ``None`` keeps a setting): the noise
-        multiplier once it is calibrated, the sampling rate and expected batch size when the sampling
-        plan changes (e.g. between epochs of a gradient accumulation schedule)."""
-        if noise_multiplier is not None:
-            self.noise_multiplier = check_non_negative("noise_multiplier", noise_multiplier)
-        if sample_rate is not None:
-            self.sample_rate = check_rate("sample_rate", sample_rate)
-        if expected_batch_size is not None:
-            self.expected_batch_size = check_positive_int("expected_batch_size", expected_batch_size)
-        self._check_adaptive_clipping()
+    @property
+    def non_finite(self) -> str:
+        """``"drop"`` or ``"propagate"`` (see the class Args); may be changed between steps."""
+        return self._non_finite
+
+    @non_finite.setter
+    def non_finite(self, value: str) -> None:
+        self._non_finite = check_choice("non_finite", value, NON_FINITE)
 
     @property
     def dropped_samples(self) -> int:
-        """Samples dropped for a non-finite gradient over the optimizer's life (see the class Attributes);
-        off the CPU reading it waits for the device (read it when needed, not at every step)."""
+        """Samples dropped for a non-finite gradient over the optimizer's life; a host sync off the CPU."""
         return int(self._dropped_total)
 
     @dropped_samples.setter
@@ -233,19 +251,8 @@ class DPOptimizer(WrappedOptimizer):
     @property
     def dropped_samples_count(self) -> "int | torch.Tensor":
         """:attr:`dropped_samples` as it is kept, without a host sync: an ``int`` on the CPU, a 0-dim
-        integer tensor on the gradients' device once a micro-batch was clipped there (e.g. for
-        ``LightningModule.log``, which reads it only when it writes the logs)."""
+        integer tensor on the gradients' device once a micro-batch was clipped there."""
         return self._dropped_total
-
-    @property
-    def non_finite(self) -> str:
-        """``"drop"`` or ``"propagate"``: what a sample with a non-finite gradient does (see the class
-        Args); may be changed between steps (it applies to micro-batches clipped afterwards)."""
-        return self._non_finite
-
-    @non_finite.setter
-    def non_finite(self, value: str) -> None:
-        self._non_finite = check_choice("non_finite", value, NON_FINITE)
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """Add a parameter group to the wrapped optimizer (its parameters are clipped and noised too)."""
@@ -259,40 +266,31 @@ class DPOptimizer(WrappedOptimizer):
             f"clipping={self.clipping!r}, non_finite={self.non_finite!r}, optimizer={self.original_optimizer!r})"
         )
 
-    # --- DP-SGD ---------------------------------------------------------------------------------------
+    # --- clip ---------------------------------------------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear gradients and per-sample gradients.
-
-        Clipped sums already accumulated for the coming step (earlier micro-batches, see
-        :meth:`accumulate_micro_batch`) are kept: they are consumed by :meth:`step`.
-        """
+        """Clear gradients and per-sample gradients; clipped sums already accumulated for the coming step
+        (earlier micro-batches) are kept: they are consumed by :meth:`step`."""
         self.original_optimizer.zero_grad(set_to_none=set_to_none)
-        for p in self.params:
-            for attr in ("grad_sample", "grad_parts"):
-                if hasattr(p, attr):
-                    delattr(p, attr)
+        _drop_attrs(self.params, _PER_SAMPLE)
 
     def reset_accumulation(self) -> None:
         """Drop everything gathered for the coming step (per-sample gradients and clipped sums)."""
-        for p in self.params:
-            for attr in ("grad_sample", "grad_parts", "summed_grad"):
-                if hasattr(p, attr):
-                    delattr(p, attr)
+        _drop_attrs(self.params, _PER_SAMPLE + ("summed_grad",))
         self.samples_in_step = 0
         self._dropped_step = 0
         self._unclipped_in_step = 0.0
 
     @torch.no_grad()
-    def accumulate_micro_batch(self) -> torch.Tensor:
+    def accumulate_micro_batch(self, scale: "float | torch.Tensor | None" = None) -> torch.Tensor:
         """Clip the per-sample gradients of the last backward pass and add their sum, divided by
-        ``expected_batch_size``, to ``param.summed_grad``.
+        ``expected_batch_size``, to ``param.summed_grad`` (and, on a sharded model, reduce it into shards).
 
-        Each sample is clipped as soon as its gradient is complete, so a logical batch can be processed
-        in several backward passes (gradient accumulation, physical micro-batches) with exactly the
-        result of one pass. Per-sample gradients are multiplied by :attr:`per_sample_grad_scale` first
-        (to undo loss scaling done outside the model). With ``non_finite="drop"`` a sample whose gradient
-        is not finite adds nothing and is counted in :attr:`dropped_samples` and :attr:`dropped_in_step`.
-        Returns the per-sample norms (before clipping; NaN or inf for a dropped sample).
+        Each sample is clipped as soon as its gradient is complete, so a logical batch can be processed in
+        several backward passes (gradient accumulation, physical micro-batches) with exactly the result of
+        one pass. Per-sample gradients are multiplied by ``scale`` first (default
+        :attr:`per_sample_grad_scale`) to undo loss scaling done outside the model (Lightning's
+        ``1 / accumulate_grad_batches``, a GradScaler's scale as a 0-dim device tensor: never read on the
+        host). Returns the per-sample norms (before clipping; NaN or inf for a dropped sample).
         """
         params = self.params
         with_samples, parts = [], []
@@ -301,50 +299,32 @@ class DPOptimizer(WrappedOptimizer):
             if p_parts is not None:
                 with_samples.append(p)
                 parts.append(p_parts)
-        if self.shards is None:  # a sharded model's gradients are the sharding's own (FSDP)
+        sharded = isinstance(self.exchange, ReduceScatterExchange)
+        if not sharded:  # a sharded model's gradients are the sharding's own (FSDP)
             check_all_seen(params, with_samples, self._known_grads)
             self._known_grads = grads_now(params)
         if not with_samples:
             return torch.zeros(0, device=params[0].device if params else None)
-        batch_sizes = {part.batch_size for ps in parts for part in ps}
-        if len(batch_sizes) > 1:
-            raise RuntimeError(
-                f"Per-sample gradients disagree on the batch size ({sorted(batch_sizes)}): a layer saw a "
-                "different batch dimension than the others. Put the batch first in every layer's input, or pass "
-                "the right batch_first to attach_grad_sample_hooks (time-major models)."
-            )
-        for p in with_samples:  # from here on the parts are only in `parts`: freed one by one as used
-            for attr in ("grad_sample", "grad_parts"):
-                if hasattr(p, attr):
-                    delattr(p, attr)
+        batch_size = _common_batch_size(parts)
+        _drop_attrs(with_samples, _PER_SAMPLE)  # from here on the parts are only in `parts`: freed as used
         if self.samples_in_step == 0:  # the first micro-batch of a step
             self._dropped_step = 0
-        on_sum, unsampled = self._reduce_in_order(params, with_samples) if self.shards is not None else (None, None)
+        on_sum, unsampled = self.exchange.reduce_in_order(params, with_samples) if sharded else (None, None)
+        scale = self.per_sample_grad_scale if scale is None else scale
         sums, norms, dropped = clip_and_sum(
-            with_samples,
-            parts,
-            self.max_grad_norm,
-            clipping=self.clipping,
-            scale=_scale_of(self.per_sample_grad_scale),
-            norm_method="materialize" if self.clipping_mode == "materialize" else self.clipping_mode,
-            num_layers=len(params),
-            release=True,
-            sum_scale=1.0 / self._sum_divisor(),
-            non_finite=self.non_finite,
-            on_sum=on_sum,
+            with_samples, parts, self.max_grad_norm, clipping=self.clipping,
+            scale=scale if isinstance(scale, torch.Tensor) else float(scale),
+            norm_method=self.clipping_mode, num_layers=len(params), release=True,
+            sum_scale=1.0 / self._sum_divisor(), non_finite=self.non_finite, on_sum=on_sum,
         )
         if dropped is not None:  # CPU: only when a norm was not finite; other devices: always, no sync
-            count = dropped.sum()
-            if count.device.type == "cpu":
-                count = int(count)
-            self._dropped_total = self._dropped_total + count
-            self._dropped_step = self._dropped_step + count
+            self._count_dropped(dropped.sum())
         received = list(zip(with_samples, sums)) + (unsampled() if unsampled is not None else [])
         for p, clipped in received:
             clipped = clipped.to(wide_dtype(p.dtype))  # float32 or wider until the noise is in
             previous = getattr(p, "summed_grad", None)
             p.summed_grad = clipped if previous is None else previous.add_(clipped)
-        self.samples_in_step += next(iter(batch_sizes))
+        self.samples_in_step += batch_size
         if self.adaptive_clipping is not None:  # centred count of unclipped samples (a NaN norm counts −½),
             # kept on the norms' device: read once per step, in _adapt_clipping_norm
             unclipped = (norms <= self.max_grad_norm).sum(dtype=torch.float64) - 0.5 * norms.numel()
@@ -355,17 +335,28 @@ class DPOptimizer(WrappedOptimizer):
         """Alias of :meth:`accumulate_micro_batch` (kept for symmetry with Opacus's naming)."""
         return self.accumulate_micro_batch()
 
+    def _count_dropped(self, count: torch.Tensor) -> None:
+        value: "int | torch.Tensor" = int(count) if count.device.type == "cpu" else count
+        self._dropped_total = self._dropped_total + value
+        self._dropped_step = self._dropped_step + value
+        self.privacy.add_dropped(value)
+
+    def _sum_divisor(self) -> float:
+        """The divisor this step's clipped sums are made with: ``expected_batch_size`` (1 while unset) as
+        of the step's first micro-batch."""
+        if self.samples_in_step == 0:
+            self._summed_divisor = float(self.expected_batch_size or 1)
+        return self._summed_divisor
+
+    # --- exchange and noise ----------------------------------------------------------------------------------
     @torch.no_grad()
     def add_noise(self) -> None:
         """``param.grad = (Σ clipped + N(0, (σC)²)) / expected_batch_size`` for every parameter.
 
         ``param.summed_grad`` already holds the clipped sum divided by the batch size (the division is
-        folded into the clip factors), so the noise is drawn with std ``σC / expected_batch_size``.
-
-        In distributed training each of the ``noise_shares`` processes adds noise of std
-        ``σC/√noise_shares`` to its own clipped sum and :attr:`combine` (the host strategy's hook, e.g.
-        ``all_reduce``) sums the results, so the update carries noise of total std ``σC`` exactly once;
-        ``expected_batch_size`` is then global.
+        folded into the clip factors), so the noise is drawn with std ``σC / expected_batch_size``; the
+        exchange adds it (each of its ``noise_shares`` ranks ``1/√noise_shares`` of it) and sums across
+        ranks, so the update carries noise of std ``σC`` exactly once.
         """
         if self.expected_batch_size is None:
             raise RuntimeError(
@@ -373,15 +364,12 @@ class DPOptimizer(WrappedOptimizer):
             )
         if self.noise_multiplier is None:
             raise RuntimeError("DPOptimizer.noise_multiplier is not set (it is calibrated when training starts).")
-        # The clipped sums are already divided by the batch size (folded into the clip factors): the
-        # noise is drawn with std σC/B and added to them, so no pass divides the gradients.
         divisor = float(self.expected_batch_size)
-        std = self.gradient_noise_multiplier * self.max_grad_norm / math.sqrt(self.noise_shares) / divisor
         params, grads, rescale = self.params, [], []
         for p in params:
             summed = getattr(p, "summed_grad", None)
             if summed is None:
-                grads.append(self._zero_grad_of(p))  # pure noise, below
+                grads.append(self.exchange.zeros(p))  # pure noise, below
                 continue
             del p.summed_grad
             grad = summed.contiguous()  # the clipped sum is ours (float32 or wider): noise goes into it
@@ -390,62 +378,11 @@ class DPOptimizer(WrappedOptimizer):
             grads.append(grad)
         if rescale:
             torch._foreach_mul_(rescale, self._summed_divisor / divisor)
-        if getattr(self.combine, "adds_noise", False):
-            # The aggregator adds the noise itself (secure aggregation: distributed discrete Gaussian). It gets
-            # the total std σC/B and the bound C/B on one example's contribution, and sums across ranks.
-            noise_std = self.gradient_noise_multiplier * self.max_grad_norm / divisor
-            self.combine(grads, std=noise_std, sensitivity=self.max_grad_norm / divisor)  # type: ignore[call-arg]
-        else:
-            if std > 0:
-                add_noise_(self.noise, grads, std)
-            if self.combine is not None:
-                self.combine(grads)
+        std = self.gradient_noise_multiplier * self.max_grad_norm / divisor
+        self.exchange.noise_and_combine(grads, self.noise, std, sensitivity=self.max_grad_norm / divisor)
         for p, grad in zip(params, grads):
-            grad = grad.to(p.dtype)  # sum + noise, cast once to the parameter's dtype: post-processing
-            p.grad = grad if self.shards is None else self.shards.to_grad(p, grad)
+            p.grad = self.exchange.to_grad(p, grad.to(p.dtype))  # cast once to the parameter's dtype
         self._known_grads = grads_now(params)
-
-    def _zero_grad_of(self, p: nn.Parameter) -> torch.Tensor:
-        if self.shards is not None:
-            return self.shards.zeros(p).to(wide_dtype(p.dtype))
-        return torch.zeros(p.shape, device=p.device, dtype=wide_dtype(p.dtype))
-
-    def _reduce_in_order(
-        self, params: List[nn.Parameter], with_samples: List[nn.Parameter]
-    ) -> Tuple[Callable[[int, torch.Tensor], torch.Tensor], Callable[[], List[Tuple[nn.Parameter, torch.Tensor]]]]:
-        """``on_sum`` for :func:`clip_and_sum` with :attr:`shards`, and a function that finishes the pass.
-
-        Every trainable parameter is reduced once per backward pass in ``params`` order, on every rank
-        alike (each reduction is a collective): before a parameter's clipped sum, the parameters before it
-        that have no per-sample gradient on this rank are reduced with zeros (other ranks may have some);
-        the finishing function does the same for the rest and returns those ``(param, shard)`` pairs.
-        """
-        shards, pending = self.shards, iter(params)
-        unsampled: List[Tuple[nn.Parameter, torch.Tensor]] = []
-
-        def reduce_zeros_until(target: Optional[nn.Parameter]) -> None:
-            for p in pending:
-                if p is target:
-                    return
-                zeros = torch.zeros(p.shape, device=p.device, dtype=wide_dtype(p.dtype))
-                unsampled.append((p, shards.reduce(p, zeros)))
-
-        def on_sum(k: int, clipped: torch.Tensor) -> torch.Tensor:
-            reduce_zeros_until(with_samples[k])
-            return shards.reduce(with_samples[k], clipped.to(wide_dtype(with_samples[k].dtype)))
-
-        def finish() -> List[Tuple[nn.Parameter, torch.Tensor]]:
-            reduce_zeros_until(None)
-            return unsampled
-
-        return on_sum, finish
-
-    def _sum_divisor(self) -> float:
-        """The divisor this step's clipped sums are made with: ``expected_batch_size`` (1 while unset) as
-        of the step's first micro-batch."""
-        if self.samples_in_step == 0:
-            self._summed_divisor = float(self.expected_batch_size or 1)
-        return self._summed_divisor
 
     def pre_step(self) -> None:
         """Turn this step's per-sample gradients into the noisy DP gradient in ``param.grad``."""
@@ -457,24 +394,24 @@ class DPOptimizer(WrappedOptimizer):
             self._adapt_clipping_norm()
         self.samples_in_step = 0
 
+    # --- step -------------------------------------------------------------------------------------------------
     def record_step(self) -> None:
         """Count one step and record it with the accountant (also for a step that moved no weight)."""
-        self.steps_taken += 1
-        if self.accountant is not None and self.sample_rate is not None:
-            self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        self.privacy.record_step()
 
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
-        """Run ``closure`` (forward + backward) first, then clip, noise, step and account.
+        """Run ``closure`` (forward + backward) first, then clip, exchange, noise, step and account.
 
         Running the closure *before* clipping matters: a wrapper that noises the gradients and then lets
-        the closure recompute them would train without privacy.
+        the closure recompute them would train without privacy. A step the privacy state's budget (or
+        ``step_guard``) refuses releases nothing and spends nothing.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.step_guard is not None and not self.step_guard():
-            self.zero_grad()  # refused (e.g. privacy budget): nothing is released, nothing is spent
+        if not self.privacy.step_allowed() or (self.step_guard is not None and not self.step_guard()):
+            self.zero_grad()
             self.reset_accumulation()
             return loss
         self.pre_step()
@@ -483,24 +420,20 @@ class DPOptimizer(WrappedOptimizer):
         self.record_step()
         return loss
 
-    # --- adaptive clipping (Andrew et al. 2021; see lightning_dp.clipping.AdaptiveClipping) --------------
-    def _init_adaptive_clipping(self, adaptive_clipping: "AdaptiveClipping | Dict[str, float] | None") -> None:
-        self.adaptive_clipping = AdaptiveClipping.from_config(adaptive_clipping)
-        self._unclipped_in_step = 0.0
-        if self.adaptive_clipping is not None and (self.shards is not None or self.clipping.startswith("automatic")):
-            raise ValueError(
-                f"`adaptive_clipping` works with flat or per-layer clipping and without `shards`, got "
-                f"clipping={self.clipping!r}, shards={self.shards!r}: automatic clipping needs no tuned norm."
-            )
-        self._check_adaptive_clipping()
+    def get_epsilon(self, delta: float) -> float:
+        """Privacy spent so far according to the accountant (``inf`` with zero noise)."""
+        if self.accountant is None:
+            raise RuntimeError("This DPOptimizer has no accountant: pass sample_rate to make_private.")
+        return self.privacy.get_epsilon(delta)
 
+    # --- adaptive clipping (Andrew et al. 2021; see lightning_dp.clipping.AdaptiveClipping) --------------
     def _check_adaptive_clipping(self) -> None:
         """Refuse, before any step, settings where the count's noise leaves no room (``2σ_b ≤ σ``)."""
         if self.adaptive_clipping is not None and self.noise_multiplier and self.expected_batch_size:
             self.gradient_noise_multiplier  # raises ValueError naming count_noise_multiplier
 
     @property
-    def gradient_noise_multiplier(self) -> float:
+    def gradient_noise_multiplier(self) -> Optional[float]:
         """The multiplier of the noise added to the gradient: ``noise_multiplier`` (σ, what the
         accountant records), or with adaptive clipping the larger ``σ_Δ = (σ⁻² − (2σ_b)⁻²)^(−½)`` that
         leaves room for the noised count at the same total cost."""
@@ -511,29 +444,46 @@ class DPOptimizer(WrappedOptimizer):
     @torch.no_grad()
     def _adapt_clipping_norm(self) -> None:
         """Release the step's centred count of unclipped samples with noise ``N(0, σ_b²)`` (shared over
-        ranks like the gradient noise) and move ``max_grad_norm`` towards the target quantile.
-
-        The count is accumulated on the device over the step's micro-batches; reading the noised count
-        here (``float``) is the step's one host sync: the new norm is a Python number, used by the next
-        micro-batch's clipping."""
+        ranks like the gradient noise) and move ``max_grad_norm`` towards the target quantile; reading the
+        noised count (``float``) is the step's one host sync."""
         rule, batch = self.adaptive_clipping, float(self.expected_batch_size)
         device = self.params[0].device if self.params else None
         count = torch.as_tensor(self._unclipped_in_step, dtype=torch.float64, device=device).reshape(1).clone()
         self._unclipped_in_step = 0.0
         if self.noise_multiplier > 0:
             add_noise_(self.noise, [count], rule.count_std(batch) / math.sqrt(self.noise_shares))
-        if self.combine is not None:
-            self.combine([count])
+        self.exchange.combine([count])
         self.max_grad_norm = rule.next_norm(self.max_grad_norm, float(count), batch)
 
-    def get_epsilon(self, delta: float) -> float:
-        """Privacy spent so far according to the accountant (``inf`` with zero noise)."""
-        if self.accountant is None:
-            raise RuntimeError("This DPOptimizer has no accountant: pass sample_rate to make_private.")
-        return self.accountant.get_epsilon(delta)
+
+def _privacy_from_arguments(
+    noise_multiplier: Optional[float], max_grad_norm: Optional[float], expected_batch_size: Optional[int],
+    noise: Any, accountant: Optional[Accountant], sample_rate: Optional[float], seed: Optional[int],
+) -> PrivacyState:
+    """The privacy state :class:`DPOptimizer`'s own keyword arguments describe (without ``privacy=``)."""
+    for name, value in (("noise_multiplier", noise_multiplier), ("max_grad_norm", max_grad_norm)):
+        if value is None:
+            raise TypeError(f"DPOptimizer needs `{name}` (or a `privacy` state that holds it).")
+    return PrivacyState(
+        noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, accountant=accountant,
+        noise=noise if noise is not None else GaussianNoise(seed), sample_rate=sample_rate,
+        expected_batch_size=expected_batch_size,
+    )
 
 
-def _scale_of(scale: "float | torch.Tensor") -> "float | torch.Tensor":
-    """:attr:`DPOptimizer.per_sample_grad_scale` for :func:`~lightning_dp.clipping.clip_and_sum`: a number
-    as a ``float``, a tensor as it is (converting it would make the host wait for the device)."""
-    return scale if isinstance(scale, torch.Tensor) else float(scale)
+def _common_batch_size(parts: List[Any]) -> int:
+    batch_sizes = {part.batch_size for ps in parts for part in ps}
+    if len(batch_sizes) > 1:
+        raise RuntimeError(
+            f"Per-sample gradients disagree on the batch size ({sorted(batch_sizes)}): a layer saw a "
+            "different batch dimension than the others. Put the batch first in every layer's input, or pass "
+            "the right batch_first to attach_grad_sample_hooks (time-major models)."
+        )
+    return next(iter(batch_sizes))
+
+
+def _drop_attrs(params: List[nn.Parameter], attrs: Tuple[str, ...]) -> None:
+    for p in params:
+        for attr in attrs:
+            if hasattr(p, attr):
+                delattr(p, attr)

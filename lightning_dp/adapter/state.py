@@ -10,7 +10,7 @@ import torch.distributed as dist
 from .._checks import check_open_unit
 from ..accounting import Accountant, make_accountant
 from ..config import DPConfig
-from ..engine import make_noise, warn_if_no_noise
+from ..privacy_state import make_noise, warn_if_no_noise
 from ..noise import GaussianNoise
 
 CHECKPOINT_KEY = "lightning_dp"

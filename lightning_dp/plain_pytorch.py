@@ -1,55 +1,21 @@
-"""``make_private``: DP-SGD for a plain PyTorch module and optimizer, no Lightning needed."""
+"""``make_private``: DP-SGD for a plain PyTorch module and optimizer, no Lightning needed. It builds the
+run's :class:`~lightning_dp.PrivacyState` and returns the :class:`~lightning_dp.DPOptimizer` that reads it."""
 from __future__ import annotations
 
-import warnings
 from typing import Any, Dict, Mapping, Optional, Sequence
 
 from torch import nn
 from torch.optim import Optimizer
 
 from ._checks import check_positive, check_rate
-from .accounting import make_accountant
-from .accounting.bandmf import BandMFAccountant, bandmf_sample_rate
-from .centering import InputCentering, build_centering, check_centering_bands
+from .centering import check_centering_bands
 from .config import DPConfig
-from .correlated import CorrelatedNoise, banded_toeplitz_coefficients
 from .grad_sample import attach_grad_sample_hooks
-from .noise import GaussianNoise, SecureRNG
 from .optimizer import DPOptimizer
+from .privacy_state import PrivacyState
 from .validation import validate
 
 _D = DPConfig  # the defaults below are DPConfig's: written once
-_warned_not_secure = False
-
-
-def make_noise(secure_mode: bool, seed: Optional[int]) -> "GaussianNoise | SecureRNG":
-    """The noise source for ``secure_mode``: :class:`SecureRNG` (ChaCha20, keyed from the OS) or the
-    seeded, fast, **not** secure :class:`GaussianNoise` (warned once per process). The arguments are
-    those of a validated :class:`~lightning_dp.DPConfig` (a seed with secure mode is refused there)."""
-    global _warned_not_secure
-    if secure_mode:
-        return SecureRNG()
-    if not _warned_not_secure:
-        _warned_not_secure = True
-        warnings.warn(
-            "secure_mode=False: noise and sampling come from fast, reproducible seeded generators that are "
-            "not secret (the seed regenerates the noise); the privacy guarantee assumes an unpredictable "
-            "generator. Use secure_mode=True for a run whose guarantee matters.",
-            UserWarning,
-            stacklevel=3,
-        )
-    return GaussianNoise(seed)
-
-
-def warn_if_no_noise(noise_multiplier: float) -> None:
-    """The one warning a zero noise multiplier gets: the run has no privacy at all."""
-    if noise_multiplier == 0:
-        warnings.warn(
-            "noise_multiplier=0: no noise is added, so the training is NOT private (ε is infinite). "
-            "Use this only for tests and debugging.",
-            UserWarning,
-            stacklevel=3,
-        )
 
 
 def make_private(
@@ -139,28 +105,25 @@ def make_private(
         raise ValueError(
             "make_private does not take `secure_aggregation`=True: it makes one process's optimizer private and has "
             "no ranks to aggregate. Across processes use DPDDPStrategy(secure_aggregation=True), or hand a "
-            "lightning_dp.secure_aggregation.SecureAggregator to DPOptimizer(combine=...) in your own loop."
+            "lightning_dp.exchange.SecureAggregationExchange to DPOptimizer(exchange=...) in your own loop."
         )
     config = DPConfig.from_arguments(locals())
     check_positive("expected_batch_size", expected_batch_size)
     if sample_rate is not None:
         check_rate("sample_rate", sample_rate)
-    noise = make_noise(config.secure_mode, config.seed)
-    accountant = make_accountant(config.accountant) if sample_rate is not None else None
-    if config.bands > 1 or noise_coefficients is not None:
-        noise, accountant, sample_rate = _bandmf(config, noise, accountant, sample_rate, num_steps, noise_coefficients)
+    check_centering_bands(centering, config.bands)
+    privacy = PrivacyState.from_config(config, accounted=sample_rate is not None)
+    bandmf = config.bands > 1 or noise_coefficients is not None
+    if bandmf:
+        privacy.install_correlated_noise(coefficients=_bandmf_coefficients(config.bands, num_steps, noise_coefficients))
+    privacy.configure(sample_rate=None if sample_rate is None else privacy.accounted_rate(sample_rate),
+                      expected_batch_size=expected_batch_size)
     validate(module, raise_error=True)
-    warn_if_no_noise(config.noise_multiplier)
-    input_centering = _centering(module, centering, config, noise, accountant)
+    input_centering = privacy.centre(module, centering, shared=False) if centering else None
     attach_grad_sample_hooks(module, loss_reduction=config.loss_reduction)
     return DPOptimizer(
         optimizer,
-        noise_multiplier=config.noise_multiplier,
-        max_grad_norm=config.max_grad_norm,
-        expected_batch_size=expected_batch_size,
-        noise=noise,
-        accountant=accountant,
-        sample_rate=sample_rate,
+        privacy=privacy,
         clipping_mode=config.clipping_mode,
         clipping=config.clipping,
         adaptive_clipping=config.adaptive_clipping,
@@ -168,44 +131,19 @@ def make_private(
     )
 
 
-def _centering(
-    module: nn.Module, centering: Optional[Mapping[Any, Any]], config: DPConfig, noise: Any, accountant: Any
-) -> Optional[InputCentering]:
-    """The :class:`~lightning_dp.centering.InputCentering` of :func:`make_private`, its private centres
-    released now and recorded by the accountant."""
-    check_centering_bands(centering, config.bands)
-    if not centering:
-        return None
-    input_centering, events = build_centering(module, centering, noise)
-    if accountant is not None:
-        for sigma, rate, steps in events:
-            accountant.step(noise_multiplier=sigma, sample_rate=rate, num_steps=steps)
-    input_centering.attach()
-    return input_centering
-
-
-def _bandmf(
-    config: DPConfig,
-    noise: "GaussianNoise | SecureRNG",
-    accountant: Optional[object],
-    sample_rate: Optional[float],
-    num_steps: Optional[int],
-    coefficients: Optional[Sequence[float]],
-) -> tuple:
-    """The BandMF noise source, accountant and accounted rate ``b·q`` of :func:`make_private`."""
+def _bandmf_coefficients(bands: int, num_steps: Optional[int], coefficients: Optional[Sequence[float]]) -> Any:
+    """The BandMF strategy's coefficients of :func:`make_private`: given, or optimised for ``num_steps``."""
     if coefficients is None:
         if num_steps is None:
             raise ValueError(
-                f"`num_steps` (the planned number of steps) is needed with bands={config.bands}: the noise "
+                f"`num_steps` (the planned number of steps) is needed with bands={bands}: the noise "
                 "strategy's coefficients are optimised for the run's length. Pass it, or `noise_coefficients`."
             )
-        coefficients = banded_toeplitz_coefficients(num_steps, config.bands)
-    elif len(coefficients) != config.bands:
+        from .correlated import banded_toeplitz_coefficients
+
+        return banded_toeplitz_coefficients(num_steps, bands)
+    if len(coefficients) != bands:
         raise ValueError(
-            f"`noise_coefficients` must hold `bands`={config.bands} numbers, got {len(coefficients)}: "
-            f"{list(coefficients)!r}."
+            f"`noise_coefficients` must hold `bands`={bands} numbers, got {len(coefficients)}: {list(coefficients)!r}."
         )
-    if sample_rate is not None:
-        sample_rate = bandmf_sample_rate(sample_rate, config.bands)
-        accountant = BandMFAccountant(config.accountant, config.bands)
-    return CorrelatedNoise(noise, coefficients), accountant, sample_rate
+    return coefficients
