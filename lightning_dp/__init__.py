@@ -26,6 +26,7 @@ from .privacy_state import PrivacyState
 from .report import PrivacyReport
 from .sampling import PoissonBatchSampler, poisson_dataloader
 from .grad_sample import UnsupportedModuleError
+from .adapter import PUBLIC_NAMES
 from .validation import AppliedFix, PrivacyValidationError, ValidationIssue, fix, validate
 
 _MODULES = {"lightning.pytorch": "lightning", "pytorch_lightning": "pytorch_lightning"}
@@ -47,14 +48,11 @@ LIGHTNING_NAMESPACE = _default_namespace(_installed, _imported_before) if _insta
 """The Lightning namespace the top-level classes belong to (``None`` when no Lightning is installed)."""
 
 if LIGHTNING_NAMESPACE is not None:
-    DPStrategy = _bound[LIGHTNING_NAMESPACE].DPStrategy
-    DPDDPStrategy = _bound[LIGHTNING_NAMESPACE].DPDDPStrategy
-    DPFSDPStrategy = _bound[LIGHTNING_NAMESPACE].DPFSDPStrategy
-    PrivacyBudgetCallback = _bound[LIGHTNING_NAMESPACE].PrivacyBudgetCallback
+    globals().update({name: getattr(_bound[LIGHTNING_NAMESPACE], name) for name in PUBLIC_NAMES})
 
 
 def __getattr__(name: str):  # only reached when no Lightning package is installed
-    if name in ("DPStrategy", "DPDDPStrategy", "DPFSDPStrategy", "PrivacyBudgetCallback"):
+    if name in PUBLIC_NAMES:
         raise ImportError(
             f"lightning_dp.{name} needs Lightning: install `lightning` (import lightning as L) or "
             "`pytorch-lightning`. The plain-PyTorch core (make_private, DPOptimizer) works without it."
@@ -62,19 +60,15 @@ def __getattr__(name: str):  # only reached when no Lightning package is install
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = [
+__all__ = [*PUBLIC_NAMES,
     "AppliedFix",
     "DPConfig",
-    "DPDDPStrategy",
-    "DPFSDPStrategy",
     "DPOptimizer",
     "PrivacyState",
-    "DPStrategy",
     "ExponentialMovingAverage",
     "LIGHTNING_NAMESPACE",
     "PRVAccountant",
     "PoissonBatchSampler",
-    "PrivacyBudgetCallback",
     "PrivacyReport",
     "PrivacyValidationError",
     "PrivateMean",

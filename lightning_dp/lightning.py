@@ -3,8 +3,8 @@
 ``from lightning_dp import DPStrategy`` gives these classes whenever ``lightning`` is installed; import
 them from here to be explicit (e.g. with both Lightning packages installed).
 """
-from .adapter import bind
+from .adapter import PUBLIC_NAMES, bind
 
-DPStrategy, DPDDPStrategy, DPFSDPStrategy, PrivacyBudgetCallback = bind("lightning.pytorch")
+globals().update(bind("lightning.pytorch"))
 
-__all__ = ["DPDDPStrategy", "DPFSDPStrategy", "DPStrategy", "PrivacyBudgetCallback"]
+__all__ = sorted(PUBLIC_NAMES)

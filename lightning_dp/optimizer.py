@@ -123,7 +123,8 @@ class DPOptimizer(WrappedOptimizer):
         sharded = isinstance(self.exchange, ReduceScatterExchange)
         if centering is not None and sharded:
             raise ValueError("`centering` corrects whole bias tensors after each step; it does not work with `shards`.")
-        self.centering = centering
+        if centering is not None:
+            self.privacy.centering = centering
         self.step_guard = step_guard
         self.adaptive_clipping = AdaptiveClipping.from_config(adaptive_clipping)
         if self.adaptive_clipping is not None and (sharded or self.clipping.startswith("automatic")):
@@ -188,10 +189,22 @@ class DPOptimizer(WrappedOptimizer):
         """Where the step's noise comes from (the privacy state's step noise)."""
         return self.privacy.step_noise
 
+    @noise.setter
+    def noise(self, source: Any) -> None:
+        if self.privacy.correlated is not None:
+            self.privacy.correlated = source
+        else:
+            self.privacy.noise = source
+
     @property
     def steps_taken(self) -> int:
         """Optimizer steps taken (accounted) in this run."""
         return self.privacy.steps_taken
+
+    @property
+    def centering(self) -> Optional[InputCentering]:
+        """The centred layers (the privacy state's, once released), else ``None``."""
+        return self.privacy.centering
 
     @property
     def shards(self) -> Optional[GradientShards]:

@@ -117,6 +117,7 @@ class PrivacyState:
         self.refused_steps = 0
         self.dropped_count: "int | torch.Tensor" = 0  # non-finite samples dropped, checkpoints before included
         self.budgets: Set[Tuple[float, float]] = set()
+        self.centering: Optional[InputCentering] = None  # the centred layers, once released
         self.released_centres: Optional[Dict[str, List[float]]] = None  # by layer name
         self.centring_releases = 0  # entries of the accountant's history that are private centres
         self.correlated: Optional[CorrelatedNoise] = None  # BandMF's stream (rank 0)
@@ -261,8 +262,8 @@ class PrivacyState:
             centering, events = build_centering(model, spec, self.noise, restored=released)
             for event in events:
                 self.record_release(*event)
-            self.released_centres = centering.state_dict()
-            centering.attach()
+            centering.attach()  # its centres reach checkpoints through state_dict (read then, not now)
+            self.centering = centering
             return centering
         missing = {key: value for key, value in spec.items() if resolve_layer(model, key)[1] not in released}
         if missing:
@@ -271,8 +272,11 @@ class PrivacyState:
                 if isinstance(value, PrivateMean):
                     self.record_release(*value.accounting_event)
             self.released_centres = released
+        if self.centering is not None:
+            self.centering.detach()
         centering, _ = build_centering(model, spec, self.noise, restored=released)
         centering.attach()
+        self.centering = centering
         return centering
 
     def _released_by_rank_zero(self, model: torch.nn.Module, spec: Dict[Any, Any]) -> Dict[str, List[float]]:
@@ -335,7 +339,7 @@ class PrivacyState:
             "sample_rate": self.sample_rate,
             "dropped_samples": self.dropped_samples,
             "adapted_max_grad_norm": float(self.max_grad_norm) if self.adaptive else None,
-            "centering": self.released_centres,
+            "centering": self._released_centres(),
             "centering_releases": self.centring_releases,
             "bandmf": self._bandmf_state(),
             "report": report,
@@ -364,6 +368,11 @@ class PrivacyState:
         self._load_bandmf_state(state.get("bandmf"))
         self.settings_of_checkpoint = {k: state.get(k) for k in RESUMED_SETTINGS}
         self._load_rank_states(state.get("ranks"))
+
+    def _released_centres(self) -> Optional[Dict[str, List[float]]]:
+        if self.released_centres is None and self.centering is not None:
+            return self.centering.state_dict()
+        return self.released_centres
 
     def changed_settings(self) -> Dict[str, Tuple[Any, Any]]:
         """``{setting: (checkpoint's, now)}`` for σ, C and q that differ from the resumed checkpoint's (asked

@@ -3,8 +3,8 @@
 ``from lightning_dp import DPStrategy`` gives these classes when ``pytorch_lightning`` is the Lightning
 package in use (see :mod:`lightning_dp`); import them from here to be explicit.
 """
-from .adapter import bind
+from .adapter import PUBLIC_NAMES, bind
 
-DPStrategy, DPDDPStrategy, DPFSDPStrategy, PrivacyBudgetCallback = bind("pytorch_lightning")
+globals().update(bind("pytorch_lightning"))
 
-__all__ = ["DPDDPStrategy", "DPFSDPStrategy", "DPStrategy", "PrivacyBudgetCallback"]
+__all__ = sorted(PUBLIC_NAMES)

@@ -231,7 +231,7 @@ def main(config: dict) -> None:
         noise_multiplier=strategy.noise_multiplier,
         weights={k: v.tolist() for k, v in model.state_dict().items()},
         warnings=[str(w.message) for w in caught if "resum" in str(w.message).lower()],
-        resumed_inside_window=getattr(getattr(strategy, "_sampler", None), "resumed_inside_window", None),
+        resumed_inside_window=getattr(strategy.data.sampler, "resumed_inside_window", None),
     )
     with open(out, "w") as f:
         json.dump(result, f)

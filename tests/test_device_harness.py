@@ -35,7 +35,7 @@ from torch.utils._pytree import tree_leaves
 
 from lightning_dp import make_private
 from lightning_dp.adapter.callback import _dropped_value
-from lightning_dp.adapter.steps import StepsMixin
+from lightning_dp.adapter.steps import per_sample_scale
 from lightning_dp.averaging import ExponentialMovingAverage
 from lightning_dp.grad_sample import fast
 from lightning_dp.noise.gaussian import GaussianNoise
@@ -282,27 +282,13 @@ def test_dropped_counts_stay_on_the_device_until_read() -> None:
 
 
 def test_lightning_backward_reads_the_grad_scaler_scale_without_sync() -> None:
-    """``StepsMixin.backward`` divides by the GradScaler's scale tensor, never calls ``get_scale()``."""
-
-    class Host:
-        def backward(self, *args: Any, **kwargs: Any) -> None:
-            return None
-
-    class Strategy(StepsMixin, Host):
-        pass
-
+    """The strategies' per-sample scale divides by the GradScaler's scale tensor, never calls ``get_scale()``."""
     scaler = SimpleNamespace(
         _get_scale_async=lambda: torch.full((), 1024.0, device=META),
         get_scale=lambda: pytest.fail("get_scale() makes the host wait for the device"),
         is_enabled=lambda: True,
     )
-    accumulated = []
-    optimizer = SimpleNamespace(accumulate_micro_batch=lambda: accumulated.append(optimizer.per_sample_grad_scale))
-    strategy = Strategy()
-    strategy.precision_plugin = SimpleNamespace(scaler=scaler)
-    strategy.lightning_module = SimpleNamespace(trainer=SimpleNamespace(accumulate_grad_batches=2))
-    type(strategy).dp_optimizer = property(lambda self: optimizer)  # type: ignore[assignment]
-    strategy.backward(torch.zeros((), device=META), None)
+    accumulated = [per_sample_scale(2, scaler)]
     (scale,) = accumulated
     assert isinstance(scale, torch.Tensor) and scale.device == META and scale.dtype == torch.float64
 

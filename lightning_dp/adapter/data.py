@@ -1,22 +1,23 @@
 """The data side of DP training inside Lightning: Poisson sampling of the training loader, the
-per-epoch sampling plan (gradient accumulation, limits, reloads) and the calibration of σ.
-
-No Lightning import: the host strategy is reached through the methods listed in
-:mod:`lightning_dp.adapter.host`.
-"""
+per-epoch sampling plan (gradient accumulation, limits, reloads) and the calibration of σ
+(:class:`TrainingData`, a part of every DP strategy). No Lightning import."""
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader
 
 from ..accounting import get_noise_multiplier_for_plan
+from ..config import DPConfig
+from ..privacy_state import PrivacyState
 from ..accounting.bandmf import bandmf_sample_rate
 from ..sampling import (
     PoissonBatchSampler, expected_batch_size_of, poisson_dataloader, poisson_dataset_size, poisson_mask,
 )
+from .bandmf import bandmf_sigma
+from .host import Host
 from .features import accumulation_for_epoch, check_windows, lightning_cap, planned_accumulations, plan_steps
 
 
@@ -123,39 +124,41 @@ class EpochPoissonBatchSampler(PoissonBatchSampler):
         return group[poisson_mask(self.generator, len(group), rate)]
 
 
-class DataMixin:
-    """Poisson sampling and the sampling plan (part of the DP strategy; see :mod:`lightning_dp.adapter`)."""
+class TrainingData:
+    """The training loader under DP: Poisson sampling at the rate of each epoch's accumulation plan (or the
+    user's own sampler, warned: the subsampling analysis then does not hold), the sampling plan written into
+    the privacy state before each step, and σ's calibration for ``target_epsilon``.
 
-    def process_dataloader(self, dataloader: object) -> object:
-        """Poisson-sample the training loader (other loaders are untouched) and configure the DP step."""
-        module = self.lightning_module
-        trainer = module.trainer if module is not None else None
-        if trainer is None or trainer.state.stage != "train":
-            return super().process_dataloader(dataloader)  # type: ignore[misc]
+    Args:
+        config: the run's settings.
+        privacy: the run's privacy state (σ, q, the sampling generator, BandMF's groups).
+        host: the Lightning namespace (its error type and messages).
+    """
+
+    def __init__(self, config: DPConfig, privacy: PrivacyState, host: Host) -> None:
+        self.config, self.privacy, self.host = config, privacy, host
+        self.sampler: Optional[EpochPoissonBatchSampler] = None
+        self.user_loader: Optional[Tuple[int, int, int]] = None  # (N, batch size, length) of the user's loader
+        self.calibrated_accumulation: Optional[Dict[int, int]] = None  # epoch → k that σ was calibrated for
+
+    def prepare(self, trainer: Any, dataloader: object, rank: int, world_size: int) -> DataLoader:
+        """The training loader to use (Poisson-sampled unless ``poisson_sampling=False``), its plan synced."""
         if not isinstance(dataloader, DataLoader):
-            raise self._host.trainer_error(
+            raise self.host.trainer_error(
                 f"DP training needs the training data as a torch DataLoader, got {type(dataloader).__name__}."
             )
         if self.config.poisson_sampling:
-            dataloader = self._poisson_loader(trainer, dataloader)
+            dataloader = self._poisson_loader(trainer, dataloader, rank, world_size)
         else:
-            self._user_sampler_plan(trainer, dataloader)
-        self._sync_sampling_plan()
-        self._check_resumed_settings()
-        self._release_centering()  # before σ is calibrated: a private centre spends part of the budget
-        bandmf_plan = self._checked_bandmf_plan(trainer)  # BandMF: one rate for the run, checked before σ
-        if self.config.target_epsilon is not None and self.noise_multiplier is None:
-            self.noise_multiplier = self._calibrate(trainer)
-        if bandmf_plan is not None:
-            self._install_correlated_noise(sum(n for _, n in bandmf_plan))
-        if self._has_dp_optimizer():  # not yet when configure_optimizers asks for estimated_stepping_batches
-            self.dp_optimizer.configure(noise_multiplier=self.noise_multiplier)
-        return super().process_dataloader(dataloader)  # type: ignore[misc]
+            self._user_sampler_plan(dataloader)
+        self.sync(trainer, world_size)
+        return dataloader
 
-    def _poisson_loader(self, trainer: Any, dataloader: DataLoader) -> DataLoader:
-        host = self._host
+    def _poisson_loader(self, trainer: Any, dataloader: DataLoader, rank: int, world_size: int) -> DataLoader:
+        host, privacy = self.host, self.privacy
         try:
             num_samples = poisson_dataset_size(dataloader.dataset)
+            groups = privacy.bandmf_groups(num_samples)
         except ValueError as err:
             raise host.trainer_error(f"The DP strategy cannot serve the training loader: {err}") from err
         limit = trainer.limit_train_batches
@@ -168,97 +171,101 @@ class DataMixin:
             chunks,
             accumulation=lambda: accumulation_for_epoch(trainer, host, trainer.current_epoch),
             chunks_done=lambda: trainer.fit_loop.epoch_loop.batch_progress.current.ready,
-            generator=self._sampling_generator,
-            rank=self.global_rank,
-            world_size=self.world_size,
-            groups=self._partition(num_samples),
-            bands=self.bands,
-            steps_taken=lambda: self.accountant.total_steps,
+            generator=privacy.sampling_generator,
+            rank=rank,
+            world_size=world_size,
+            groups=groups,
+            bands=privacy.bands,
+            steps_taken=lambda: privacy.accountant.total_steps,
         )
         sampler.epoch_cap = len(sampler)  # what Lightning reads now and keeps as the epoch's length
         lengths = [(k, sampler.length_for(k)) for k in planned_accumulations(trainer, host)]
         check_windows(trainer, host, lengths, lightning_cap(sampler.epoch_cap, limit))
-        self._sampler = sampler
+        self.sampler = sampler
         return poisson_dataloader(dataloader, batch_sampler=sampler)
 
-    def _user_sampler_plan(self, trainer: Any, dataloader: DataLoader) -> None:
+    def _user_sampler_plan(self, dataloader: DataLoader) -> None:
         try:
             dataset_size = len(dataloader.dataset)  # type: ignore[arg-type]
         except TypeError:
             dataset_size = 0
         if dataset_size == 0:
-            raise self._host.trainer_error(
+            raise self.host.trainer_error(
                 "DP training needs len(train dataset) to account for privacy; the training dataset has none."
             )
-        self._host.warn(
+        self.host.warn(
             "DP strategy with poisson_sampling=False: batches come from your own sampler, so the accountant's "
             "subsampling (amplification) assumption does not hold; ε is then an estimate."
         )
-        self._sampler = None
-        self._user_loader = (dataset_size, expected_batch_size_of(dataloader), len(dataloader))
+        self.sampler = None
+        self.user_loader = (dataset_size, expected_batch_size_of(dataloader), len(dataloader))
 
-    def _sync_sampling_plan(self) -> None:
-        """Bring the step's sample rate and expected batch size up to the current epoch's plan."""
-        trainer = self.lightning_module.trainer
-        if self._sampler is not None:
-            self._sampler._apply_plan()
-            rate, dataset_size = self._sampler.sample_rate, self._sampler.num_samples
+    def sync(self, trainer: Any, world_size: int) -> None:
+        """Write the current epoch's plan into the privacy state: the accounted rate (BandMF: ``b·q``), the
+        expected batch size and the dataset size."""
+        if self.sampler is not None:
+            self.sampler._apply_plan()
+            rate, dataset_size = self.sampler.sample_rate, self.sampler.num_samples
         else:
-            dataset_size, batch_size, _ = self._user_loader
-            rate = min(1.0, trainer.accumulate_grad_batches * self.world_size * batch_size / dataset_size)
-        self.sample_rate = self._accounted_rate(rate)  # BandMF: the within-group rate b·q
-        self.dataset_size = dataset_size
-        self.expected_batch_size = max(1, round(rate * dataset_size))
-        if self._has_dp_optimizer():  # else setup_optimizers builds it with these settings
-            self.dp_optimizer.configure(sample_rate=self.sample_rate, expected_batch_size=self.expected_batch_size)
+            dataset_size, batch_size, _ = self.user_loader
+            rate = min(1.0, trainer.accumulate_grad_batches * world_size * batch_size / dataset_size)
+        self.privacy.configure(sample_rate=self.privacy.accounted_rate(rate), dataset_size=dataset_size,
+                               expected_batch_size=max(1, round(rate * dataset_size)))
 
-    def _planned_epochs(self, trainer: Any) -> Iterator[Any]:
-        host = self._host
-        for epoch in itertools.count(trainer.current_epoch):
-            k = accumulation_for_epoch(trainer, host, epoch)
-            if self._sampler is not None:
-                yield epoch, self._sampler.rate_for(k), self._sampler.draws_for(k)
-            else:
-                dataset_size, batch_size, length = self._user_loader
-                yield epoch, min(1.0, k * self.world_size * batch_size / dataset_size), max(1, length // k)
-
-    def _planned_accumulation(self, trainer: Any, epochs: int) -> Iterator[Any]:
-        for epoch in range(trainer.current_epoch, trainer.current_epoch + max(epochs, 1) + 1):
-            yield epoch, accumulation_for_epoch(trainer, self._host, epoch)
-
-    def _check_calibrated_plan(self, trainer: Any) -> None:
-        """Refuse a step whose accumulation differs from the one σ was calibrated for (a change the plan
-        could not foresee, e.g. by a callback other than ``GradientAccumulationScheduler``)."""
-        planned = self._calibrated_accumulation.get(trainer.current_epoch) if self._calibrated_accumulation else None
+    def check_batch(self, trainer: Any) -> None:
+        """Refuse a batch whose accumulation differs from the one its Poisson draw was made for, or from the one
+        σ was calibrated for (a change the plan could not foresee)."""
+        sampler = self.sampler
+        if sampler is not None and trainer.accumulate_grad_batches != sampler.micro_batches:
+            raise self.host.trainer_error(
+                f"Not available under DP: accumulate_grad_batches changed to {trainer.accumulate_grad_batches} "
+                f"during epoch {trainer.current_epoch}, whose Poisson batches were drawn for "
+                f"{sampler.micro_batches} micro-batches per optimizer step. Change it between epochs only, "
+                "with GradientAccumulationScheduler (accounted exactly)."
+            )
+        planned = self.calibrated_accumulation.get(trainer.current_epoch) if self.calibrated_accumulation else None
         if planned is not None and planned != trainer.accumulate_grad_batches:
-            raise self._host.trainer_error(
+            raise self.host.trainer_error(
                 f"Not available under DP: accumulate_grad_batches changed to {trainer.accumulate_grad_batches} in "
                 f"epoch {trainer.current_epoch}, but σ was calibrated for target_epsilon={self.config.target_epsilon} "
                 f"with {planned} there; more micro-batches per step would spend more than the target. Change "
                 "it with GradientAccumulationScheduler (planned for), or give noise_multiplier instead."
             )
 
-    def _calibrate(self, trainer: Any) -> float:
-        config = self.config
-        plan = plan_steps(trainer, self._host, self._planned_epochs(trainer))
+    def planned_epochs(self, trainer: Any, world_size: int) -> Iterator[Tuple[int, float, int]]:
+        """``(epoch, rate, steps)`` of every epoch from the current one on, following the accumulation plan."""
+        for epoch in itertools.count(trainer.current_epoch):
+            k = accumulation_for_epoch(trainer, self.host, epoch)
+            if self.sampler is not None:
+                yield epoch, self.sampler.rate_for(k), self.sampler.draws_for(k)
+            else:
+                dataset_size, batch_size, length = self.user_loader
+                yield epoch, min(1.0, k * world_size * batch_size / dataset_size), max(1, length // k)
+
+    def calibrate(self, trainer: Any, world_size: int) -> float:
+        """σ for ``target_epsilon`` over the planned rest of the run, composed with the history so far."""
+        config, privacy = self.config, self.privacy
+        plan = plan_steps(trainer, self.host, self.planned_epochs(trainer, world_size))
         if not plan:
-            raise self._host.trainer_error(
+            raise self.host.trainer_error(
                 f"DP target_epsilon={config.target_epsilon}: the Trainer's limits leave no optimizer step to plan for."
             )
-        self._calibrated_accumulation = {epoch: k for epoch, k in self._planned_accumulation(trainer, len(plan))}
-        if self.bands > 1:
-            sigma = self._bandmf_sigma(plan)
+        first = trainer.current_epoch
+        self.calibrated_accumulation = {
+            epoch: accumulation_for_epoch(trainer, self.host, epoch) for epoch in range(first, first + len(plan) + 1)
+        }
+        if privacy.bands > 1:
+            sigma = bandmf_sigma(plan, config, privacy, self.host)
         else:
             sigma = get_noise_multiplier_for_plan(
-                config.target_epsilon, config.delta, plan, accountant=self.accountant,
-                history=self.accountant.history,
+                config.target_epsilon, config.delta, plan, accountant=privacy.accountant,
+                history=privacy.accountant.history,
             )
         steps = sum(n for _, n in plan)
         rates = sorted({q for q, _ in plan})
         shown = f"{rates[0]:.5f}" if len(rates) == 1 else f"{rates[0]:.5f}–{rates[-1]:.5f}"
-        self._host.info(
+        self.host.info(
             f"DP: noise_multiplier={sigma:.4f} calibrated for ε={config.target_epsilon} at δ={config.delta} over "
             f"{steps} steps (sample rate {shown})."
         )
         return sigma
-
