@@ -56,27 +56,16 @@ class DPOptimizer(WrappedOptimizer):
             with ``adds_noise = True``, a :class:`~lightning_dp.secure_aggregation.SecureAggregator`, adds the
             noise itself), ``noise_shares`` (ranks that each add ``σC/√noise_shares``) or ``shards`` (a
             sharded model, :class:`~lightning_dp.exchange.GradientShards`; excludes the other two).
-        clipping_mode: how per-sample gradients are obtained (the update is the same in every mode):
-            ``"auto"`` (default): one backward pass, no per-sample gradient materialised where a layer
-            has a factored form (Linear, Conv, Embedding, attention and RNN projections): each sample's
-            norm by ghost norm or per-sample gradient, whichever is cheaper for that layer, the clipped
-            sum as one GEMM ``(c ⊙ G)ᵀA``, autograd's own weight gradient skipped;
-            ``"ghost"``: the same with the ghost norm in every factored layer;
-            ``"materialize"``: per-sample gradients ``(B, *shape)`` for every parameter (the plain path).
-            See ``docs/clipping.rst``.
-        clipping: ``"flat"`` (default): one norm per sample over all parameters, clipped to ``C``;
-            ``"per_layer"``: each of the ``K`` trainable parameter tensors clipped to ``C/√K`` on its
-            own (total sensitivity still ``C``, noise std still ``σC``); ``"automatic"`` /
-            ``"automatic_per_layer"``: each sample normalised, ``c_b = C/(‖g_b‖ + 0.01)`` (Bu et al. 2023;
-            sensitivity still ``C``), so ``C`` needs no tuning.
-        non_finite: what a sample whose per-sample gradient (or loss) is NaN or inf does to the step:
-            ``"drop"`` (default): it gets clip factor 0 and contributes exactly nothing; the step goes on
-            with the other samples, still divided by ``expected_batch_size``, with the same noise and
-            accounting (a dropped sample contributes ``0 ≤ C``: the sensitivity is unchanged). Flat clipping
-            drops a sample whose total norm is not finite, per-layer clipping one with *any* non-finite
-            per-parameter norm. A batch with every sample dropped gives a noise-only step. ``"propagate"``:
-            no check, the NaN/inf reaches ``param.grad`` (needed under a fp16 ``GradScaler``, which must see
-            an overflow to skip the step). May be changed between steps; see :mod:`lightning_dp.clipping`.
+        clipping_mode: ``"auto"`` (default), ``"ghost"`` or ``"materialize"``: how per-sample norms and
+            clipped sums are computed (one backward pass; ghost norms or per-sample gradients per layer, or
+            every per-sample gradient materialised). The update is the same; see ``docs/clipping.rst``.
+        clipping: ``"flat"`` (default; one norm per sample, clipped to ``C``), ``"per_layer"`` (each of the
+            ``K`` parameter tensors to ``C/√K``), ``"automatic"``/``"automatic_per_layer"`` (each sample
+            normalised, ``c_b = C/(‖g_b‖ + 0.01)``, Bu et al. 2023). The sensitivity is ``C`` in every case.
+        non_finite: ``"drop"`` (default): a sample whose per-sample gradient (or loss) is NaN or inf gets clip
+            factor 0 and contributes exactly nothing (the sensitivity is unchanged; a batch with every sample
+            dropped gives a noise-only step). ``"propagate"``: the NaN/inf reaches ``param.grad`` (needed under
+            a fp16 ``GradScaler``, which must see an overflow to skip the step). See :mod:`lightning_dp.clipping`.
         adaptive_clipping: ``None``, an :class:`~lightning_dp.clipping.AdaptiveClipping` or a dict of its
             arguments: after each step ``max_grad_norm`` moves towards a private estimate of a quantile of
             the per-sample norms (Andrew et al. 2021). The accountant still records σ; the gradient gets
@@ -114,8 +103,9 @@ class DPOptimizer(WrappedOptimizer):
         if isinstance(optimizer, DPOptimizer):
             raise ValueError("`optimizer` is already a DPOptimizer; wrap the original optimizer once.")
         super().__init__(optimizer)
-        self.privacy = privacy if privacy is not None else _privacy_from_arguments(
-            noise_multiplier, max_grad_norm, expected_batch_size, noise, accountant, sample_rate, seed)
+        self.privacy = privacy if privacy is not None else PrivacyState.standalone(
+            noise_multiplier, max_grad_norm, expected_batch_size, noise if noise is not None else GaussianNoise(seed),
+            accountant, sample_rate)
         self.exchange = exchange if exchange is not None else exchange_from_arguments(combine, noise_shares, shards)
         self._clipping_mode = check_choice("clipping_mode", clipping_mode, CLIPPING_MODES)
         self.clipping = check_choice("clipping", clipping, CLIPPINGS)
@@ -179,14 +169,15 @@ class DPOptimizer(WrappedOptimizer):
     def sample_rate(self, value: float) -> None:
         self.configure(sample_rate=value)
 
-    @property
-    def accountant(self) -> Optional[Accountant]:
-        """The privacy state's accountant (``None``: steps are not accounted)."""
-        return self.privacy.accountant
+    accountant = property(lambda self: self.privacy.accountant, doc="The privacy state's accountant (``None``: not accounted).")
+    steps_taken = property(lambda self: self.privacy.steps_taken, doc="Optimizer steps taken (accounted) in this run.")
+    centering = property(lambda self: self.privacy.centering, doc="The centred layers (the privacy state's), or ``None``.")
+    shards = property(lambda self: self.exchange.shards, doc="The exchange's shards (a sharded model), else ``None``.")
+    noise_shares = property(lambda self: self.exchange.noise_shares, doc="How many ranks each add part of the noise.")
 
     @property
     def noise(self) -> Any:
-        """Where the step's noise comes from (the privacy state's step noise)."""
+        """Where the step's noise comes from (the privacy state's step noise); settable."""
         return self.privacy.step_noise
 
     @noise.setter
@@ -195,26 +186,6 @@ class DPOptimizer(WrappedOptimizer):
             self.privacy.correlated = source
         else:
             self.privacy.noise = source
-
-    @property
-    def steps_taken(self) -> int:
-        """Optimizer steps taken (accounted) in this run."""
-        return self.privacy.steps_taken
-
-    @property
-    def centering(self) -> Optional[InputCentering]:
-        """The centred layers (the privacy state's, once released), else ``None``."""
-        return self.privacy.centering
-
-    @property
-    def shards(self) -> Optional[GradientShards]:
-        """The exchange's shards (a sharded model), else ``None``."""
-        return self.exchange.shards
-
-    @property
-    def noise_shares(self) -> int:
-        """How many ranks each add part of the noise."""
-        return self.exchange.noise_shares
 
     def configure(self, *, noise_multiplier: Optional[float] = None, sample_rate: Optional[float] = None,
                   expected_batch_size: Optional[int] = None) -> None:
@@ -467,21 +438,6 @@ class DPOptimizer(WrappedOptimizer):
             add_noise_(self.noise, [count], rule.count_std(batch) / math.sqrt(self.noise_shares))
         self.exchange.combine([count])
         self.max_grad_norm = rule.next_norm(self.max_grad_norm, float(count), batch)
-
-
-def _privacy_from_arguments(
-    noise_multiplier: Optional[float], max_grad_norm: Optional[float], expected_batch_size: Optional[int],
-    noise: Any, accountant: Optional[Accountant], sample_rate: Optional[float], seed: Optional[int],
-) -> PrivacyState:
-    """The privacy state :class:`DPOptimizer`'s own keyword arguments describe (without ``privacy=``)."""
-    for name, value in (("noise_multiplier", noise_multiplier), ("max_grad_norm", max_grad_norm)):
-        if value is None:
-            raise TypeError(f"DPOptimizer needs `{name}` (or a `privacy` state that holds it).")
-    return PrivacyState(
-        noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, accountant=accountant,
-        noise=noise if noise is not None else GaussianNoise(seed), sample_rate=sample_rate,
-        expected_batch_size=expected_batch_size,
-    )
 
 
 def _common_batch_size(parts: List[Any]) -> int:

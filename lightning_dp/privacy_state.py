@@ -23,59 +23,15 @@ from .centering import InputCentering, PrivateMean, build_centering, resolve_lay
 from .config import DPConfig
 from .correlated import CorrelatedNoise, banded_toeplitz_coefficients, draw_partition
 from .noise import GaussianNoise, SecureRNG
+from .noise.sources import NoNoise, make_noise, warn_if_no_noise
 
-__all__ = ["CHECKPOINT_KEY", "NoNoise", "PrivacyState", "make_noise", "warn_if_no_noise"]
+__all__ = ["CHECKPOINT_KEY", "RESUMED_SETTINGS", "PrivacyState"]
 
 CHECKPOINT_KEY = "lightning_dp"
 """Key of the privacy state in every checkpoint written by a DP strategy."""
 
 RESUMED_SETTINGS = ("noise_multiplier", "max_grad_norm", "sample_rate")
 """Settings a resumed run compares with its checkpoint's (a change is warned about, never hidden)."""
-
-_warned_not_secure = False
-
-
-def make_noise(secure_mode: bool, seed: Optional[int]) -> "GaussianNoise | SecureRNG":
-    """The noise source for ``secure_mode``: :class:`SecureRNG` (ChaCha20, keyed from the OS) or the
-    seeded, fast, **not** secure :class:`GaussianNoise` (warned once per process)."""
-    global _warned_not_secure
-    if secure_mode:
-        return SecureRNG()
-    if not _warned_not_secure:
-        _warned_not_secure = True
-        warnings.warn(
-            "secure_mode=False: noise and sampling come from fast, reproducible seeded generators that are "
-            "not secret (the seed regenerates the noise); the privacy guarantee assumes an unpredictable "
-            "generator. Use secure_mode=True for a run whose guarantee matters.",
-            UserWarning,
-            stacklevel=4,
-        )
-    return GaussianNoise(seed)
-
-
-def warn_if_no_noise(noise_multiplier: float) -> None:
-    """The one warning a zero noise multiplier gets: the run has no privacy at all."""
-    if noise_multiplier == 0:
-        warnings.warn(
-            "noise_multiplier=0: no noise is added, so the training is NOT private (ε is infinite). "
-            "Use this only for tests and debugging.",
-            UserWarning,
-            stacklevel=4,
-        )
-
-
-class NoNoise:
-    """The noise source of ranks other than 0 under BandMF: rank 0 adds the whole correlated noise."""
-
-    seeded = False
-
-    def add_normal_(self, tensors: List[torch.Tensor], std: float) -> None:
-        """Add nothing."""
-
-    def state_dict(self) -> Dict[str, Any]:
-        """Nothing to keep."""
-        return {}
-
 
 class PrivacyState:
     """Accountant, σ, the sampling plan, C, the noise source, the budget guard and the step count of one run.
@@ -126,6 +82,17 @@ class PrivacyState:
         self.rank_state_of_checkpoint: Optional[Dict[str, Any]] = None
         self.settings_of_checkpoint: Optional[Dict[str, Any]] = None
         self._correlated_of_checkpoint: Optional[Dict[str, Any]] = None
+
+    @classmethod
+    def standalone(cls, noise_multiplier: Optional[float], max_grad_norm: Optional[float],
+                   expected_batch_size: Optional[int], noise: Any, accountant: Optional[Accountant],
+                   sample_rate: Optional[float]) -> "PrivacyState":
+        """The privacy state a :class:`~lightning_dp.DPOptimizer` built from its own keyword arguments holds."""
+        for name, value in (("noise_multiplier", noise_multiplier), ("max_grad_norm", max_grad_norm)):
+            if value is None:
+                raise TypeError(f"DPOptimizer needs `{name}` (or a `privacy` state that holds it).")
+        return cls(noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, accountant=accountant, noise=noise,
+                   sample_rate=sample_rate, expected_batch_size=expected_batch_size)
 
     @classmethod
     def from_config(cls, config: DPConfig, *, accounted: bool = True, **kwargs: Any) -> "PrivacyState":

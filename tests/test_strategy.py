@@ -247,7 +247,7 @@ def test_secure_mode_end_to_end_and_key_never_in_checkpoint(tmp_path):
 def test_secure_mode_refuses_seeds_and_insecure_mode_warns_once():
     with pytest.raises(ValueError, match="`seed` must be None with secure_mode=True"):
         DPStrategy(noise_multiplier=1.0, secure_mode=True, seed=3)
-    import lightning_dp.privacy_state as engine
+    import lightning_dp.noise.sources as engine
 
     engine._warned_not_secure = False
     with warnings.catch_warnings(record=True) as caught:

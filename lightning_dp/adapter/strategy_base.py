@@ -263,6 +263,7 @@ def dp_strategy_base(host_base: type, host: Host) -> type:
             return checkpoint
 
         @classmethod
+        @override
         def register_strategies(cls, strategy_registry: Any) -> None:
             """Register :attr:`strategy_name` with the namespace's strategy registry (σ = 1, C = 1)."""
             strategy_registry.register(
