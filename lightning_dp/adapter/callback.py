@@ -6,6 +6,7 @@ import math
 from typing import Any, Dict, List, Optional
 
 from .._checks import check_open_unit, check_positive
+from . import lightning_internals
 from .host import Host
 
 
@@ -66,7 +67,7 @@ class PrivacyBudget:
     @property
     def state_key(self) -> str:
         """Key of this callback's state in checkpoints (one per budget and metric)."""
-        return self._generate_state_key(epsilon_budget=self.epsilon_budget, metric_name=self.metric_name)
+        return lightning_internals.callback_state_key(self, epsilon_budget=self.epsilon_budget, metric_name=self.metric_name)
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """Check the strategy can account for privacy and register the budget with it."""
@@ -158,11 +159,4 @@ def _dropped_value(strategy: Any) -> Any:
 def training_step_metrics(trainer: Any) -> List[str]:
     """Names of the metrics ``training_step`` logged to a logger in the current batch (read from the
     Trainer's result collection, the same in both Lightning namespaces)."""
-    results = getattr(trainer, "_results", None)
-    if results is None:
-        return []
-    return [
-        metric.meta.name
-        for metric in results.values()
-        if getattr(metric, "meta", None) is not None and metric.meta.fx == "training_step" and metric.meta.logger
-    ]
+    return lightning_internals.training_step_metrics(trainer)

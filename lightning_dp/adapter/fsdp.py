@@ -24,6 +24,7 @@ from ..config import DPConfig
 from ..grad_sample.registry import get_dp_forward, get_grad_sampler
 from ..optimizer import DPOptimizer
 from ..sampling import batch_size_of, is_empty_batch, map_tensors, split_batch
+from . import lightning_internals
 from .strategies import BANDS_REFUSAL, DPStrategyMixin, refuse_options
 
 _D = DPConfig
@@ -346,7 +347,7 @@ class FSDPDP(DPStrategyMixin, _ShardedBackward):
     # --- sharding ------------------------------------------------------------------------------------
     def setup_environment(self) -> None:
         """Every process is a data-parallel rank: the device mesh is ``(W, 1)``."""
-        self._data_parallel_size = self.num_nodes * self.num_processes  # ModelParallelStrategy's setting
+        lightning_internals.set_data_parallel_size(self, self.num_nodes * self.num_processes)
         super().setup_environment()  # type: ignore[misc]
 
     def setup(self, trainer: Any) -> None:

@@ -10,6 +10,7 @@ import torch
 from .._checks import check_open_unit
 from ..__about__ import __version__
 from ..report import PrivacyReport
+from . import lightning_internals
 
 
 class ReportMixin:
@@ -19,7 +20,7 @@ class ReportMixin:
         """The record of how this model was trained privately (see :class:`~lightning_dp.PrivacyReport`)."""
         delta = self.delta if delta is None else check_open_unit("delta", delta)
         module = self.lightning_module
-        trainer = module.trainer if module is not None and module._trainer is not None else None
+        trainer = lightning_internals.attached_trainer(module)
         optimizer = self.optimizers[0] if getattr(self, "optimizers", None) else None
         config = self.config
         clipping = (
