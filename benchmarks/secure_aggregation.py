@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_dp import DPOptimizer
-from lightning_dp.adapter.strategies import all_reduce_sum_coalesced
+from lightning_dp.exchange import all_reduce_sum_coalesced
 from lightning_dp.grad_sample import attach_grad_sample_hooks
 from lightning_dp.noise import GaussianNoise, SecureRNG
 from lightning_dp.secure_aggregation import SecureAggregator

@@ -1,7 +1,7 @@
 """Per-sample clipping: norms, clip factors and the clipped sum, flat or per layer.
 
 Each parameter's per-sample gradient comes either materialised (``param.grad_sample``, ``(B, *shape)``)
-or factored (``param.grad_parts``, see :mod:`lightning_dp.grad_sample.bookkeeping`); both are read
+or factored (``param.grad_parts``, see :mod:`lightning_dp.grad_sample.per_sample_parts`); both are read
 through the same two questions: every sample's squared norm, and the sum weighted by clip factors.
 
 * **flat**: one norm per sample over all parameters, ``c_b = C / max(‖g_b‖, C)``.
@@ -25,7 +25,7 @@ norms is not finite, and the sample is then dropped from every parameter, so eac
 wholly in or wholly out (squared norms are ``≥ 0`` or NaN, so this is "the sum of its squared norms is
 not finite"). A finite gradient whose squared norm overflows to inf is dropped too; its clip factor
 ``C/∞`` was already 0. Because ``0 · NaN = NaN``, a zero factor is not enough: the dropped samples' rows
-are zeroed in every factor the clipped sum reads (:meth:`~lightning_dp.grad_sample.bookkeeping.Part.keep_samples`:
+are zeroed in every factor the clipped sum reads (:meth:`~lightning_dp.grad_sample.per_sample_parts.Part.keep_samples`:
 activations and output gradients of the GEMM ``(c ⊙ G)ᵀA``, embedding values, materialised per-sample
 gradients).
 
@@ -58,7 +58,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 import torch
 
 from ._checks import check_choice
-from .grad_sample.bookkeeping import MaterializedPart, Part, merge, wide
+from .grad_sample.per_sample_parts import MaterializedPart, Part, merge, wide
 
 CLIPPINGS = ("flat", "per_layer", "automatic", "automatic_per_layer")
 AUTOMATIC_STABILITY = 0.01
@@ -155,6 +155,7 @@ def grads_now(params: Sequence[torch.Tensor]) -> Dict[int, Tuple[Any, int]]:
     return {id(p): (weakref.ref(p.grad), p.grad._version) for p in params if p.grad is not None}
 
 
+# Over 50 lines for its docstring, which documents its eleven parameters; the body is some twenty lines.
 def clip_and_sum(
     params: Sequence[torch.Tensor],
     parts: Sequence[List[Part]],
@@ -200,38 +201,71 @@ def clip_and_sum(
     """
     check_choice("non_finite", non_finite, NON_FINITE)
     factor_of = automatic_factors if clipping.startswith("automatic") else clip_factors
-    # Parts keep their own scale (the loss reduction's batch size) as a number; it is applied to the
-    # (B,) norms and factors once per distinct value, not once per part.
     if clipping in ("flat", "automatic"):
-        groups: Dict[float, List[torch.Tensor]] = {}
-        for ps in parts:
-            for part in ps:
-                groups.setdefault(part.scale, []).append(part.norm_sq(norm_method, scaled=False))
-        total_sq = None
-        for part_scale, norms in groups.items():
-            summed = norms[0] if len(norms) == 1 else torch.stack(norms).sum(0)
-            factor = (part_scale * scale) ** 2
-            summed = summed if _is_one(factor) else summed * factor
-            total_sq = summed if total_sq is None else total_sq + summed
-        total = total_sq.sqrt()
+        total = _flat_norms(parts, scale, norm_method)
         keep = _kept(total, total) if non_finite == "drop" else None
         factors = [factor_of(total, max_grad_norm)] * len(params)
     else:
-        squared = [_sum([part.norm_sq(norm_method) for part in ps]) for ps in parts]
-        if not _is_one(scale):
-            squared = [sq * (scale * scale) for sq in squared]
+        squared = _per_parameter_squared_norms(parts, scale, norm_method)
         stacked = torch.stack(squared)
         total = stacked.sum(0).sqrt()
         # any parameter's norm non-finite: the whole sample out
         keep = _kept(total, stacked) if non_finite == "drop" else None
         bound = max_grad_norm / math.sqrt(num_layers or len(params))
         factors = [factor_of(sq.sqrt(), bound) for sq in squared]
-    if keep is not None:  # some sample may not be finite: factor 0, and its rows zeroed in every part below
-        zeroed: Dict[int, torch.Tensor] = {}
-        for f in factors:
-            if id(f) not in zeroed:
-                zeroed[id(f)] = torch.where(keep, f, f.new_zeros(()))  # a NaN factor times 0 would stay NaN
-        factors = [zeroed[id(f)] for f in factors]
+    if keep is not None:  # some sample may not be finite: factor 0, and its rows zeroed in every part
+        factors = _drop_samples(factors, keep)
+    sums = _clipped_sums(parts, factors, keep, scale * sum_scale, release, on_sum)
+    return ClipResult(sums, total, None if keep is None else ~keep)
+
+
+def _flat_norms(parts: Sequence[List[Part]], scale: float, norm_method: str) -> torch.Tensor:
+    """Each sample's norm over all parts ``(B,)``, times ``scale``. Parts keep their own scale (the loss
+    reduction's batch size) as a number; it is applied to the ``(B,)`` norms once per distinct value, not
+    once per part."""
+    groups: Dict[float, List[torch.Tensor]] = {}
+    for ps in parts:
+        for part in ps:
+            groups.setdefault(part.scale, []).append(part.norm_sq(norm_method, scaled=False))
+    total_sq = None
+    for part_scale, norms in groups.items():
+        summed = norms[0] if len(norms) == 1 else torch.stack(norms).sum(0)
+        factor = (part_scale * scale) ** 2
+        summed = summed if _is_one(factor) else summed * factor
+        total_sq = summed if total_sq is None else total_sq + summed
+    return total_sq.sqrt()
+
+
+def _per_parameter_squared_norms(
+    parts: Sequence[List[Part]], scale: float, norm_method: str
+) -> List[torch.Tensor]:
+    """Each parameter's squared per-sample norms ``(B,)`` (the sum over its parts), times ``scale²``."""
+    squared = [_sum([part.norm_sq(norm_method) for part in ps]) for ps in parts]
+    if not _is_one(scale):
+        squared = [sq * (scale * scale) for sq in squared]
+    return squared
+
+
+def _drop_samples(factors: List[torch.Tensor], keep: torch.Tensor) -> List[torch.Tensor]:
+    """``factors`` with 0 for every sample not kept (a NaN factor times 0 would stay NaN); a factor tensor
+    shared by several parameters stays shared."""
+    zeroed: Dict[int, torch.Tensor] = {}
+    for f in factors:
+        if id(f) not in zeroed:
+            zeroed[id(f)] = torch.where(keep, f, f.new_zeros(()))
+    return [zeroed[id(f)] for f in factors]
+
+
+def _clipped_sums(
+    parts: Sequence[List[Part]],
+    factors: List[torch.Tensor],
+    keep: Optional[torch.Tensor],
+    multiplier: float,
+    release: bool,
+    on_sum: Optional[Callable[[int, torch.Tensor], torch.Tensor]],
+) -> List[torch.Tensor]:
+    """Each parameter's clipped sum ``Σ_b f_b · multiplier · g_b`` (the parts of samples not in ``keep``
+    zeroed), in order; ``release`` and ``on_sum`` as in :func:`clip_and_sum`."""
     scaled: Dict[Tuple[int, float], torch.Tensor] = {}  # factors × s × t × part scale, made once each
     sums = []
     for k, f in enumerate(factors):
@@ -241,13 +275,13 @@ def clip_and_sum(
                 part = part.keep_samples(keep)
             key = (id(f), part.scale)
             if key not in scaled:
-                multiplier = scale * sum_scale * part.scale
-                scaled[key] = f if _is_one(multiplier) else f * multiplier
+                part_multiplier = multiplier * part.scale
+                scaled[key] = f if _is_one(part_multiplier) else f * part_multiplier
             contributions.append(part.clipped_sum(scaled[key], scaled=False))
         if release:
             parts[k] = None  # type: ignore[index]
         sums.append(_sum(contributions) if on_sum is None else on_sum(k, _sum(contributions)))
-    return ClipResult(sums, total, None if keep is None else ~keep)
+    return sums
 
 
 def _kept(total: torch.Tensor, norms: torch.Tensor) -> Optional[torch.Tensor]:

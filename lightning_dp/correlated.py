@@ -257,6 +257,28 @@ def draw_partition(generator: Any, num_samples: int, bands: int) -> torch.Tensor
     return torch.randint(bands, (num_samples,), generator=generator)
 
 
+class CyclicGroups:
+    """The cyclic half of cyclic Poisson sampling, for :class:`CyclicPoissonBatchSampler` and the Lightning
+    strategy's sampler: the ``bands`` groups of a sampler's candidates (this rank's examples) from each
+    example's group label, and the draw of step ``t``: each example of group ``t mod bands`` independently
+    with probability ``bands·q``.
+
+    Args:
+        candidates: the example indices this sampler draws from (a long tensor).
+        labels: every example's group, ``0 … bands − 1`` (indexed by example, not by candidate).
+        bands: b, the number of groups.
+    """
+
+    def __init__(self, candidates: torch.Tensor, labels: torch.Tensor, bands: int) -> None:
+        self.bands = bands
+        self.groups = [candidates[labels[candidates] == g] for g in range(bands)]
+
+    def draw(self, generator: Any, step: int, sample_rate: float) -> torch.Tensor:
+        """Step ``step``'s batch at overall rate ``q = sample_rate`` (``b·q`` within the group, refused above 1)."""
+        group = self.groups[step % self.bands]
+        return group[poisson_mask(generator, len(group), bandmf_sample_rate(sample_rate, self.bands))]
+
+
 class CyclicPoissonBatchSampler(PoissonBatchSampler):
     """Cyclic Poisson sampling for BandMF: the ``N`` examples are split once into ``bands`` groups, and
     step ``t`` includes each example of group ``t mod bands`` independently with probability
@@ -300,9 +322,12 @@ class CyclicPoissonBatchSampler(PoissonBatchSampler):
         self.inclusion_rate = check_rate("inclusion rate", bandmf_sample_rate(sample_rate, self.bands))
         self.step = 0
         self.labels = self._partition()
-        self.groups = [torch.arange(num_samples)] if self.bands == 1 else [
-            torch.nonzero(self.labels == g).flatten() for g in range(self.bands)
-        ]
+        self._cyclic = CyclicGroups(self._candidates, self.labels, self.bands)
+
+    @property
+    def groups(self) -> List[torch.Tensor]:
+        """The examples of each group, in index order."""
+        return self._cyclic.groups
 
     def _partition(self) -> torch.Tensor:
         """Each example's group, uniform on ``0 … bands − 1`` (all zeros, no draw, for one band)."""
@@ -311,9 +336,9 @@ class CyclicPoissonBatchSampler(PoissonBatchSampler):
         return draw_partition(self.generator, self.num_samples, self.bands)
 
     def _draw(self) -> torch.Tensor:
-        group = self.groups[self.step % self.bands]
+        indices = self._cyclic.draw(self.generator, self.step, self.sample_rate)
         self.step += 1
-        return group[poisson_mask(self.generator, len(group), self.inclusion_rate)]
+        return indices
 
     def state_dict(self) -> Dict[str, Any]:
         """The step count and the partition (each example's group), to resume the cycle."""
@@ -327,5 +352,4 @@ class CyclicPoissonBatchSampler(PoissonBatchSampler):
                              f"this sampler has bands={self.bands} and {self.num_samples}.")
         self.step = check_int("state['step']", state["step"], 0)
         self.labels = labels.clone()
-        self.groups = [torch.nonzero(labels == g).flatten() for g in range(self.bands)] if self.bands > 1 else [
-            torch.arange(self.num_samples)]
+        self._cyclic = CyclicGroups(self._candidates, self.labels, self.bands)

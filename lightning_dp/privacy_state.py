@@ -152,10 +152,16 @@ class PrivacyState:
         """Refuse any step after which ε at ``delta`` would exceed ``epsilon``."""
         self.budgets.add((float(epsilon), float(delta)))
 
+    def next_step_exceeds(self, epsilon: float, delta: float) -> Optional[float]:
+        """ε at ``delta`` after one more step, when that exceeds ``epsilon`` (else ``None``): the one test of
+        stopping before a budget, for the budget guard and for :class:`~lightning_dp.PrivacyBudgetCallback`."""
+        after = self.epsilon_after_next_step(delta)
+        return after if after > epsilon else None
+
     def step_allowed(self) -> bool:
         """Whether the next step stays within every budget; a refusal is counted and reported."""
         for epsilon, delta in sorted(self.budgets):
-            if self.epsilon_after_next_step(delta) > epsilon:
+            if self.next_step_exceeds(epsilon, delta) is not None:
                 self.warn(
                     f"DP: skipped an optimizer step that would take ε over the budget {epsilon} (δ={delta}). "
                     "Training should stop; check that min_epochs/min_steps do not force it on."

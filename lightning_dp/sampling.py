@@ -193,6 +193,18 @@ def poisson_dataset_size(dataset: Any) -> int:
 
 _DEFAULT_SAMPLERS = (SequentialSampler, RandomSampler, DistributedSampler)  # shuffle=True/False, Lightning's DDP
 
+_WRAPPED_SAMPLER_READERS: List[Callable[[Sampler], Optional[Sampler]]] = []
+"""Functions giving the user's sampler inside a framework's distributed wrapper (else ``None``). The Lightning
+adapter registers its reader of ``DistributedSamplerWrapper``
+(:func:`lightning_dp.adapter.lightning_internals.wrapped_sampler`) on import: this core module imports no
+adapter and reads no Lightning attribute."""
+
+
+def register_wrapped_sampler_reader(reader: Callable[[Sampler], Optional[Sampler]]) -> None:
+    """Let :func:`replaced_sampling` look inside a distributed sampler wrapper with ``reader``."""
+    if reader not in _WRAPPED_SAMPLER_READERS:
+        _WRAPPED_SAMPLER_READERS.append(reader)
+
 
 def replaced_sampling(loader: DataLoader) -> Optional[str]:
     """The user's own sampler or batch sampler on ``loader`` that Poisson sampling replaces (its class name
@@ -204,9 +216,11 @@ def replaced_sampling(loader: DataLoader) -> Optional[str]:
     if type(batch_sampler) is not BatchSampler:
         return f"batch_sampler={type(batch_sampler).__name__}"
     sampler = batch_sampler.sampler
-    inner = getattr(getattr(sampler, "dataset", None), "_sampler", None)  # Lightning's DistributedSamplerWrapper
-    if inner is not None and isinstance(sampler, DistributedSampler):
-        sampler = inner
+    for read in _WRAPPED_SAMPLER_READERS:  # e.g. Lightning's DistributedSamplerWrapper around the user's sampler
+        inner = read(sampler)
+        if inner is not None:
+            sampler = inner
+            break
     if type(sampler) in _DEFAULT_SAMPLERS:
         return None
     return f"sampler={type(sampler).__name__}"

@@ -15,7 +15,7 @@ from scipy import stats
 from lightning_dp.accounting import PRVAccountant, _pld
 from lightning_dp.accounting._profile import SubsampledProfileStep
 from lightning_dp.accounting.rdp import _delta_from_rdp as delta_from_rdp
-from lightning_dp.secure_aggregation.accounting import (
+from lightning_dp.accounting.ddg import (
     _epsilon_by_profile,
     _epsilon_by_rdp,
     DDG_ORDERS,

@@ -12,7 +12,9 @@ from torch import nn
 
 from lightning_dp import DPOptimizer
 from lightning_dp.grad_sample import attach_grad_sample_hooks
-from lightning_dp.grad_sample.bookkeeping import ConvPart, LinearPart, RowsPart
+from lightning_dp.grad_sample.conv import ConvPart
+from lightning_dp.grad_sample.embedding import RowsPart
+from lightning_dp.grad_sample.linear import LinearPart
 from tests.test_grad_sample import Reused, TiedLM, reference_grads, smooth_loss
 from tests.test_grad_sample_fallback import Gated
 from tests.test_grad_sample_sequence import SeqModel
@@ -208,9 +210,9 @@ def test_trainer_fast_and_plain_give_the_same_weights(tmp_path, clipping):
 def test_conv_norms_by_blocks_of_samples_equal_the_per_sample_gradients(monkeypatch, block, groups):
     """Blockwise im2col (block smaller than, not dividing, and larger than the batch) and the clipped sum
     from kept per-sample gradients give the materialised result, for ghost and materialised norms."""
-    from lightning_dp.grad_sample import bookkeeping
+    from lightning_dp.grad_sample import conv as conv_layer
 
-    monkeypatch.setattr(bookkeeping, "_BLOCK_ELEMENTS", block)
+    monkeypatch.setattr(conv_layer, "_BLOCK_ELEMENTS", block)
     small = nn.Conv2d(4, 6, (3, 2), stride=(2, 1), dilation=(1, 2), padding=(1, 2), groups=groups).double()
     wide = nn.Conv2d(8, 10, 3, stride=2, groups=groups).double()  # per-sample grads larger than x and G
     factors = torch.rand(7, dtype=torch.double)
@@ -243,7 +245,7 @@ def test_tied_embedding_and_head_are_clipped_without_materialising(make_model, l
     """The tied weight's per-sample norm comes from the embedding part, the head part and their cross
     term; it equals the textbook per-sample gradients (one backward per sample), flat and per-layer."""
     from lightning_dp.clipping import parts_of
-    from lightning_dp.grad_sample.bookkeeping import TiedPart
+    from lightning_dp.grad_sample.embedding import TiedPart
 
     torch.manual_seed(0)
     model = make_model().double()

@@ -111,7 +111,7 @@ def test_centring_uses_rank_zeros_private_mean_on_every_rank(tmp_path):
 def test_clipped_sums_are_all_reduced_in_few_buckets():
     """combine_clipped_sums packs the tensors of one dtype into flat buckets: every element is summed as by
     one all-reduce per tensor, with one collective per bucket (here a fake all-reduce over 3 equal ranks)."""
-    from lightning_dp.adapter.strategies import all_reduce_sum_coalesced
+    from lightning_dp.exchange import all_reduce_sum_coalesced
 
     g = torch.Generator().manual_seed(0)
     tensors = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g, dtype=torch.float64),
@@ -134,10 +134,10 @@ def test_clipped_sums_are_all_reduced_in_few_buckets():
 @pytest.mark.parametrize("lightning_calls_the_private_hook", [True, False])
 def test_the_local_gradient_hook_is_installed_even_if_lightning_stops_calling_its_private_hook(
         tmp_path, monkeypatch, lightning_calls_the_private_hook):
-    """Lightning installs communication hooks from the private ``DDPStrategy._register_ddp_hooks``, which the
-    DP strategy overrides with the no-communication hook. Today Lightning calls it (the first case must say
-    "lightning": if it does not, Lightning changed and this test says so loudly); a release that stops calling
-    it (simulated) still gets the hook, from the public ``configure_ddp``, so no raw gradient crosses ranks."""
+    """The DP strategy installs the no-communication hook from the public ``configure_ddp`` (PyTorch's public
+    ``register_comm_hook``), not from Lightning's private ``_register_ddp_hooks``: whether a release calls that
+    private method or not (simulated), the hook is on, so no raw gradient crosses ranks. (Until issue 29 the
+    strategy overrode the private method and the first case said "lightning".)"""
     import torch.distributed as dist
 
     from tests.lightning_helpers import TinyClassifier, make_loader, trainer_kwargs
@@ -160,4 +160,4 @@ def test_the_local_gradient_hook_is_installed_even_if_lightning_stops_calling_it
         if dist.is_initialized():
             dist.destroy_process_group()
     assert hooks == ["_local_gradients_only"]
-    assert strategy._local_hook_installed_by == ("lightning" if lightning_calls_the_private_hook else "lightning_dp")
+    assert strategy._local_hook_installed_by == "lightning_dp"

@@ -37,7 +37,7 @@ from lightning_dp import make_private
 from lightning_dp.adapter.callback import _dropped_value
 from lightning_dp.adapter.steps import per_sample_scale
 from lightning_dp.averaging import ExponentialMovingAverage
-from lightning_dp.grad_sample import fast
+from lightning_dp.grad_sample import clipping_modes as fast
 from lightning_dp.noise.gaussian import GaussianNoise
 
 META = torch.device("meta")

@@ -1,4 +1,5 @@
-"""Layers whose input is shared by the batch (``grad_sample/shared.py``, ``grad_sample/batch.py``).
+"""Layers whose input is shared by the batch (``grad_sample/batch_shared_inputs.py``,
+``grad_sample/forward_batch.py``).
 
 Small models of the patterns Hugging Face models use, with no Hugging Face code: position ids ``(1, T)``
 or ``(T,)`` looked up once and broadcast; a relative-position bias ``(q, k) → (1, H, q, k)`` added to
@@ -21,8 +22,8 @@ from torch import nn
 from lightning_dp import make_private
 from lightning_dp.grad_sample import attach_grad_sample_hooks
 from tests.conftest import clipped_mean_reference
-from lightning_dp.grad_sample.bookkeeping import RowsPart
-from lightning_dp.grad_sample.shared import SharedInputError, SharedTensor
+from lightning_dp.grad_sample.batch_shared_inputs import SharedInputError, SharedTensor
+from lightning_dp.grad_sample.embedding import RowsPart
 from tests.test_grad_sample import reference_grads, smooth_loss
 from tests.test_grad_sample_fallback import Gated
 from tests.test_nonfinite import RecordingSGD

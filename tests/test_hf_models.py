@@ -33,7 +33,8 @@ peft = pytest.importorskip("peft")
 
 from lightning_dp import make_private  # noqa: E402
 from lightning_dp.grad_sample import attach_grad_sample_hooks, get_attached_hooks  # noqa: E402
-from lightning_dp.grad_sample.bookkeeping import BiasPart, LinearPart, RowsPart  # noqa: E402
+from lightning_dp.grad_sample.embedding import RowsPart  # noqa: E402
+from lightning_dp.grad_sample.linear import BiasPart, LinearPart  # noqa: E402
 from tests import namespace  # noqa: E402
 from tests.conftest import clipped_mean_reference  # noqa: E402
 from tests.lightning_helpers import trainer_kwargs  # noqa: E402

@@ -18,7 +18,10 @@ from torch import nn
 
 from lightning_dp import DPOptimizer, make_private
 from lightning_dp.clipping import clip_and_sum
-from lightning_dp.grad_sample.bookkeeping import BiasPart, ConvPart, LinearPart, MaterializedPart, RowsPart
+from lightning_dp.grad_sample.conv import ConvPart
+from lightning_dp.grad_sample.embedding import RowsPart
+from lightning_dp.grad_sample.linear import BiasPart, LinearPart
+from lightning_dp.grad_sample.per_sample_parts import MaterializedPart
 from tests.conftest import clipped_mean_reference
 from tests.test_grad_sample import TiedLM, reference_grads
 

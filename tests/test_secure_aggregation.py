@@ -28,7 +28,7 @@ from lightning_dp.secure_aggregation import (
     rounded_l2_norm_bound,
     sample_discrete_gaussian,
 )
-from lightning_dp.secure_aggregation.accounting import DDG_ORDERS, ddg_rdp, ddg_tau, subsampled_rdp
+from lightning_dp.accounting.ddg import DDG_ORDERS, ddg_rdp, ddg_tau, subsampled_rdp
 
 
 def _ranks(world_size: int, seed: int = 0):

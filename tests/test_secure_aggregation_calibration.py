@@ -7,7 +7,7 @@ import pytest
 
 from lightning_dp.accounting import get_noise_multiplier, get_noise_multiplier_for_plan, make_accountant
 from lightning_dp.secure_aggregation import DistributedDiscreteGaussianAccountant
-from lightning_dp.secure_aggregation.accounting import ddg_epsilon, ddg_noise_multiplier
+from lightning_dp.accounting.ddg import ddg_epsilon, ddg_noise_multiplier
 
 
 @pytest.mark.parametrize("kind", ["prv", "rdp"])

@@ -1,5 +1,5 @@
 """The DDG step's privacy profile from its closeness to the Gaussian mechanism
-(lightning_dp/secure_aggregation/_gaussian_closeness.py), checked against exact computations: the pmfs of
+(lightning_dp/accounting/_gaussian_closeness.py), checked against exact computations: the pmfs of
 sums of discrete Gaussians (by convolution), of rounded Gaussians (by the normal CDF), the exact hockey-stick
 curves of a one-dimensional DDG step, and dp-accounting's ε of the subsampled Gaussian."""
 from __future__ import annotations
@@ -11,13 +11,13 @@ import pytest
 from scipy import special
 
 from lightning_dp.accounting import get_noise_multiplier
-from lightning_dp.secure_aggregation._gaussian_closeness import (
+from lightning_dp.accounting._gaussian_closeness import (
     closeness_profile,
     gaussian_delta,
     rounding_log_ratio,
     sum_of_shares_log_ratio,
 )
-from lightning_dp.secure_aggregation.accounting import ddg_epsilon, ddg_noise_multiplier, rounded_l2_norm_bound
+from lightning_dp.accounting.ddg import ddg_epsilon, ddg_noise_multiplier, rounded_l2_norm_bound
 from lightning_dp.secure_aggregation.discrete_gaussian import discrete_gaussian_pmf
 from tests.dp_accounting_reference import poisson_gaussian_epsilon
 

@@ -13,6 +13,7 @@ Example:
 
 from lightning_dp.accounting.base import DEFAULT_ACCOUNTANT, Accountant, make_accountant
 from lightning_dp.accounting.calibration import compute_epsilon, get_noise_multiplier, get_noise_multiplier_for_plan
+from lightning_dp.accounting.ddg import DistributedDiscreteGaussianAccountant, ddg_epsilon, ddg_noise_multiplier
 from lightning_dp.accounting.prv import PRVAccountant
 from lightning_dp.accounting.rdp import DEFAULT_RDP_ORDERS, RDPAccountant
 
@@ -20,10 +21,13 @@ __all__ = [
     "Accountant",
     "PRVAccountant",
     "RDPAccountant",
+    "DistributedDiscreteGaussianAccountant",
     "DEFAULT_ACCOUNTANT",
     "make_accountant",
     "compute_epsilon",
     "get_noise_multiplier",
     "get_noise_multiplier_for_plan",
+    "ddg_epsilon",
+    "ddg_noise_multiplier",
     "DEFAULT_RDP_ORDERS",
 ]

@@ -1,6 +1,6 @@
 r"""The privacy-loss distribution of a Poisson-subsampled mechanism known only by its privacy profile.
 
-Used by the secure-aggregation accountant (:mod:`lightning_dp.secure_aggregation.accounting`), whose
+Used by the secure-aggregation accountant (:mod:`lightning_dp.accounting.ddg`), whose
 base mechanism, the distributed discrete Gaussian, is known by upper bounds on its privacy profile (from
 its RDP curve, or from its closeness to the Gaussian mechanism). Private module.
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Dict
 
-from .callback import PrivacyBudget
+from .callback import privacy_budget_callback
 from .host import NAMESPACES, Host, host_bases, load_host
 from .strategies import STRATEGIES
 
@@ -44,6 +44,7 @@ def bind(namespace: str) -> Dict[str, type]:
         cls.__module__, cls.__qualname__, cls.__name__ = module, kind.name, kind.name
         cls.register_strategies(strategies.StrategyRegistry)
         bound[kind.name] = cls
-    bound[CALLBACK_NAME] = type(CALLBACK_NAME, (PrivacyBudget, callbacks.Callback), {
-        "__module__": module, "__qualname__": CALLBACK_NAME, "__doc__": PrivacyBudget.__doc__, "_host": host})
+    callback = privacy_budget_callback(callbacks.Callback, host)
+    callback.__module__, callback.__qualname__ = module, CALLBACK_NAME
+    bound[CALLBACK_NAME] = callback
     return bound

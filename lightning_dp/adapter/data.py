@@ -11,11 +11,10 @@ from torch.utils.data import DataLoader
 
 from ..accounting import get_noise_multiplier_for_plan
 from ..config import DPConfig
+from ..correlated import CyclicGroups
 from ..privacy_state import PrivacyState
-from ..accounting.bandmf import bandmf_sample_rate
-from ..sampling import (
-    PoissonBatchSampler, expected_batch_size_of, poisson_dataloader, poisson_dataset_size, poisson_mask,
-)
+from ..sampling import PoissonBatchSampler, expected_batch_size_of, poisson_dataloader, poisson_dataset_size
+from . import lightning_internals
 from .bandmf import bandmf_sigma
 from .host import Host
 from .features import accumulation_for_epoch, check_windows, lightning_cap, planned_accumulations, plan_steps
@@ -68,8 +67,7 @@ class EpochPoissonBatchSampler(PoissonBatchSampler):
         steps_taken: Callable[[], int] = lambda: 0,
     ) -> None:
         super().__init__(num_samples, 1.0, 1, generator, rank=rank, world_size=world_size)
-        self._groups = None if groups is None else [
-            self._candidates[groups[self._candidates] == g] for g in range(bands)]
+        self._cyclic = None if groups is None else CyclicGroups(self._candidates, groups, bands)
         self._steps_taken = steps_taken
         self._next_step = 0
         self.batch_size = batch_size
@@ -116,12 +114,11 @@ class EpochPoissonBatchSampler(PoissonBatchSampler):
         yield from super().__iter__()
 
     def _draw(self) -> torch.Tensor:
-        if self._groups is None:
+        if self._cyclic is None:
             return super()._draw()
-        group = self._groups[self._next_step % len(self._groups)]
+        indices = self._cyclic.draw(self.generator, self._next_step, self.sample_rate)
         self._next_step += 1
-        rate = bandmf_sample_rate(self.sample_rate, len(self._groups))  # b·q, refused above 1
-        return group[poisson_mask(self.generator, len(group), rate)]
+        return indices
 
 
 class TrainingData:
@@ -170,7 +167,7 @@ class TrainingData:
             expected_batch_size_of(dataloader),
             chunks,
             accumulation=lambda: accumulation_for_epoch(trainer, host, trainer.current_epoch),
-            chunks_done=lambda: trainer.fit_loop.epoch_loop.batch_progress.current.ready,
+            chunks_done=lambda: lightning_internals.epoch_micro_batches_done(trainer),
             generator=privacy.sampling_generator,
             rank=rank,
             world_size=world_size,

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
+from . import lightning_internals
 from .host import Host
 
 
@@ -125,7 +126,7 @@ def check_windows(trainer: Any, host: Host, epoch_lengths: Sequence[Tuple[int, i
     ks = [k for k, _ in epoch_lengths if k > 1]
     if not ks or trainer.limit_val_batches == 0:
         return
-    if getattr(trainer, "_val_check_time_interval", None) is not None:
+    if lightning_internals.val_check_is_time_based(trainer):
         refuse(
             f"Time-based Trainer(val_check_interval={trainer.val_check_interval!r}) with accumulate_grad_batches="
             f"{max(ks)}: a validation (and a checkpoint it may save) can fall inside an accumulation window, and "

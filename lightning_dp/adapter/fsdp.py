@@ -16,6 +16,7 @@ from ..config import DPConfig
 from ..exchange import GradientExchange, ReduceScatterExchange
 from ..optimizer import DPOptimizer
 from ..sampling import batch_size_of, is_empty_batch
+from . import lightning_internals
 from .host import Host
 from .steps import grad_scaler, physical_chunks
 from .strategies import BANDS_REFUSAL, refuse_options
@@ -146,7 +147,7 @@ def fsdp_strategy(host_base: type, host: Host) -> type:
         @override
         def setup_environment(self) -> None:
             """Every process is a data-parallel rank: the device mesh is ``(W, 1)``."""
-            self._data_parallel_size = self.num_nodes * self.num_processes  # ModelParallelStrategy's setting
+            lightning_internals.set_data_parallel_size(self, self.num_nodes * self.num_processes)
             super().setup_environment()
 
         @override

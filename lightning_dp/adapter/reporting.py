@@ -12,6 +12,7 @@ from ..__about__ import __version__
 from ..centering import PrivateMean
 from ..config import DPConfig
 from ..report import PrivacyReport
+from . import lightning_internals
 from .host import Host
 
 
@@ -21,7 +22,7 @@ def build_report(strategy: Any, delta: Optional[float] = None) -> PrivacyReport:
     privacy, config, host = strategy.privacy, strategy.config, strategy._host
     delta = config.delta if delta is None else check_open_unit("delta", delta)
     module = strategy.lightning_module
-    trainer = module.trainer if module is not None and module._trainer is not None else None
+    trainer = lightning_internals.attached_trainer(module)
     optimizer = strategy.optimizers[0] if getattr(strategy, "optimizers", None) else None
     return PrivacyReport(
         epsilon=privacy.accountant.get_epsilon(delta),

@@ -14,6 +14,7 @@ from typing_extensions import override
 from ..config import DPConfig
 from ..exchange import AllReduceExchange, GradientExchange, SecureAggregationExchange, all_reduce_sum_coalesced
 from ..secure_aggregation import DEFAULT_BITS, DEFAULT_SCALE, DistributedDiscreteGaussianAccountant, SecureAggregator
+from . import lightning_internals
 from .host import Host
 from .strategy_base import dp_strategy_base
 
@@ -153,17 +154,14 @@ def single_device_strategy(host_base: type, host: Host) -> type:
         @property
         def parallel_devices(self) -> List[torch.device]:
             """The single device in use (Lightning's connector fills it in from the accelerator)."""
-            return [self._root_device] if self._device_given else []
+            return [self.root_device] if self._device_given else []
 
         @parallel_devices.setter
         def parallel_devices(self, devices: List[_DEVICE]) -> None:
             if devices and not self._device_given:
-                device = devices[0]
-                self._root_device = device if isinstance(device, torch.device) else torch.device(device)
+                device = lightning_internals.set_single_device(self, devices[0])
                 if len(devices) > 1:
-                    host.info(
-                        f"{type(self).__name__} trains on one device; using {self._root_device} (DPDDPStrategy: several)."
-                    )
+                    host.info(f"{type(self).__name__} trains on one device; using {device} (DPDDPStrategy: several).")
 
     return DPStrategy
 
@@ -236,6 +234,14 @@ def ddp_strategy(host_base: type, host: Host) -> type:
                     "DPDDPStrategy(secure_aggregation=True) does not take `centering`: a private mean released by one "
                     "rank would read every rank's data, which secure aggregation keeps from any single party."
                 )
+            comm = {name: kwargs[name] for name in ("ddp_comm_hook", "ddp_comm_wrapper", "ddp_comm_state")
+                    if kwargs.get(name) is not None}
+            if comm:
+                raise ValueError(
+                    f"DPDDPStrategy does not take a DDP communication hook (got {', '.join(sorted(comm))}): it installs "
+                    "its own, which keeps each rank's raw gradients on that rank (only the clipped, noised sums are "
+                    "all-reduced, once per optimizer step), and DDP takes one hook only."
+                )
             super().__init__(**kwargs)
             self._init_dp(config, centering)
             self._aggregator: Optional[SecureAggregator] = None
@@ -279,21 +285,14 @@ def ddp_strategy(host_base: type, host: Host) -> type:
             return summary
 
         @override
-        def _register_ddp_hooks(self) -> None:
-            """Install the no-communication hook on every backend (Lightning only does so on CUDA)."""
-            self.model.register_comm_hook(state=None, hook=_local_gradients_only)
-            self._local_hook_installed_by = getattr(self, "_local_hook_installed_by", None) or "lightning"
-
-        @override
         def configure_ddp(self) -> None:
-            """Lightning's DDP set-up, then a check that the no-communication hook is on. Lightning installs
-            communication hooks from its private ``_register_ddp_hooks`` (overridden above); should a release
-            stop calling it, the hook is installed here instead, so raw gradients never cross ranks."""
-            self._local_hook_installed_by = None
+            """Lightning's DDP set-up (wraps the module in ``DistributedDataParallel``), then the no-communication
+            hook, on every backend, with PyTorch's public ``register_comm_hook``: raw gradients never cross ranks.
+            Lightning registers a hook of its own only when given ``ddp_comm_hook``, which ``__init__`` refuses;
+            should a release register one anyway, DDP refuses this second one with an error (never silently)."""
             super().configure_ddp()
-            if self._local_hook_installed_by is None:
-                self._local_hook_installed_by = "lightning_dp"
-                self._register_ddp_hooks()
+            self.model.register_comm_hook(state=None, hook=_local_gradients_only)
+            self._local_hook_installed_by = "lightning_dp"
 
         def combine_clipped_sums(self, tensors: List[torch.Tensor]) -> None:
             """Sum every rank's noised clipped sums (``all_reduce`` SUM), in place, a few buckets at a time

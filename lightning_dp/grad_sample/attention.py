@@ -2,8 +2,8 @@
 
 ``F.multi_head_attention_forward`` is one fused call whose projections hooks cannot see. While hooks
 are attached, the module runs this equivalent forward instead: the same math written with recorded
-projections (:meth:`~lightning_dp.grad_sample.hooks.GradSampleHooks.linear`) on the module's *own*
-parameters (``in_proj_weight`` or ``q/k/v_proj_weight``, ``in_proj_bias``, ``out_proj.*``,
+projections (:meth:`~lightning_dp.grad_sample.per_sample_recorder.PerSampleRecorder.linear`) on the
+module's *own* parameters (``in_proj_weight`` or ``q/k/v_proj_weight``, ``in_proj_bias``, ``out_proj.*``,
 ``bias_k``/``bias_v``), so ``state_dict`` keys, optimizers and checkpoints are untouched. Dropout on the
 attention weights happens once, in this forward, so per-sample gradients match the step exactly.
 
@@ -61,27 +61,54 @@ def mha_forward(
             key_padding_mask = key_padding_mask.unsqueeze(0)
     elif not module.batch_first:
         query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-    batch_size, tgt_len, embed_dim = query.shape
-    rec.note_batch_size(batch_size)
-    heads, head_dim = module.num_heads, module.head_dim
+    rec.note_batch_size(query.shape[0])
+    q, k, v = _projections(module, rec, query, key, value, self_attention)
+    attn_mask = _additive(attn_mask, q.dtype)
+    key_padding_mask = _additive(key_padding_mask, q.dtype)
+    k, v, attn_mask, key_padding_mask = _extra_keys(module, rec, k, v, attn_mask, key_padding_mask)
+    out, weights = _attention(module, q, k, v, attn_mask, key_padding_mask, batched)
+    out = rec.linear(out, module.out_proj.weight, module.out_proj.bias)
 
-    # --- projections (batch first) ---
+    if not batched:
+        out = out.squeeze(0)
+    elif not module.batch_first:
+        out = out.transpose(0, 1)
+    if not need_weights:
+        return out, None
+    if average_attn_weights:
+        weights = weights.mean(dim=1)
+    return out, weights if batched else weights.squeeze(0)
+
+
+def _projections(
+    module: nn.MultiheadAttention, rec: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    self_attention: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The recorded input projections ``(q, k, v)`` of batch-first ``query``, ``key``, ``value``."""
+    embed_dim = query.shape[2]
     bias = module.in_proj_bias
     if module._qkv_same_embed_dim and self_attention:
         q, k, v = rec.linear(query, module.in_proj_weight, bias).chunk(3, dim=-1)
+        return q, k, v
+    blocks = [slice(i * embed_dim, (i + 1) * embed_dim) for i in range(3)]
+    if module._qkv_same_embed_dim:
+        weights = [(module.in_proj_weight, b) for b in blocks]
     else:
-        blocks = [slice(i * embed_dim, (i + 1) * embed_dim) for i in range(3)]
-        if module._qkv_same_embed_dim:
-            weights = [(module.in_proj_weight, b) for b in blocks]
-        else:
-            weights = [(module.q_proj_weight, None), (module.k_proj_weight, None), (module.v_proj_weight, None)]
-        q, k, v = (
-            rec.linear(x, w, bias, weight_rows=w_rows, bias_rows=b_rows)
-            for x, (w, w_rows), b_rows in zip((query, key, value), weights, blocks)
-        )
+        weights = [(module.q_proj_weight, None), (module.k_proj_weight, None), (module.v_proj_weight, None)]
+    q, k, v = (
+        rec.linear(x, w, bias, weight_rows=w_rows, bias_rows=b_rows)
+        for x, (w, w_rows), b_rows in zip((query, key, value), weights, blocks)
+    )
+    return q, k, v
 
-    attn_mask = _additive(attn_mask, q.dtype)
-    key_padding_mask = _additive(key_padding_mask, q.dtype)
+
+def _extra_keys(
+    module: nn.MultiheadAttention, rec: Any, k: torch.Tensor, v: torch.Tensor,
+    attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Keys and values with ``bias_k``/``bias_v`` and the zero attention position appended (when the
+    module adds them), and both masks padded to match."""
+    batch_size, _, embed_dim = k.shape
     if module.bias_k is not None:
         k = torch.cat([k, rec.expand(module.bias_k, batch_size).reshape(batch_size, 1, embed_dim)], dim=1)
         v = torch.cat([v, rec.expand(module.bias_v, batch_size).reshape(batch_size, 1, embed_dim)], dim=1)
@@ -90,9 +117,18 @@ def mha_forward(
         k = torch.cat([k, k.new_zeros(batch_size, 1, embed_dim)], dim=1)
         v = torch.cat([v, v.new_zeros(batch_size, 1, embed_dim)], dim=1)
         attn_mask, key_padding_mask = _pad_last(attn_mask, 1), _pad_last(key_padding_mask, 1)
-    src_len = k.shape[1]
+    return k, v, attn_mask, key_padding_mask
 
-    # --- attention ---
+
+def _attention(
+    module: nn.MultiheadAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor], batched: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Scaled dot-product attention of the projected ``q``, ``k``, ``v`` ``(B, L|S, E)`` over the heads:
+    the output before ``out_proj`` ``(B, L, E)`` and the attention weights ``(B, H, L, S)``."""
+    batch_size, tgt_len, embed_dim = q.shape
+    src_len = k.shape[1]
+    heads, head_dim = module.num_heads, module.head_dim
     q = q.reshape(batch_size, tgt_len, heads, head_dim).transpose(1, 2)
     k = k.reshape(batch_size, src_len, heads, head_dim).transpose(1, 2)
     v = v.reshape(batch_size, src_len, heads, head_dim).transpose(1, 2)
@@ -106,15 +142,4 @@ def mha_forward(
     weights = torch.softmax(scores, dim=-1)
     if module.dropout > 0.0:
         weights = F.dropout(weights, p=module.dropout, training=module.training)
-    out = (weights @ v).transpose(1, 2).reshape(batch_size, tgt_len, embed_dim)
-    out = rec.linear(out, module.out_proj.weight, module.out_proj.bias)
-
-    if not batched:
-        out = out.squeeze(0)
-    elif not module.batch_first:
-        out = out.transpose(0, 1)
-    if not need_weights:
-        return out, None
-    if average_attn_weights:
-        weights = weights.mean(dim=1)
-    return out, weights if batched else weights.squeeze(0)
+    return (weights @ v).transpose(1, 2).reshape(batch_size, tgt_len, embed_dim), weights

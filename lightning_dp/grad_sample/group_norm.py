@@ -19,7 +19,7 @@ from torch import nn
 
 from .layer_norm import affine_grads
 from .registry import register_grad_sampler
-from .utils import sum_per_channel
+from .per_sample_ops import sum_per_channel
 
 
 @register_grad_sampler(nn.GroupNorm, batch_dim=0)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .registry import register_grad_sampler
-from .utils import sum_to_shape
+from .per_sample_ops import sum_to_shape
 
 
 def affine_grads(

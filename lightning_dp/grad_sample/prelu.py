@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .registry import register_grad_sampler
-from .utils import sum_per_channel
+from .per_sample_ops import sum_per_channel
 
 
 @register_grad_sampler(nn.PReLU, batch_dim=0)

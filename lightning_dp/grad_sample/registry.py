@@ -1,6 +1,7 @@
 """Registry mapping ``nn.Module`` types to how their per-sample gradients are computed.
 
-Two kinds of entries, both registered by decorator, one file per layer family:
+Three kinds of entries, each registered by decorator, one file per layer family (a factored layer's file
+also holds the part type of its gradient and its forward without weight gradients):
 
 * **rules** (:func:`register_grad_sampler`): ``rule(module, activations, backprops) -> {name: grad}``
   where ``activations`` is the tuple of the module's positional inputs, ``backprops`` the gradient of
@@ -9,22 +10,24 @@ Two kinds of entries, both registered by decorator, one file per layer family:
   ``(batch_size, *param.shape)``. Only the module's *own* trainable parameters appear
   (``recurse=False``); frozen ones are skipped. ``batch_dim`` says where the batch is: ``0`` for layers
   whose input layout fixes it (convolutions, channel norms), ``None`` for layers that accept any
-  leading dims (Linear, Embedding, LayerNorm): the hooks then find it (see ``hooks.py``) and move it
-  first before calling the rule.
+  leading dims (Linear, Embedding, LayerNorm): the hooks then find it (see ``per_sample_recorder.py``)
+  and move it first before calling the rule.
 * **factors** (:func:`register_factored`): for layers whose weight gradient is a sum of outer products
   of the layer's input and output gradient (Linear, Conv, Embedding, Hugging Face's ``Conv1D``): a
   :class:`Factored` object says how to run the layer without autograd's weight gradient and which
-  :class:`~lightning_dp.grad_sample.bookkeeping.Part` s its input and output gradient make. Such a layer
-  takes the fast clipping path (book-keeping, ghost norms); without a rule of its own, its materialised
-  per-sample gradient (``clipping_mode="materialize"``) is that of its parts.
+  :class:`~lightning_dp.grad_sample.per_sample_parts.Part` s its input and output gradient make. Such a
+  layer takes the fast clipping path (book-keeping, ghost norms); without a rule of its own, its
+  materialised per-sample gradient (``clipping_mode="materialize"``) is that of its parts.
 * **DP forwards** (:func:`register_dp_forward`): for fused modules whose internals hooks cannot see
   (``nn.MultiheadAttention``, ``nn.LSTM``...). While hooks are attached, the module's ``forward`` is
   an equivalent implementation built from operations whose per-sample gradients are known
-  (``forward(module, recorder, *args, **kwargs)``, see :class:`~lightning_dp.grad_sample.hooks.Recorder`).
+  (``forward(module, recorder, *args, **kwargs)``, see
+  :class:`~lightning_dp.grad_sample.per_sample_recorder.PerSampleRecorder`).
   It uses the module's own ``nn.Parameter`` objects, so ``state_dict`` keys, optimizers and
   checkpoints are unchanged; removing the hooks restores the original forward.
 
-Modules with trainable parameters and no entry use the ``torch.func`` fallback (``functional.py``).
+Modules with trainable parameters and no entry use the ``torch.func`` fallback
+(``torch_func_fallback.py``).
 
 A type can be registered by its qualified name (``"transformers.pytorch_utils.Conv1D"``) instead of the
 class, so that an optional library is never imported to register its layers.
@@ -38,7 +41,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from .bookkeeping import Part
+    from .per_sample_parts import Part
 
 GradSampleRule = Callable[[nn.Module, Tuple[torch.Tensor, ...], torch.Tensor], Dict[str, torch.Tensor]]
 DPForward = Callable[..., object]
@@ -83,7 +86,7 @@ class Factored:
         self, module: nn.Module, x: torch.Tensor, record: Optional[Callable[[torch.Tensor, torch.Tensor], None]]
     ) -> torch.Tensor:
         """``module(x)`` whose backward skips autograd's weight gradient and calls ``record(input, grad)``
-        once (``record=None``: records nothing), see :mod:`~lightning_dp.grad_sample.fast`."""
+        once (``record=None``: records nothing), see :mod:`~lightning_dp.grad_sample.clipping_modes`."""
         raise NotImplementedError
 
     def parts(

@@ -3,9 +3,9 @@
 The cuDNN/ATen recurrent kernels are single fused calls whose matrix products hooks cannot see.
 While hooks are attached, these modules run the textbook recurrence instead (PyTorch's documented
 equations), with recorded projections
-(:meth:`~lightning_dp.grad_sample.hooks.GradSampleHooks.linear`) on the module's *own* parameters
-(``weight_ih_l0``, ``weight_hh_l0_reverse``, ``weight_hr_l0``... unchanged, so ``state_dict`` keys,
-optimizers and checkpoints are untouched). The input projection of a layer is one product over the
+(:meth:`~lightning_dp.grad_sample.per_sample_recorder.PerSampleRecorder.linear`) on the module's *own*
+parameters (``weight_ih_l0``, ``weight_hh_l0_reverse``, ``weight_hr_l0``... unchanged, so ``state_dict``
+keys, optimizers and checkpoints are untouched). The input projection of a layer is one product over the
 whole sequence; the hidden projection is recorded per time step and summed per sample.
 
 Supported: any ``num_layers``, ``bidirectional``, ``batch_first`` both ways, unbatched input, ``bias``
@@ -54,6 +54,28 @@ def _cell(
     return (torch.tanh(pre) if module.mode == "RNN_TANH" else torch.relu(pre)), None
 
 
+def _direction(
+    module: nn.RNNBase,
+    rec: Any,
+    layer_input: torch.Tensor,
+    layer: int,
+    direction: int,
+    h: torch.Tensor,
+    c: Optional[torch.Tensor],
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """One direction of one layer over the batch-first ``layer_input`` ``(B, T, ·)`` from ``(h_0, c_0)``:
+    its outputs ``(B, T, H)`` and its last ``(h, c)``."""
+    suffix = f"_l{layer}" + ("_reverse" if direction else "")
+    param = lambda name: getattr(module, name + suffix, None)  # noqa: E731
+    gates_x = rec.linear(layer_input, param("weight_ih"), param("bias_ih"))  # (B, T, G·H)
+    steps = layer_input.shape[1]
+    sequence: List[Optional[torch.Tensor]] = [None] * steps
+    for t in (reversed(range(steps)) if direction else range(steps)):
+        h, c = _cell(module, rec, gates_x[:, t], h, c, param("weight_hh"), param("bias_hh"), param("weight_hr"))
+        sequence[t] = h
+    return torch.stack(sequence, dim=1), h, c
+
+
 @register_dp_forward(nn.RNN, nn.LSTM, nn.GRU)
 def rnn_forward(module: nn.RNNBase, rec: Any, input: torch.Tensor, hx: Any = None) -> Any:
     """Same inputs and outputs as the module's own ``forward``."""
@@ -71,7 +93,7 @@ def rnn_forward(module: nn.RNNBase, rec: Any, input: torch.Tensor, hx: Any = Non
         c0 = None if c0 is None else c0.unsqueeze(1)
     elif not module.batch_first:
         input = input.transpose(0, 1)
-    batch_size, steps = input.shape[:2]
+    batch_size = input.shape[0]
     rec.note_batch_size(batch_size)
     directions = 2 if module.bidirectional else 1
     out_size = module.proj_size if lstm and module.proj_size > 0 else module.hidden_size
@@ -86,16 +108,10 @@ def rnn_forward(module: nn.RNNBase, rec: Any, input: torch.Tensor, hx: Any = Non
     for layer in range(module.num_layers):
         outputs = []
         for direction in range(directions):
-            suffix = f"_l{layer}" + ("_reverse" if direction else "")
-            param = lambda name: getattr(module, name + suffix, None)  # noqa: E731
             index = layer * directions + direction
-            gates_x = rec.linear(layer_input, param("weight_ih"), param("bias_ih"))  # (B, T, G·H)
-            h, c = h0[index], (c0[index] if lstm else None)
-            sequence: List[Optional[torch.Tensor]] = [None] * steps
-            for t in (reversed(range(steps)) if direction else range(steps)):
-                h, c = _cell(module, rec, gates_x[:, t], h, c, param("weight_hh"), param("bias_hh"), param("weight_hr"))
-                sequence[t] = h
-            outputs.append(torch.stack(sequence, dim=1))
+            c = c0[index] if lstm else None
+            sequence, h, c = _direction(module, rec, layer_input, layer, direction, h0[index], c)
+            outputs.append(sequence)
             h_n.append(h)
             if lstm:
                 c_n.append(c)

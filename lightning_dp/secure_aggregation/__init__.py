@@ -7,12 +7,13 @@ Lightning import:
 - :mod:`.discrete_gaussian` — exact-law discrete Gaussian samplers (a rounded Gaussian with rejection for large σ; Canonne, Kamath & Steinke 2020 below);
 - :mod:`.masks` — X25519 pairwise keys and ChaCha20 masks that cancel in the sum;
 - :mod:`.aggregator` — :class:`SecureAggregator`, the ``combine`` of a :class:`~lightning_dp.DPOptimizer`;
-- :mod:`.accounting` — ε of the subsampled distributed discrete Gaussian.
+- ε of the subsampled distributed discrete Gaussian: its accountant lives with the others, in
+  :mod:`lightning_dp.accounting.ddg` (re-exported here).
 
 With Lightning: ``DPDDPStrategy(..., secure_aggregation=True, min_honest_ranks=h)``. See
 ``docs/cross_silo.rst`` for the threat model.
 """
-from .accounting import (
+from ..accounting.ddg import (
     DistributedDiscreteGaussianAccountant,
     ddg_epsilon,
     ddg_noise_multiplier,

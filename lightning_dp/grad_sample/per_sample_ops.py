@@ -1,6 +1,7 @@
-"""Shared tensor helpers for the per-sample gradient rules (no layer logic here).
+"""Tensor helpers shared by the per-sample gradient rules and parts (no layer logic here).
 
-Every helper takes tensors with the batch dimension first and returns per-sample results ``(B, ...)``.
+Helpers take tensors with the batch dimension first and return per-sample results ``(B, ...)``
+(:func:`place_rows` places a summed block too).
 """
 from __future__ import annotations
 
@@ -95,10 +96,15 @@ def per_sample_rows(
     return out.view(batch_size, num_rows, values.shape[-1])
 
 
-def place_rows(grad: torch.Tensor, full_shape: Sequence[int], rows: slice | None) -> torch.Tensor:
-    """Embed a per-sample gradient of ``param[rows]`` into zeros of ``(B, *param.shape)``."""
+def place_rows(
+    block: torch.Tensor, full_shape: Sequence[int], rows: slice | None, batched: bool = False
+) -> torch.Tensor:
+    """``block``, the gradient of the rows ``rows`` of a packed parameter of ``full_shape`` (attention's
+    ``in_proj_weight``), placed in zeros of that shape; ``batched``: per-sample, ``(B, *param.shape)``.
+    ``block`` itself when ``rows`` is ``None``."""
     if rows is None:
-        return grad
-    out = grad.new_zeros(grad.shape[0], *full_shape)
-    out[:, rows] = grad
+        return block
+    lead = (block.shape[0],) if batched else ()
+    out = block.new_zeros(*lead, *full_shape)
+    out[(slice(None), rows) if batched else rows] = block
     return out

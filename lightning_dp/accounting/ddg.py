@@ -44,11 +44,10 @@ import numpy as np
 from scipy import special
 
 from .._checks import check_int, check_non_negative, check_open_unit, check_positive, check_rate
-from ..accounting import _pld, _profile
-from ..accounting.base import Accountant, HistoryEntry
-from ..accounting.prv import PRVAccountant
-from ..accounting.rdp import _delta_from_rdp, _epsilon_from_rdp
-from . import _gaussian_closeness
+from lightning_dp.accounting import _gaussian_closeness, _pld, _profile
+from lightning_dp.accounting.base import Accountant, HistoryEntry
+from lightning_dp.accounting.prv import PRVAccountant
+from lightning_dp.accounting.rdp import _delta_from_rdp, _epsilon_from_rdp
 
 __all__ = [
     "DDG_ORDERS",

@@ -1,5 +1,5 @@
 r"""The unsampled distributed-discrete-Gaussian step's privacy profile from its closeness to the Gaussian
-mechanism. Private module of :mod:`lightning_dp.secure_aggregation.accounting` (its route 3b takes the
+mechanism. Private module of :mod:`lightning_dp.accounting.ddg` (its route 3b takes the
 smaller of this profile and the one converted from the step's RDP).
 
 The step releases ``y + N``: ``y`` the integer vector of the ranks' rounded sums (one example moves it by

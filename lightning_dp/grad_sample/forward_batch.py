@@ -14,7 +14,7 @@ as per-sample, as they always did), a layer input is
 * **per-sample** when its first dimension has size ``B`` (or its second, once a batch-aware layer
   has run: the output of attention or an RNN may be time-major);
 * **shared** by the batch when it has none (position ids ``(1, T)``; T5's relative buckets ``(q, k)``):
-  the layer's output is handed on as a :class:`~lightning_dp.grad_sample.shared.SharedTensor`;
+  the layer's output is handed on as a :class:`~lightning_dp.grad_sample.batch_shared_inputs.SharedTensor`;
 * **undecided** when it has one only by its shape: an integer input (ids for an embedding) that is not
   one of the forward's own inputs but was made inside it (BERT's token types ``(B, T)``, RoBERTa's
   position ids, but also T5's buckets ``(q, k)`` when ``q`` happens to equal ``B``). Its output is
@@ -36,8 +36,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from . import shared
-from .shared import PER_SAMPLE, SHARED, UNDECIDED
+from . import batch_shared_inputs
+from .batch_shared_inputs import PER_SAMPLE, SHARED, UNDECIDED
 
 
 class ForwardBatch:
@@ -118,8 +118,8 @@ class ForwardBatch:
         """``PER_SAMPLE``, ``SHARED`` or ``UNDECIDED`` for the input ``x`` of a layer that takes any leading
         dims (per-sample whenever ``B`` is unknown: a layer called on its own, outside any container). A
         shared tensor is what its roots are."""
-        if isinstance(x, shared.SharedTensor):
-            return shared.state(x)
+        if isinstance(x, batch_shared_inputs.SharedTensor):
+            return batch_shared_inputs.state(x)
         size, inputs = self._current()
         if size is None or not self.batch_first:  # time-major models: as they always were
             return PER_SAMPLE

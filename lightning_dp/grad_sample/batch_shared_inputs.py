@@ -18,7 +18,7 @@ batch dimension has the forward's batch size ``B``), or that broadcasts the shar
 to the root, and the layer's contribution to sample ``b`` is made from sample ``b``'s output gradient.
 The values are the same as without the hooks; nothing depends on the model's code.
 
-An input whose shape alone cannot say (see :mod:`~lightning_dp.grad_sample.batch`: ids made inside the
+An input whose shape alone cannot say (see :mod:`~lightning_dp.grad_sample.forward_batch`: ids made inside the
 forward whose leading dimension has the batch size) gives an *undecided* root: the first operation that
 meets the batch decides, for every root its operand comes from. An operand whose leading dimension
 lines up with the per-sample operands' batch dimension keeps its plain values (the layer's rule then
