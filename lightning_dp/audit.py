@@ -150,6 +150,7 @@ def _default_scores(model: torch.nn.Module, canaries: Dataset, batch_size: int =
     return torch.cat(scores)
 
 
+# Long on purpose: the audit's steps in their order (canaries, training, guesses, the bound), in one place.
 def run_audit(
     model_fn: Callable[[], Any],
     trainer_fn: Callable[[], Any],

@@ -13,7 +13,8 @@ from typing import Any, Dict, Mapping, Optional
 
 from ._checks import check_choice, check_non_negative, check_open_unit, check_positive, check_positive_int
 from .accounting import DEFAULT_ACCOUNTANT, make_accountant
-from .clipping import CLIPPINGS, AdaptiveClipping
+from .adaptive_clipping import AdaptiveClipping
+from .clipping import CLIPPINGS
 from .grad_sample import CLIPPING_MODES
 
 LOSS_REDUCTIONS = ("mean", "sum")
@@ -38,7 +39,7 @@ class DPConfig:
         max_physical_batch_size: split larger batches into chunks inside one optimizer step.
         clipping_mode: ``"auto"``, ``"ghost"`` or ``"materialize"`` (same update, different cost).
         clipping: ``"flat"``, ``"per_layer"``, ``"automatic"`` or ``"automatic_per_layer"``.
-        adaptive_clipping: ``None``, or the arguments of :class:`~lightning_dp.clipping.AdaptiveClipping`
+        adaptive_clipping: ``None``, or the arguments of :class:`~lightning_dp.adaptive_clipping.AdaptiveClipping`
             as a dict (``target_quantile``, ``learning_rate``, ``count_noise_multiplier``).
         bands: ``1`` (DP-SGD), or the bands ``b`` of BandMF correlated noise with cyclic Poisson sampling
             (:mod:`lightning_dp.correlated`); :func:`~lightning_dp.make_private` only for now.
@@ -86,6 +87,19 @@ class DPConfig:
                 f"noise_multiplier={self.noise_multiplier!r}, target_epsilon={self.target_epsilon!r}): the noise "
                 "multiplier is either set directly or calibrated to reach target_epsilon."
             )
+        checked = self._checked_values()
+        self._check_combinations(checked["bands"])
+        self._check_secure_aggregation()
+        self._check_seed()
+        try:
+            make_accountant(self.accountant)
+        except ValueError as err:
+            raise ValueError(f"`accountant` must name a registered accountant: {err}") from None
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+
+    def _checked_values(self) -> Dict[str, Any]:
+        """Each argument checked on its own, in its normalised form (what the frozen fields are set to)."""
         checked: Dict[str, Any] = {
             "max_grad_norm": check_positive("max_grad_norm", self.max_grad_norm),
             "delta": check_open_unit("delta", self.delta),
@@ -94,12 +108,29 @@ class DPConfig:
             "clipping": check_choice("clipping", self.clipping, CLIPPINGS),
             "bands": check_positive_int("bands", self.bands),
         }
-        if checked["bands"] > 1 and not self.poisson_sampling:
+        if self.noise_multiplier is not None:
+            checked["noise_multiplier"] = check_non_negative("noise_multiplier", self.noise_multiplier)
+        if self.target_epsilon is not None:
+            checked["target_epsilon"] = check_positive("target_epsilon", self.target_epsilon)
+        for name in ("poisson_sampling", "secure_mode"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
+        if self.max_physical_batch_size is not None:
+            checked["max_physical_batch_size"] = check_positive_int(
+                "max_physical_batch_size", self.max_physical_batch_size
+            )
+        if isinstance(self.adaptive_clipping, dict):
+            checked["adaptive_clipping"] = dict(self.adaptive_clipping)
+        return checked
+
+    def _check_combinations(self, bands: int) -> None:
+        """BandMF and adaptive clipping against the rest."""
+        if bands > 1 and not self.poisson_sampling:
             raise ValueError(
                 f"bands={self.bands} needs poisson_sampling=True: BandMF's accounting assumes the strategy's cyclic "
                 "Poisson groups, which a user sampler does not provide."
             )
-        if checked["bands"] > 1 and self.adaptive_clipping is not None:
+        if bands > 1 and self.adaptive_clipping is not None:
             raise ValueError(
                 f"`adaptive_clipping` cannot be combined with bands={self.bands}: its noised count would share the "
                 "correlated noise stream, which BandMF's accounting does not cover. Use bands=1, or a fixed norm."
@@ -111,20 +142,8 @@ class DPConfig:
                     f"`adaptive_clipping` needs clipping='flat' or 'per_layer', got clipping={self.clipping!r}: "
                     "automatic clipping normalises every sample and has no norm to adapt."
                 )
-            if isinstance(self.adaptive_clipping, dict):
-                checked["adaptive_clipping"] = dict(self.adaptive_clipping)
-        if self.noise_multiplier is not None:
-            checked["noise_multiplier"] = check_non_negative("noise_multiplier", self.noise_multiplier)
-        if self.target_epsilon is not None:
-            checked["target_epsilon"] = check_positive("target_epsilon", self.target_epsilon)
-        self._check_secure_aggregation()
-        for name in ("poisson_sampling", "secure_mode"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
-        if self.max_physical_batch_size is not None:
-            checked["max_physical_batch_size"] = check_positive_int(
-                "max_physical_batch_size", self.max_physical_batch_size
-            )
+
+    def _check_seed(self) -> None:
         seed = self.seed
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
             raise ValueError(f"`seed` must be a non-negative integer or None, got {seed!r}.")
@@ -134,12 +153,6 @@ class DPConfig:
                 "so anyone with the seed could subtract the noise. Drop the seed, or use secure_mode=False "
                 "for a reproducible (not secure) run."
             )
-        try:
-            make_accountant(self.accountant)
-        except ValueError as err:
-            raise ValueError(f"`accountant` must name a registered accountant: {err}") from None
-        for name, value in checked.items():
-            object.__setattr__(self, name, value)
 
     def _check_secure_aggregation(self) -> None:
         if not isinstance(self.secure_aggregation, bool):

@@ -4,27 +4,32 @@ how clipped sums cross processes is the :mod:`~lightning_dp.exchange` object it 
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
-from torch import nn
 from torch.optim import Optimizer
 
 from ._checks import check_choice
 from .accounting import Accountant
+from .adaptive_clipping import AdaptiveClipping
 from .centering import InputCentering
-from .clipping import CLIPPINGS, NON_FINITE, AdaptiveClipping, check_all_seen, clip_and_sum, grads_now, parts_of
+from .clipping import (
+    CLIPPINGS, NON_FINITE, check_all_seen, clip_and_sum, common_batch_size, drop_per_sample_attrs, grads_now, parts_of,
+)
 from .exchange import GradientExchange, GradientShards, ReduceScatterExchange, exchange_from_arguments
 from .grad_sample import CLIPPING_MODES, set_clipping_mode, wide_dtype
 from .noise import GaussianNoise
-from .noise.adding import add_noise_
 from .privacy_state import PrivacyState
 from .wrapped_optimizer import WrappedOptimizer
 
 __all__ = ["DPOptimizer", "GradientShards"]
 
 _PER_SAMPLE = ("grad_sample", "grad_parts")
+
+
+def _privacy_setting(name: str, doc: str) -> property:
+    """A setting of the privacy state, read there and set through :meth:`DPOptimizer.configure`."""
+    return property(lambda self: getattr(self.privacy, name), lambda self, value: self.configure(**{name: value}), doc=doc)
 
 
 class DPOptimizer(WrappedOptimizer):
@@ -66,7 +71,7 @@ class DPOptimizer(WrappedOptimizer):
             factor 0 and contributes exactly nothing (the sensitivity is unchanged; a batch with every sample
             dropped gives a noise-only step). ``"propagate"``: the NaN/inf reaches ``param.grad`` (needed under
             a fp16 ``GradScaler``, which must see an overflow to skip the step). See :mod:`lightning_dp.clipping`.
-        adaptive_clipping: ``None``, an :class:`~lightning_dp.clipping.AdaptiveClipping` or a dict of its
+        adaptive_clipping: ``None``, an :class:`~lightning_dp.adaptive_clipping.AdaptiveClipping` or a dict of its
             arguments: after each step ``max_grad_norm`` moves towards a private estimate of a quantile of
             the per-sample norms (Andrew et al. 2021). The accountant still records σ; the gradient gets
             the larger :attr:`gradient_noise_multiplier` so that gradient and count together cost exactly σ.
@@ -80,13 +85,10 @@ class DPOptimizer(WrappedOptimizer):
     Attributes:
         per_sample_grad_scale: the default factor applied to per-sample gradients before clipping (see
             :meth:`accumulate_micro_batch`'s ``scale``).
-        dropped_samples: samples dropped for a non-finite gradient over the optimizer's life (including
-            those of a step later refused or skipped). Off the CPU the count is kept on the device
-            (:attr:`dropped_samples_count`: no host sync per micro-batch); reading this property brings it
-            to the host.
-        dropped_in_step: samples dropped from the current step: the first micro-batch of a step starts it
-            from 0, so after :meth:`step` (or :meth:`pre_step`) it holds the count of the step just taken
-            until the next step's first micro-batch is clipped; :meth:`reset_accumulation` sets it to 0.
+        dropped_samples: samples dropped for a non-finite gradient over the optimizer's life (steps later
+            refused or skipped included); kept on the device off the CPU (:attr:`dropped_samples_count`).
+        dropped_in_step: samples dropped from the current step (restarted by a step's first micro-batch, so it
+            holds the step just taken until the next one's first micro-batch; 0 after :meth:`reset_accumulation`).
     """
 
     def __init__(
@@ -133,14 +135,9 @@ class DPOptimizer(WrappedOptimizer):
         set_clipping_mode(self.params, clipping_mode)
 
     # --- the privacy state's settings, read where they live ----------------------------------------------
-    @property
-    def noise_multiplier(self) -> Optional[float]:
-        """σ (the privacy state's)."""
-        return self.privacy.noise_multiplier
-
-    @noise_multiplier.setter
-    def noise_multiplier(self, value: float) -> None:
-        self.configure(noise_multiplier=value)
+    noise_multiplier = _privacy_setting("noise_multiplier", "σ (the privacy state's); settable (validated).")
+    expected_batch_size = _privacy_setting("expected_batch_size", "``q·N``, the update's denominator (the privacy state's).")
+    sample_rate = _privacy_setting("sample_rate", "The rate the accountant records (the privacy state's).")
 
     @property
     def max_grad_norm(self) -> float:
@@ -150,24 +147,6 @@ class DPOptimizer(WrappedOptimizer):
     @max_grad_norm.setter
     def max_grad_norm(self, value: float) -> None:
         self.privacy.max_grad_norm = float(value)
-
-    @property
-    def expected_batch_size(self) -> Optional[int]:
-        """The denominator of the averaged update (``q·N``; the privacy state's)."""
-        return self.privacy.expected_batch_size
-
-    @expected_batch_size.setter
-    def expected_batch_size(self, value: int) -> None:
-        self.configure(expected_batch_size=value)
-
-    @property
-    def sample_rate(self) -> Optional[float]:
-        """The rate the accountant records (the privacy state's)."""
-        return self.privacy.sample_rate
-
-    @sample_rate.setter
-    def sample_rate(self, value: float) -> None:
-        self.configure(sample_rate=value)
 
     accountant = property(lambda self: self.privacy.accountant, doc="The privacy state's accountant (``None``: not accounted).")
     steps_taken = property(lambda self: self.privacy.steps_taken, doc="Optimizer steps taken (accounted) in this run.")
@@ -214,23 +193,10 @@ class DPOptimizer(WrappedOptimizer):
     def non_finite(self, value: str) -> None:
         self._non_finite = check_choice("non_finite", value, NON_FINITE)
 
-    @property
-    def dropped_samples(self) -> int:
-        """Samples dropped for a non-finite gradient over the optimizer's life; a host sync off the CPU."""
-        return int(self._dropped_total)
-
-    @dropped_samples.setter
-    def dropped_samples(self, value: int) -> None:
-        self._dropped_total = int(value)
-
-    @property
-    def dropped_in_step(self) -> int:
-        """Samples dropped from the current step (see the class Attributes); a host sync off the CPU."""
-        return int(self._dropped_step)
-
-    @dropped_in_step.setter
-    def dropped_in_step(self, value: int) -> None:
-        self._dropped_step = int(value)
+    dropped_samples = property(lambda self: int(self._dropped_total), lambda self, v: setattr(self, "_dropped_total", int(v)),
+                               doc="Samples dropped for a non-finite gradient over the optimizer's life (a host sync).")
+    dropped_in_step = property(lambda self: int(self._dropped_step), lambda self, v: setattr(self, "_dropped_step", int(v)),
+                               doc="Samples dropped from the current step (see the class Attributes; a host sync).")
 
     @property
     def dropped_samples_count(self) -> "int | torch.Tensor":
@@ -255,11 +221,11 @@ class DPOptimizer(WrappedOptimizer):
         """Clear gradients and per-sample gradients; clipped sums already accumulated for the coming step
         (earlier micro-batches) are kept: they are consumed by :meth:`step`."""
         self.original_optimizer.zero_grad(set_to_none=set_to_none)
-        _drop_attrs(self.params, _PER_SAMPLE)
+        drop_per_sample_attrs(self.params, _PER_SAMPLE)
 
     def reset_accumulation(self) -> None:
         """Drop everything gathered for the coming step (per-sample gradients and clipped sums)."""
-        _drop_attrs(self.params, _PER_SAMPLE + ("summed_grad",))
+        drop_per_sample_attrs(self.params, _PER_SAMPLE + ("summed_grad",))
         self.samples_in_step = 0
         self._dropped_step = 0
         self._unclipped_in_step = 0.0
@@ -289,8 +255,8 @@ class DPOptimizer(WrappedOptimizer):
             self._known_grads = grads_now(params)
         if not with_samples:
             return torch.zeros(0, device=params[0].device if params else None)
-        batch_size = _common_batch_size(parts)
-        _drop_attrs(with_samples, _PER_SAMPLE)  # from here on the parts are only in `parts`: freed as used
+        batch_size = common_batch_size(parts)
+        drop_per_sample_attrs(with_samples, _PER_SAMPLE)  # from here on the parts are only in `parts`: freed as used
         if self.samples_in_step == 0:  # the first micro-batch of a step
             self._dropped_step = 0
         on_sum, unsampled = self.exchange.reduce_in_order(params, with_samples) if sharded else (None, None)
@@ -311,8 +277,7 @@ class DPOptimizer(WrappedOptimizer):
         self.samples_in_step += batch_size
         if self.adaptive_clipping is not None:  # centred count of unclipped samples (a NaN norm counts −½),
             # kept on the norms' device: read once per step, in _adapt_clipping_norm
-            unclipped = (norms <= self.max_grad_norm).sum(dtype=torch.float64) - 0.5 * norms.numel()
-            self._unclipped_in_step = self._unclipped_in_step + unclipped
+            self._unclipped_in_step = self._unclipped_in_step + self.adaptive_clipping.centred_count(norms, self.max_grad_norm)
         return norms
 
     def clip_and_accumulate(self) -> torch.Tensor:
@@ -410,7 +375,7 @@ class DPOptimizer(WrappedOptimizer):
             raise RuntimeError("This DPOptimizer has no accountant: pass sample_rate to make_private.")
         return self.privacy.get_epsilon(delta)
 
-    # --- adaptive clipping (Andrew et al. 2021; see lightning_dp.clipping.AdaptiveClipping) --------------
+    # --- adaptive clipping (Andrew et al. 2021; see lightning_dp.adaptive_clipping.AdaptiveClipping) --------------
     def _check_adaptive_clipping(self) -> None:
         """Refuse, before any step, settings where the count's noise leaves no room (``2σ_b ≤ σ``)."""
         if self.adaptive_clipping is not None and self.noise_multiplier and self.expected_batch_size:
@@ -427,32 +392,12 @@ class DPOptimizer(WrappedOptimizer):
 
     @torch.no_grad()
     def _adapt_clipping_norm(self) -> None:
-        """Release the step's centred count of unclipped samples with noise ``N(0, σ_b²)`` (shared over
-        ranks like the gradient noise) and move ``max_grad_norm`` towards the target quantile; reading the
-        noised count (``float``) is the step's one host sync."""
-        rule, batch = self.adaptive_clipping, float(self.expected_batch_size)
-        device = self.params[0].device if self.params else None
-        count = torch.as_tensor(self._unclipped_in_step, dtype=torch.float64, device=device).reshape(1).clone()
-        self._unclipped_in_step = 0.0
-        if self.noise_multiplier > 0:
-            add_noise_(self.noise, [count], rule.count_std(batch) / math.sqrt(self.noise_shares))
-        self.exchange.combine([count])
-        self.max_grad_norm = rule.next_norm(self.max_grad_norm, float(count), batch)
-
-
-def _common_batch_size(parts: List[Any]) -> int:
-    batch_sizes = {part.batch_size for ps in parts for part in ps}
-    if len(batch_sizes) > 1:
-        raise RuntimeError(
-            f"Per-sample gradients disagree on the batch size ({sorted(batch_sizes)}): a layer saw a "
-            "different batch dimension than the others. Put the batch first in every layer's input, or pass "
-            "the right batch_first to attach_grad_sample_hooks (time-major models)."
+        """Release the step's centred count of unclipped samples and move ``max_grad_norm`` towards the target
+        quantile (:meth:`~lightning_dp.adaptive_clipping.AdaptiveClipping.release`)."""
+        count, self._unclipped_in_step = self._unclipped_in_step, 0.0
+        self.max_grad_norm = self.adaptive_clipping.release(
+            count, device=self.params[0].device if self.params else None, noise=self.noise,
+            noise_multiplier=self.noise_multiplier, noise_shares=self.noise_shares,
+            expected_batch_size=float(self.expected_batch_size), combine=self.exchange.combine,
+            max_grad_norm=self.max_grad_norm,
         )
-    return next(iter(batch_sizes))
-
-
-def _drop_attrs(params: List[nn.Parameter], attrs: Tuple[str, ...]) -> None:
-    for p in params:
-        for attr in attrs:
-            if hasattr(p, attr):
-                delattr(p, attr)

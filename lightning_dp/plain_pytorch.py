@@ -68,7 +68,7 @@ def make_private(
         clipping: ``"flat"`` (default), ``"per_layer"`` (each parameter tensor to ``C/√K``),
             ``"automatic"`` or ``"automatic_per_layer"`` (each sample normalised to norm just under ``C``,
             Bu et al. 2023; ``C`` then only scales the update with the learning rate).
-        adaptive_clipping: ``None`` (default) or a dict of :class:`~lightning_dp.clipping.AdaptiveClipping`'s
+        adaptive_clipping: ``None`` (default) or a dict of :class:`~lightning_dp.adaptive_clipping.AdaptiveClipping`'s
             arguments: ``max_grad_norm`` becomes the starting norm of a private quantile estimate (Andrew et
             al. 2021), accounted exactly at the same ``noise_multiplier``.
         bands: ``1`` (default): DP-SGD. ``b > 1``: BandMF, banded matrix-factorization correlated noise

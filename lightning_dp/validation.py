@@ -90,6 +90,7 @@ def _group_count(num_channels: int, max_groups: int = 32) -> int:
     return math.gcd(num_channels, max_groups)
 
 
+# Long on purpose: one table of layer checks, one branch per layer kind; each branch is a few lines.
 def _module_issues(path: str, module: nn.Module) -> List[ValidationIssue]:
     kind = type(module).__name__
     issue = lambda reason, fix, fixable=False: ValidationIssue(path, kind, reason, fix, fixable)  # noqa: E731

@@ -172,7 +172,7 @@ def test_adaptive_clipping_step_costs_what_sigma_costs(sigma, count_std):
     """Gradient (multiplier σ_Δ, sensitivity C) and centred count (std σ_b, sensitivity ½) on one Poisson
     sample are one 2-D Gaussian mechanism; its δ(ε), integrated numerically in 2-D, equals dp-accounting's
     δ(ε) of the 1-D subsampled Gaussian at σ (Andrew et al. 2021, Thm. 1)."""
-    from lightning_dp.clipping import AdaptiveClipping
+    from lightning_dp.adaptive_clipping import AdaptiveClipping
     from tests.dp_accounting_reference import import_dp_accounting
 
     import_dp_accounting()  # skipped without the reference on a developer's machine, failed in CI

@@ -209,6 +209,7 @@ class Plan:
     functions, Chernoff log-MGFs and masses at infinity. :meth:`epsilon` then costs one complex
     exponential, one inverse FFT and one cumulative sum over the window."""
 
+    # Long on purpose: one pass that builds the composed PLD on one grid; split, its arrays would travel between helpers.
     def __init__(
         self,
         steps: Sequence["StepPLD"],

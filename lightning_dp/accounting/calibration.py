@@ -151,6 +151,7 @@ def get_noise_multiplier_for_plan(
     return _smallest_feasible_sigma(eps, target, delta, tol, target_epsilon)
 
 
+# Long on purpose: one bracket-and-bisect search, read top to bottom; its stopping rules share the same state.
 def _smallest_feasible_sigma(
     eps: Callable[[float], float], target: float, delta: float, tol: float, target_epsilon: float
 ) -> float:

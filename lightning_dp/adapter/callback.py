@@ -12,6 +12,7 @@ from . import lightning_internals
 from .host import Host
 
 
+# Long on purpose: the class body is this function's body (see strategies.single_device_strategy).
 def privacy_budget_callback(callback_base: type, host: Host) -> type:
     """``PrivacyBudgetCallback`` on ``callback_base`` (the namespace's ``Callback``). Reason for the length: the
     class body is this function's body (the class derives from the ``Callback`` of whichever namespace binds it)."""

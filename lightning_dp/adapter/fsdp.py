@@ -29,6 +29,38 @@ from .fsdp_sharding import (
 _D = DPConfig
 
 
+def _refuse_fsdp_options(kwargs: Dict[str, Any], auto_wrap_policy: Any, activation_checkpointing_policy: Any) -> None:
+    """Clear errors for what ``DPFSDPStrategy`` does not take (before Lightning's bare ``TypeError``)."""
+    refuse_options("DPFSDPStrategy", kwargs, {
+        ("secure_aggregation", "min_honest_ranks", "secure_aggregation_bits"):
+            "its clipped sums are reduce-scattered into shards after every backward pass (float sums of "
+            "each parameter shard, one collective per layer), not one masked integer vector per step; secure "
+            "aggregation is implemented for DPDDPStrategy(secure_aggregation=True).",
+        ("bands",): BANDS_REFUSAL,
+    })
+    if kwargs.pop("centering", None):
+        raise ValueError(
+            "DPFSDPStrategy does not take `centering` for now: the bias correction after each step needs whole "
+            "weight and bias tensors, which FSDP2 shards. Use DPStrategy or DPDDPStrategy with centering."
+        )
+    for name in ("data_parallel_size", "tensor_parallel_size"):
+        if name in kwargs:
+            raise ValueError(
+                f"DPFSDPStrategy got {name}={kwargs[name]!r}: every process is a data-parallel rank (the model is "
+                "sharded over all of them) and tensor parallelism is not supported under DP (a sample's norm "
+                "would need the tensor-parallel pieces of every layer). Leave it out."
+            )
+    if auto_wrap_policy is not None and not all(isinstance(c, type) and issubclass(c, nn.Module) for c in auto_wrap_policy):
+        raise ValueError(f"`auto_wrap_policy` must be a set of nn.Module classes, got {auto_wrap_policy!r}.")
+    check_checkpointing_policy(activation_checkpointing_policy)
+    if "activation_checkpointing" in kwargs:
+        raise ValueError(
+            "DPFSDPStrategy takes `activation_checkpointing_policy` (a set of block classes), not "
+            "`activation_checkpointing`."
+        )
+
+
+# Long on purpose: the class body is this function's body (see strategies.single_device_strategy).
 def fsdp_strategy(host_base: type, host: Host) -> type:
     """``DPFSDPStrategy`` on ``host_base`` (the namespace's ``ModelParallelStrategy``)."""
 
@@ -103,34 +135,8 @@ def fsdp_strategy(host_base: type, host: Host) -> type:
             activation_checkpointing_policy: Optional[Set[Type[nn.Module]]] = None,
             **kwargs: Any,
         ) -> None:
-            refuse_options("DPFSDPStrategy", kwargs, {
-                ("secure_aggregation", "min_honest_ranks", "secure_aggregation_bits"):
-                    "its clipped sums are reduce-scattered into shards after every backward pass (float sums of "
-                    "each parameter shard, one collective per layer), not one masked integer vector per step; secure "
-                    "aggregation is implemented for DPDDPStrategy(secure_aggregation=True).",
-                ("bands",): BANDS_REFUSAL,
-            })
-            if kwargs.pop("centering", None):
-                raise ValueError(
-                    "DPFSDPStrategy does not take `centering` for now: the bias correction after each step needs whole "
-                    "weight and bias tensors, which FSDP2 shards. Use DPStrategy or DPDDPStrategy with centering."
-                )
+            _refuse_fsdp_options(kwargs, auto_wrap_policy, activation_checkpointing_policy)
             config = DPConfig.from_arguments(locals())
-            for name in ("data_parallel_size", "tensor_parallel_size"):
-                if name in kwargs:
-                    raise ValueError(
-                        f"DPFSDPStrategy got {name}={kwargs[name]!r}: every process is a data-parallel rank (the model is "
-                        "sharded over all of them) and tensor parallelism is not supported under DP (a sample's norm "
-                        "would need the tensor-parallel pieces of every layer). Leave it out."
-                    )
-            if auto_wrap_policy is not None and not all(isinstance(c, type) and issubclass(c, nn.Module) for c in auto_wrap_policy):
-                raise ValueError(f"`auto_wrap_policy` must be a set of nn.Module classes, got {auto_wrap_policy!r}.")
-            check_checkpointing_policy(activation_checkpointing_policy)
-            if "activation_checkpointing" in kwargs:
-                raise ValueError(
-                    "DPFSDPStrategy takes `activation_checkpointing_policy` (a set of block classes), not "
-                    "`activation_checkpointing`."
-                )
             super().__init__(data_parallel_size="auto", tensor_parallel_size=1, **kwargs)
             self._init_dp(config)
             self.auto_wrap_policy = frozenset(auto_wrap_policy) if auto_wrap_policy is not None else None

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
-from typing import Any, Dict, Iterator, List, Optional, Set, Tuple, Type
+from typing import Any, Dict, Iterator, List, Set, Tuple, Type
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ..grad_sample.registry import get_dp_forward, get_grad_sampler

@@ -5,11 +5,13 @@ The DP logic in :mod:`lightning_dp.adapter` imports no Lightning namespace. Ever
 callback classes whose effect on privacy it must know) is read from a :class:`Host` that
 :func:`~lightning_dp.adapter.bind` builds once per namespace and stores on the classes it makes.
 
-From the strategy it is mixed into, the adapter uses Lightning's documented ``Strategy`` interface
-only: ``lightning_module``, ``precision_plugin``, ``optimizers``, ``global_rank``/``world_size``
-(1 and 0 on a single device), ``setup``, ``setup_optimizers``, ``process_dataloader``,
-``training_step``, ``backward``, ``optimizer_step``, ``on_train_batch_start``, ``on_train_start``,
-``on_train_end``, ``save_checkpoint``, ``load_checkpoint``, ``teardown``.
+From the host strategy class its strategies derive from, the adapter uses Lightning's public ``Strategy``
+interface (``lightning_module``, ``precision_plugin``, ``optimizers``, ``global_rank``/``world_size``,
+``root_device`` and the hooks it overrides with ``@override``: ``setup``, ``setup_optimizers``,
+``process_dataloader``, ``training_step``, ``backward``, ``optimizer_step``, ``on_train_batch_start``,
+``on_train_start``, ``on_train_end``, ``save_checkpoint``, ``load_checkpoint``, ``teardown``;
+``configure_ddp`` for DDP; ``setup_environment`` and ``optimizer_state`` for FSDP). What has no public
+form is in :mod:`~lightning_dp.adapter.lightning_internals`, one function per use, each tested.
 """
 from __future__ import annotations
 

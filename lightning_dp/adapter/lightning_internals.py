@@ -31,7 +31,7 @@ Not internals any more (kept here because they stand in for one, and are tested 
 * :func:`callback_state_key` — the key format of ``Callback._generate_state_key``, written here (was a
   call of that protected helper); the test checks it still equals Lightning's, so checkpoints written
   with either load.
-* ``DDPDP`` installs its no-communication hook from the public ``DDPStrategy.configure_ddp`` with
+* ``DPDDPStrategy`` installs its no-communication hook from the public ``DDPStrategy.configure_ddp`` with
   PyTorch's public ``DistributedDataParallel.register_comm_hook`` (it overrode the private
   ``DDPStrategy._register_ddp_hooks``). It relies on Lightning registering no hook of its own unless the
   user passes ``ddp_comm_hook``, which ``DPDDPStrategy`` refuses; should Lightning ever register one, DDP

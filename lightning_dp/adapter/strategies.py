@@ -39,6 +39,8 @@ _DEVICE = Union[torch.device, str, int]
 _D = DPConfig  # defaults of the explicit signatures below are DPConfig's: written once
 
 
+# Long on purpose: the class body is this function's body (the class derives from the host class of
+# whichever Lightning namespace binds it; both may be installed). Each method in it is short.
 def single_device_strategy(host_base: type, host: Host) -> type:
     """``DPStrategy`` on ``host_base`` (the namespace's ``SingleDeviceStrategy``)."""
 
@@ -90,7 +92,7 @@ def single_device_strategy(host_base: type, host: Host) -> type:
             adaptive_clipping: ``None`` (default), or a dict ``target_quantile`` (0.5), ``learning_rate``
                 (0.2), ``count_noise_multiplier`` (``expected_batch_size/20``): ``max_grad_norm`` is then only
                 the starting norm, which follows a private estimate of that quantile of the per-sample norms
-                (Andrew et al. 2021) at no extra privacy cost: see :class:`~lightning_dp.clipping.AdaptiveClipping`.
+                (Andrew et al. 2021) at no extra privacy cost: see :class:`~lightning_dp.adaptive_clipping.AdaptiveClipping`.
             bands: ``1`` (default): DP-SGD. ``b > 1``: BandMF correlated noise (Choquette-Choo et al. 2023;
                 :mod:`lightning_dp.adapter.bandmf`): the dataset is split once into ``b`` groups, step ``t``
                 Poisson-samples group ``t mod b`` at rate ``b·q``, the noise is ``σC·C^{-1}z`` for a ``b``-banded
@@ -182,6 +184,7 @@ _local_gradients_only.__annotations__ = {  # real types, not strings: DDP checks
 }
 
 
+# Long on purpose: the class body is this function's body (see single_device_strategy).
 def ddp_strategy(host_base: type, host: Host) -> type:
     """``DPDDPStrategy`` on ``host_base`` (the namespace's ``DDPStrategy``)."""
 

@@ -30,6 +30,8 @@ from .host import Host
 from .steps import grad_scaler, loss_of, per_sample_scale, physical_chunks, zero_loss
 
 
+# Long on purpose: the class body is this function's body (the base derives from the host class of whichever
+# Lightning namespace binds it; both may be installed, and mixins are not used). Each method in it is short.
 def dp_strategy_base(host_base: type, host: Host) -> type:
     """The DP strategy base derived from ``host_base`` (a Lightning strategy class of ``host``'s namespace)."""
 

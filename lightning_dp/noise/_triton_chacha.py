@@ -160,6 +160,7 @@ def _uniform(words):
     return ((words & 0xFFFFFFFFFFFFF) * 2 + 1).to(tl.float64) * 1.1102230246251565e-16  # 2**-53, exact
 
 
+# Long on purpose: a Triton kernel is one body in registers; helpers would be inlined into it anyway.
 @triton.jit(do_not_specialize=["pairs", "chunk", "first_chunk", "lo", "hi"])
 def _normals_kernel(
     out_ptr, params_ptr, consts_ptr, pairs, chunk, first_chunk, lo, hi,
