@@ -1,17 +1,13 @@
 """How the ranks' clipped sums become one noised gradient: the gradient exchange of a
 :class:`~lightning_dp.DPOptimizer`, chosen when the optimizer is built.
 
-=============================  =====================================================================
-exchange                       what crosses processes, and who adds the noise
-=============================  =====================================================================
-:class:`LocalExchange`         nothing (one process); the optimizer adds ``N(0, (σC)²)``
-:class:`AllReduceExchange`     each rank adds ``σC/√shares`` to its clipped sum, one all-reduce SUM
-                               (coalesced into buckets) adds them up: noise ``σC`` exactly once
-:class:`ReduceScatterExchange` every clipped sum is reduce-scattered into the ranks' shards after each
-                               backward pass (FSDP2); each rank noises its own shard with ``σC``
-:class:`SecureAggregationExchange` quantised, masked integer sums with distributed discrete Gaussian
-                               noise (:class:`~lightning_dp.secure_aggregation.SecureAggregator`)
-=============================  =====================================================================
+* :class:`LocalExchange`: nothing crosses processes (one process); the optimizer adds ``N(0, (σC)²)``.
+* :class:`AllReduceExchange`: each rank adds ``σC/√shares`` to its clipped sum and one all-reduce SUM
+  (coalesced into buckets) adds them up: noise ``σC`` exactly once.
+* :class:`ReduceScatterExchange`: every clipped sum is reduce-scattered into the ranks' shards after each
+  backward pass (FSDP2); each rank noises its own shard with ``σC``.
+* :class:`SecureAggregationExchange`: quantised, masked integer sums with distributed discrete Gaussian noise
+  (:class:`~lightning_dp.secure_aggregation.SecureAggregator`).
 
 The optimizer calls :meth:`GradientExchange.noise_and_combine` once per step with the clipped sums (already
 divided by the expected batch size) and the noise of the step; nothing here calls back into a strategy.
