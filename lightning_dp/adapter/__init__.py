@@ -2,7 +2,7 @@
 
 * :mod:`~lightning_dp.adapter.strategy_base` — the typed base every DP strategy derives from its host class;
   its hooks delegate to the run's :class:`~lightning_dp.PrivacyState` and :class:`~lightning_dp.DPOptimizer`;
-* :mod:`~lightning_dp.adapter.strategies` — one device and DDP, and :data:`STRATEGIES`, the one list;
+* :mod:`~lightning_dp.adapter.strategies` — one device and DDP (:data:`STRATEGIES` here is the one list);
 * :mod:`~lightning_dp.adapter.fsdp` (with :mod:`~lightning_dp.adapter.fsdp_sharding`) — a sharded model (FSDP2);
 * :mod:`~lightning_dp.adapter.data` — Poisson sampling, the per-epoch plan, calibration;
 * :mod:`~lightning_dp.adapter.steps` — per-sample scale, empty batches, physical micro-batches;
@@ -16,13 +16,32 @@ A namespace is then one small file: ``lightning_dp/lightning.py`` is ``globals()
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Callable, Dict, NamedTuple
 
 from .callback import privacy_budget_callback
+from .fsdp import fsdp_strategy
 from .host import NAMESPACES, Host, host_bases, load_host
-from .strategies import STRATEGIES
+from .strategies import ddp_strategy, single_device_strategy
 
-__all__ = ["CALLBACK_NAME", "Host", "NAMESPACES", "PUBLIC_NAMES", "STRATEGIES", "bind"]
+
+class StrategyKind(NamedTuple):
+    """One DP strategy: its public name, the host strategy class it derives from (by name, in the namespace's
+    ``strategies`` module) and the function that builds it."""
+
+    name: str
+    host_class: str
+    build: Callable[[type, Host], type]
+
+
+STRATEGIES = (
+    StrategyKind("DPStrategy", "SingleDeviceStrategy", single_device_strategy),
+    StrategyKind("DPDDPStrategy", "DDPStrategy", ddp_strategy),
+    StrategyKind("DPFSDPStrategy", "ModelParallelStrategy", fsdp_strategy),
+)
+"""Every DP strategy, in one list: :func:`bind` builds and registers each of them for a namespace, and
+``lightning_dp.lightning``/``lightning_dp.pytorch_lightning``/``lightning_dp`` export their names."""
+
+__all__ = ["CALLBACK_NAME", "Host", "NAMESPACES", "PUBLIC_NAMES", "STRATEGIES", "StrategyKind", "bind"]
 
 CALLBACK_NAME = "PrivacyBudgetCallback"
 PUBLIC_NAMES = tuple(kind.name for kind in STRATEGIES) + (CALLBACK_NAME,)

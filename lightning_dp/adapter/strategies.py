@@ -1,12 +1,12 @@
-"""The DP strategies for one device and for DDP, and the one list of strategies that drives the registries,
-:func:`~lightning_dp.adapter.bind` and ``__all__``.
+"""The DP strategies for one device and for DDP (the one list of all strategies is
+:data:`lightning_dp.adapter.STRATEGIES`).
 
 Each strategy derives from the typed base :func:`~lightning_dp.adapter.strategy_base.dp_strategy_base` makes
 for its host strategy class and adds what that host needs (with ``@override`` on each hook). No Lightning import.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from typing_extensions import override
@@ -303,27 +303,3 @@ def ddp_strategy(host_base: type, host: Host) -> type:
             all_reduce_sum_coalesced(tensors)
 
     return DPDDPStrategy
-
-
-class StrategyKind(NamedTuple):
-    """One DP strategy: its public name, the host strategy class it derives from (by name, in the namespace's
-    ``strategies`` module) and the function that builds it."""
-
-    name: str
-    host_class: str
-    build: Callable[[type, Host], type]
-
-
-def _fsdp_strategy(host_base: type, host: Host) -> type:
-    from .fsdp import fsdp_strategy  # fsdp.py builds on this module
-
-    return fsdp_strategy(host_base, host)
-
-
-STRATEGIES = (
-    StrategyKind("DPStrategy", "SingleDeviceStrategy", single_device_strategy),
-    StrategyKind("DPDDPStrategy", "DDPStrategy", ddp_strategy),
-    StrategyKind("DPFSDPStrategy", "ModelParallelStrategy", _fsdp_strategy),
-)
-"""Every DP strategy, in one list: :func:`~lightning_dp.adapter.bind` builds and registers each of them for a
-namespace, and ``lightning_dp.lightning``/``lightning_dp.pytorch_lightning``/``lightning_dp`` export their names."""
