@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
+from ._checks import check_open_unit
+
 __all__ = ["NOT_COVERED", "PrivacyReport"]
 
 NOT_COVERED = (
@@ -164,3 +166,62 @@ class PrivacyReport:
 
     def __str__(self) -> str:
         return self.to_table()
+
+
+def describe_run(
+    privacy: Any, config: Any, *, optimizer: Any, world_size: int, epochs: int, versions: Dict[str, str],
+    delta: Optional[float] = None, secure_aggregation: Optional[Dict[str, Any]] = None,
+    centering: Optional[Dict[str, str]] = None,
+) -> PrivacyReport:
+    """The report of a run from its :class:`~lightning_dp.PrivacyState` and :class:`~lightning_dp.DPConfig`
+    (the one place a report is built: the Trainer and Fabric strategies both call it); ``versions`` adds the
+    front door's package and version to lightning-dp's and torch's."""
+    import torch
+
+    from .__about__ import __version__
+
+    delta = config.delta if delta is None else check_open_unit("delta", delta)
+    return PrivacyReport(
+        epsilon=privacy.accountant.get_epsilon(delta),
+        delta=delta,
+        accountant=privacy.accountant.mechanism,
+        noise_multiplier=privacy.noise_multiplier,
+        max_grad_norm=config.max_grad_norm,
+        clipping_mode=_clipping_description(config, optimizer),
+        sampling=_sampling_description(config),
+        sample_rate=privacy.sample_rate,
+        expected_batch_size=privacy.expected_batch_size,
+        steps=privacy.accountant.total_steps - privacy.centring_releases,
+        epochs=epochs,
+        dataset_size=privacy.dataset_size,
+        secure_mode=config.secure_mode,
+        world_size=world_size,
+        target_epsilon=config.target_epsilon,
+        dropped_samples=privacy.dropped_samples,
+        secure_aggregation=secure_aggregation,
+        centering=centering,
+        versions={"lightning_dp": __version__, "torch": str(torch.__version__), **versions},
+    )
+
+
+def _clipping_description(config: Any, optimizer: Any) -> str:
+    clipping = (
+        f"{getattr(optimizer, 'clipping', config.clipping)} "
+        f"({getattr(optimizer, 'clipping_mode', config.clipping_mode)} norms)"
+    )
+    adaptive = getattr(optimizer, "adaptive_clipping", None)
+    if adaptive is not None:  # the norm moved: say from where, to where, and after what
+        clipping += (
+            f", adaptive (Andrew et al. 2021: target quantile {adaptive.target_quantile}, learning rate "
+            f"{adaptive.learning_rate}; norm {config.max_grad_norm:g} at the start, "
+            f"{optimizer.max_grad_norm:.4g} now; its noised counts are in ε)"
+        )
+    return clipping
+
+
+def _sampling_description(config: Any) -> str:
+    if not config.poisson_sampling:
+        return "user sampler (not covered by the subsampling analysis)"
+    if config.bands > 1:
+        return f"cyclic poisson over {config.bands} groups (BandMF correlated noise; q below is bands·q)"
+    return "poisson"
