@@ -25,6 +25,8 @@ from .optimizer import DPOptimizer
 from .privacy_state import PrivacyState
 from .report import PrivacyReport
 from .sampling import PoissonBatchSampler, poisson_dataloader
+from .user_sampling import UserPlan, user_poisson_dataloader
+from .tuning import PoissonTrials, PrivateHyperparameterSearch, TruncatedNegativeBinomialTrials
 from .grad_sample import UnsupportedModuleError
 from .adapter import PUBLIC_NAMES
 from .validation import AppliedFix, PrivacyValidationError, ValidationIssue, fix, validate
@@ -49,6 +51,7 @@ LIGHTNING_NAMESPACE = _default_namespace(_installed, _imported_before) if _insta
 
 if LIGHTNING_NAMESPACE is not None:
     globals().update({name: getattr(_bound[LIGHTNING_NAMESPACE], name) for name in PUBLIC_NAMES})
+    from .metrics import PrivateAccuracy, PrivateF1Score, PrivateMeanLoss  # torchmetrics comes with Lightning
 
 
 def __getattr__(name: str):  # only reached when no Lightning package is installed
@@ -69,13 +72,21 @@ __all__ = [*PUBLIC_NAMES,
     "LIGHTNING_NAMESPACE",
     "PRVAccountant",
     "PoissonBatchSampler",
+    "PoissonTrials",
     "PrivacyReport",
     "PrivacyValidationError",
+    "PrivateAccuracy",
+    "PrivateF1Score",
+    "PrivateHyperparameterSearch",
     "PrivateMean",
+    "PrivateMeanLoss",
     "RDPAccountant",
+    "TruncatedNegativeBinomialTrials",
     "UnsupportedModuleError",
+    "UserPlan",
     "ValidationIssue",
     "__version__",
+    "user_poisson_dataloader",
     "compute_epsilon",
     "fix",
     "get_noise_multiplier",

@@ -247,6 +247,16 @@ def check_centering_bands(centering: Optional[Mapping[Any, Any]], bands: int) ->
         )
 
 
+def check_centering_unit(centering: Optional[Mapping[Any, Any]], privacy_unit: str) -> None:
+    """Refuse a private-mean centre with user-level privacy: the mean bounds each *row*, so a user with ``k``
+    rows would move it ``k`` times as much as its release is accounted for. Public centres are free."""
+    if privacy_unit == "user" and centering and any(isinstance(v, PrivateMean) for v in centering.values()):
+        raise ValueError(
+            "`centering` with a PrivateMean cannot be combined with privacy_unit='user': its release bounds each "
+            "record, not each user. Give a public centre (a tensor), or no centering."
+        )
+
+
 def resolve_layer(model: nn.Module, key: Any) -> Tuple[nn.Module, str]:
     """The layer a ``centering`` key names in ``model`` (a module of it, or its name) and its name."""
     if isinstance(key, str):

@@ -58,7 +58,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 import torch
 
 from ._checks import check_choice
-from .grad_sample.per_sample_parts import MaterializedPart, Part, merge, wide
+from .grad_sample.per_sample_parts import Grouping, MaterializedPart, Part, group_units, merge, wide
 
 CLIPPINGS = ("flat", "per_layer", "automatic", "automatic_per_layer")
 AUTOMATIC_STABILITY = 0.01
@@ -318,6 +318,35 @@ def common_batch_size(parts: List[Any]) -> int:
             "the right batch_first to attach_grad_sample_hooks (time-major models)."
         )
     return next(iter(batch_sizes))
+
+
+def parts_by_unit(
+    parts: List[List[Part]], units: Any, batch_size: int, seen: Optional[torch.Tensor]
+) -> Tuple[List[List[Part]], int, torch.Tensor]:
+    """User-level privacy: each parameter's parts over the micro-batch's units (users) instead of its records
+    (:meth:`~lightning_dp.grad_sample.per_sample_parts.Part.group`; a unit's gradient is the mean of its
+    records'). ``units`` holds each record's user id (``(B,)`` integers); ``seen``: the ids of the step's earlier
+    micro-batches (negative ids: padding, not checked). Returns the grouped parts, the number of units and the ids seen so far. Raises when
+    ``units`` does not match the batch, or when a user's records were split across micro-batches of one step
+    (the user's gradient would be clipped in pieces: its sensitivity would be more than ``C``)."""
+    ids = torch.as_tensor(units).reshape(-1)
+    if ids.numel() != batch_size or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise ValueError(
+            f"`units` must hold one integer user id per record of the micro-batch ({batch_size} records), got "
+            f"{ids.numel()} of dtype {ids.dtype}."
+        )
+    grouping = Grouping.of(ids)
+    unique = ids.unique().cpu()
+    unique = unique[unique >= 0]  # negative ids: padding examples (FSDP's padding passes), never a user
+    if seen is not None and bool(torch.isin(unique, seen).any()):
+        split = unique[torch.isin(unique, seen)].tolist()[:5]
+        raise RuntimeError(
+            f"User-level privacy: the records of user(s) {split} are split across micro-batches of one optimizer "
+            "step; each user's gradient must be clipped as one unit. Split batches at user boundaries (see "
+            "lightning_dp.user_sampling.user_chunks)."
+        )
+    seen = unique if seen is None else torch.cat([seen, unique])
+    return group_units(parts, grouping), grouping.num_units, seen
 
 
 def drop_per_sample_attrs(params: Sequence[torch.Tensor], attrs: Tuple[str, ...]) -> None:

@@ -16,6 +16,7 @@ from .accounting import DEFAULT_ACCOUNTANT, make_accountant
 from .adaptive_clipping import AdaptiveClipping
 from .clipping import CLIPPINGS
 from .grad_sample import CLIPPING_MODES
+from .user_sampling import PRIVACY_UNITS
 
 LOSS_REDUCTIONS = ("mean", "sum")
 
@@ -51,6 +52,11 @@ class DPConfig:
             48). With ``W·2^b ≤ 2^31`` (``b ≤ 30`` at 2 ranks) the messages are int32, half the bytes and a
             faster step, but every rank's value must stay below ``2^(b−1)/W`` (256 units of ``C/B`` at
             ``b = 30``, 2 ranks: see docs/cross_silo.rst); a step beyond stops with an error, never wraps.
+        privacy_unit: ``"record"`` (default: one training example is protected) or ``"user"`` (all of one user's
+            records, :mod:`lightning_dp.user_sampling`; needs ``user_ids`` and Poisson sampling, not BandMF).
+        max_records_per_user: ``k ≥ 1``, the records a sampled user contributes per step at most (``None``: the
+            largest user's count). With ``privacy_unit="record"`` and user ids, the group size of the report's
+            group privacy.
 
     Example::
 
@@ -79,6 +85,8 @@ class DPConfig:
     secure_aggregation: bool = False
     min_honest_ranks: Optional[int] = None
     secure_aggregation_bits: Optional[int] = None
+    privacy_unit: str = "record"
+    max_records_per_user: Optional[int] = None
 
     def __post_init__(self) -> None:
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
@@ -90,6 +98,7 @@ class DPConfig:
         checked = self._checked_values()
         self._check_combinations(checked["bands"])
         self._check_secure_aggregation()
+        self._check_privacy_unit(checked["privacy_unit"])
         self._check_seed()
         try:
             make_accountant(self.accountant)
@@ -107,7 +116,10 @@ class DPConfig:
             "clipping_mode": check_choice("clipping_mode", self.clipping_mode, CLIPPING_MODES),
             "clipping": check_choice("clipping", self.clipping, CLIPPINGS),
             "bands": check_positive_int("bands", self.bands),
+            "privacy_unit": check_choice("privacy_unit", self.privacy_unit, PRIVACY_UNITS),
         }
+        if self.max_records_per_user is not None:
+            checked["max_records_per_user"] = check_positive_int("max_records_per_user", self.max_records_per_user)
         if self.noise_multiplier is not None:
             checked["noise_multiplier"] = check_non_negative("noise_multiplier", self.noise_multiplier)
         if self.target_epsilon is not None:
@@ -142,6 +154,22 @@ class DPConfig:
                     f"`adaptive_clipping` needs clipping='flat' or 'per_layer', got clipping={self.clipping!r}: "
                     "automatic clipping normalises every sample and has no norm to adapt."
                 )
+
+    def _check_privacy_unit(self, unit: str) -> None:
+        """User-level privacy against what it cannot be combined with."""
+        if unit != "user":
+            return
+        if not self.poisson_sampling or self.bands != 1:
+            raise ValueError(
+                f"privacy_unit='user' needs poisson_sampling=True and bands=1 (got poisson_sampling="
+                f"{self.poisson_sampling!r}, bands={self.bands!r}): its accounting is the Poisson sampling of users."
+            )
+        k, limit = self.max_records_per_user, self.max_physical_batch_size
+        if k is not None and limit is not None and limit < k:
+            raise ValueError(
+                f"`max_physical_batch_size`={limit} is smaller than `max_records_per_user`={k}: a user's records "
+                "must be in one physical batch (they are clipped as one unit). Raise it to at least k."
+            )
 
     def _check_seed(self) -> None:
         seed = self.seed

@@ -15,6 +15,7 @@ from .adaptive_clipping import AdaptiveClipping
 from .centering import InputCentering
 from .clipping import (
     CLIPPINGS, NON_FINITE, check_all_seen, clip_and_sum, common_batch_size, drop_per_sample_attrs, grads_now, parts_of,
+    parts_by_unit,
 )
 from .exchange import GradientExchange, GradientShards, ReduceScatterExchange, exchange_from_arguments
 from .grad_sample import CLIPPING_MODES, set_clipping_mode, wide_dtype
@@ -131,6 +132,7 @@ class DPOptimizer(WrappedOptimizer):
         self._dropped_total: "int | torch.Tensor" = 0  # a device tensor off the CPU: see dropped_samples
         self._dropped_step: "int | torch.Tensor" = 0
         self._known_grads: Dict[int, Tuple[Any, int]] = {}  # see clipping.check_all_seen
+        self._units_in_step: Optional[torch.Tensor] = None  # user-level: the users of the step so far
         self._summed_divisor = 1.0  # what param.summed_grad is divided by (see add_noise)
         set_clipping_mode(self.params, clipping_mode)
 
@@ -229,9 +231,12 @@ class DPOptimizer(WrappedOptimizer):
         self.samples_in_step = 0
         self._dropped_step = 0
         self._unclipped_in_step = 0.0
+        self._units_in_step = None
 
     @torch.no_grad()
-    def accumulate_micro_batch(self, scale: "float | torch.Tensor | None" = None) -> torch.Tensor:
+    def accumulate_micro_batch(
+        self, scale: "float | torch.Tensor | None" = None, units: "torch.Tensor | None" = None
+    ) -> torch.Tensor:
         """Clip the per-sample gradients of the last backward pass and add their sum, divided by
         ``expected_batch_size``, to ``param.summed_grad`` (and, on a sharded model, reduce it into shards).
 
@@ -241,6 +246,11 @@ class DPOptimizer(WrappedOptimizer):
         :attr:`per_sample_grad_scale`) to undo loss scaling done outside the model (Lightning's
         ``1 / accumulate_grad_batches``, a GradScaler's scale as a 0-dim device tensor: never read on the
         host). Returns the per-sample norms (before clipping; NaN or inf for a dropped sample).
+
+        With user-level privacy (the privacy state's ``privacy_unit="user"``) ``units`` is required: each
+        record's user id (``(B,)`` integers). A user's gradient is the mean of its records' gradients and is
+        clipped as one sample (norms, dropped counts and ``samples_in_step`` are then per user); all of a
+        user's records must be in the same micro-batch (a user split across micro-batches is refused).
         """
         params = self.params
         with_samples, parts = [], []
@@ -255,7 +265,7 @@ class DPOptimizer(WrappedOptimizer):
             self._known_grads = grads_now(params)
         if not with_samples:
             return torch.zeros(0, device=params[0].device if params else None)
-        batch_size = common_batch_size(parts)
+        parts, batch_size = self._by_unit(parts, units, common_batch_size(parts))
         drop_per_sample_attrs(with_samples, _PER_SAMPLE)  # from here on the parts are only in `parts`: freed as used
         if self.samples_in_step == 0:  # the first micro-batch of a step
             self._dropped_step = 0
@@ -279,6 +289,16 @@ class DPOptimizer(WrappedOptimizer):
             # kept on the norms' device: read once per step, in _adapt_clipping_norm
             self._unclipped_in_step = self._unclipped_in_step + self.adaptive_clipping.centred_count(norms, self.max_grad_norm)
         return norms
+
+    def _by_unit(self, parts: List[Any], units: "torch.Tensor | None", batch_size: int) -> Tuple[List[Any], int]:
+        """The parts and batch size as they are (record-level), or over users (user-level: ``units`` required)."""
+        if units is None and self.privacy.privacy_unit == "user":
+            raise ValueError("User-level privacy: pass each record's user id as `units` (step(units=...)).")
+        if units is None:
+            return parts, batch_size
+        seen = self._units_in_step if self.samples_in_step else None
+        parts, batch_size, self._units_in_step = parts_by_unit(parts, units, batch_size, seen)
+        return parts, batch_size
 
     def clip_and_accumulate(self) -> torch.Tensor:
         """Alias of :meth:`accumulate_micro_batch` (kept for symmetry with Opacus's naming)."""
@@ -333,9 +353,10 @@ class DPOptimizer(WrappedOptimizer):
             p.grad = self.exchange.to_grad(p, grad.to(p.dtype))  # cast once to the parameter's dtype
         self._known_grads = grads_now(params)
 
-    def pre_step(self) -> None:
-        """Turn this step's per-sample gradients into the noisy DP gradient in ``param.grad``."""
-        self.accumulate_micro_batch()
+    def pre_step(self, units: "torch.Tensor | None" = None) -> None:
+        """Turn this step's per-sample gradients into the noisy DP gradient in ``param.grad`` (``units``: the
+        last micro-batch's user ids, see :meth:`accumulate_micro_batch`)."""
+        self.accumulate_micro_batch(units=units)
         if self.samples_in_step == 0:  # no micro-batch in this step: none of its samples was dropped
             self._dropped_step = 0
         self.add_noise()
@@ -348,8 +369,9 @@ class DPOptimizer(WrappedOptimizer):
         """Count one step and record it with the accountant (also for a step that moved no weight)."""
         self.privacy.record_step()
 
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
-        """Run ``closure`` (forward + backward) first, then clip, exchange, noise, step and account.
+    def step(self, closure: Optional[Callable[[], Any]] = None, units: "torch.Tensor | None" = None) -> Any:  # type: ignore[override]
+        """Run ``closure`` (forward + backward) first, then clip, exchange, noise, step and account
+        (``units``: with user-level privacy, each record's user id in the last backward pass).
 
         Running the closure *before* clipping matters: a wrapper that noises the gradients and then lets
         the closure recompute them would train without privacy. A step the privacy state's budget (or
@@ -363,7 +385,7 @@ class DPOptimizer(WrappedOptimizer):
             self.zero_grad()
             self.reset_accumulation()
             return loss
-        self.pre_step()
+        self.pre_step(units)
         with self.centering.step() if self.centering is not None else contextlib.nullcontext():
             self.original_optimizer.step()
         self.record_step()

@@ -2,13 +2,13 @@
 run's :class:`~lightning_dp.PrivacyState` and returns the :class:`~lightning_dp.DPOptimizer` that reads it."""
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Dict, Hashable, Mapping, Optional, Sequence
 
 from torch import nn
 from torch.optim import Optimizer
 
 from ._checks import check_positive, check_rate
-from .centering import check_centering_bands
+from .centering import check_centering_bands, check_centering_unit
 from .config import DPConfig
 from .grad_sample import attach_grad_sample_hooks
 from .optimizer import DPOptimizer
@@ -38,6 +38,9 @@ def make_private(
     noise_coefficients: Optional[Sequence[float]] = None,
     secure_aggregation: bool = _D.secure_aggregation,
     centering: Optional[Mapping[Any, Any]] = None,
+    privacy_unit: str = _D.privacy_unit,
+    user_ids: Optional[Sequence[Hashable]] = None,
+    max_records_per_user: Optional[int] = _D.max_records_per_user,
 ) -> DPOptimizer:
     """Make ``loss.backward(); optimizer.step()`` a DP-SGD step, in place.
 
@@ -87,6 +90,15 @@ def make_private(
             inputs are far from zero on average). A centre is a tensor (public: free) or a
             :class:`~lightning_dp.centering.PrivateMean` of the training inputs, released here with this
             optimizer's noise source and recorded by the accountant before the first step. Not with ``bands``.
+        privacy_unit: ``"record"`` (default) or ``"user"``: protect each user with all of their records
+            (:mod:`lightning_dp.user_sampling`). Then ``expected_batch_size`` is the expected number of *users*
+            per step, ``sample_rate`` the user rate (default ``expected_batch_size / N_users``: always accounted,
+            ε is per user), and every backward pass needs its records' user ids: batches from
+            :func:`~lightning_dp.user_sampling.user_poisson_dataloader` come as ``(batch, units)``, and
+            ``optimizer.step(units=units)`` (or ``accumulate_micro_batch(units=units)`` per micro-batch) clips
+            the mean gradient of each user's records as one. Not with ``bands`` or a private-mean ``centering``.
+        user_ids: one user id per training example (any hashable), needed with ``privacy_unit="user"``.
+        max_records_per_user: ``k``: a sampled user contributes at most ``k`` records per step (``None``: all).
 
     Example::
 
@@ -112,7 +124,13 @@ def make_private(
     if sample_rate is not None:
         check_rate("sample_rate", sample_rate)
     check_centering_bands(centering, config.bands)
-    privacy = PrivacyState.from_config(config, accounted=sample_rate is not None)
+    check_centering_unit(centering, config.privacy_unit)
+    user_level = config.privacy_unit == "user"
+    privacy = PrivacyState.from_config(config, accounted=sample_rate is not None or user_level, user_ids=user_ids)
+    if user_level and sample_rate is None:
+        sample_rate = min(1.0, expected_batch_size / privacy.users.num_users)
+    if privacy.users is not None:
+        privacy.configure(dataset_size=privacy.users.num_users if user_level else privacy.users.num_records)
     bandmf = config.bands > 1 or noise_coefficients is not None
     if bandmf:
         privacy.install_correlated_noise(coefficients=_bandmf_coefficients(config.bands, num_steps, noise_coefficients))

@@ -24,6 +24,7 @@ from .config import DPConfig
 from .correlated import CorrelatedNoise, banded_toeplitz_coefficients, draw_partition
 from .noise import GaussianNoise, SecureRNG
 from .noise.sources import NoNoise, make_noise, warn_if_no_noise
+from .user_sampling import UserPlan, user_plan
 
 __all__ = ["CHECKPOINT_KEY", "RESUMED_SETTINGS", "PrivacyState"]
 
@@ -47,6 +48,9 @@ class PrivacyState:
         bands: BandMF's ``b`` (1: DP-SGD). The accountant then records ``b·q``.
         adaptive: whether adaptive clipping moves C (its reached norm goes into checkpoints).
         warn: how a refusal or a changed setting is reported (default :func:`warnings.warn`).
+        privacy_unit: ``"record"`` or ``"user"`` (:mod:`lightning_dp.user_sampling`: q, the expected batch size
+            and the dataset size are then over users, and ε is per user).
+        users: each record's user (:class:`~lightning_dp.user_sampling.UserPlan`), when known.
     """
 
     def __init__(
@@ -54,7 +58,9 @@ class PrivacyState:
         noise: Any = None, seed: Optional[int] = None, secure_mode: bool = False, sample_rate: Optional[float] = None,
         expected_batch_size: Optional[int] = None, dataset_size: Optional[int] = None, delta: float = DPConfig.delta,
         bands: int = 1, adaptive: bool = False, warn: Optional[Callable[[str], None]] = None,
+        privacy_unit: str = "record", users: Optional[UserPlan] = None,
     ) -> None:
+        self.privacy_unit, self.users = privacy_unit, users
         self.noise_multiplier = None if noise_multiplier is None else check_non_negative("noise_multiplier", noise_multiplier)
         self.initial_max_grad_norm = check_positive("max_grad_norm", max_grad_norm)
         self.max_grad_norm = self.initial_max_grad_norm
@@ -95,8 +101,11 @@ class PrivacyState:
                    sample_rate=sample_rate, expected_batch_size=expected_batch_size)
 
     @classmethod
-    def from_config(cls, config: DPConfig, *, accounted: bool = True, **kwargs: Any) -> "PrivacyState":
-        """The privacy state of a run with ``config`` (its accountant unless ``accounted=False``)."""
+    def from_config(cls, config: DPConfig, *, accounted: bool = True, user_ids: Any = None, **kwargs: Any) -> "PrivacyState":
+        """The privacy state of a run with ``config`` (its accountant unless ``accounted=False``; ``user_ids``:
+        one user id per training example, needed with ``privacy_unit="user"``)."""
+        kwargs.update(privacy_unit=config.privacy_unit,
+                      users=user_plan(config.privacy_unit, user_ids, config.max_records_per_user))
         accountant: Optional[Accountant] = None
         if accounted:
             accountant = BandMFAccountant(config.accountant, config.bands) if config.bands > 1 else make_accountant(config.accountant)
@@ -316,6 +325,8 @@ class PrivacyState:
             "centering_releases": self.centring_releases,
             "bandmf": self._bandmf_state(),
             "report": report,
+            "privacy_unit": self.privacy_unit,
+            "users": self.users.summary() if self.users is not None else None,
         }
         ranks = self.gather_rank_states()
         if ranks is not None:
@@ -326,6 +337,13 @@ class PrivacyState:
         """Restore :meth:`state_dict` (also one written by lightning-dp 0.1.0.dev0): the accountant's history
         becomes the checkpoint's (privacy spent before it is never forgotten); a change of settings is
         reported by :meth:`changed_settings` once the new ones are known."""
+        unit = state.get("privacy_unit") or "record"  # checkpoints before user-level privacy: records
+        if unit != self.privacy_unit:
+            raise ValueError(
+                f"The checkpoint was written by a run with privacy_unit={unit!r}, this run has "
+                f"privacy_unit={self.privacy_unit!r}: ε of one unit cannot continue the other's. Resume with "
+                "that run's privacy unit, or start a new run."
+            )
         if self.accountant is not None and state.get("accountant") is not None:
             self.accountant.load_state_dict(state["accountant"])
         self.noise.load_state_dict(state["noise"])

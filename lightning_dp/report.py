@@ -15,7 +15,35 @@ from typing import Any, Dict, List, Optional, Union
 
 from ._checks import check_open_unit
 
-__all__ = ["NOT_COVERED", "PrivacyReport"]
+__all__ = ["GROUP_PRIVACY_CONVERSION", "NOT_COVERED", "PrivacyReport", "group_privacy", "unit_description"]
+
+GROUP_PRIVACY_CONVERSION = (
+    "group privacy of (ε, δ)-DP along a chain of k neighbouring datasets: (k·ε, δ·Σ_{i<k} e^{i·ε}), at most "
+    "(k·ε, k·e^{(k−1)ε}·δ) (Vadhan 2017, 'The Complexity of Differential Privacy', Lemma 2.2)"
+)
+"""The conversion the report's group privacy uses, named in every report that has one."""
+
+
+def unit_description(privacy_unit: str, max_records_per_user: Optional[int], num_users: Optional[int]) -> str:
+    """What one unit of privacy is: ``"user-level (k records per user at most, N_users users)"`` or record-level."""
+    if privacy_unit == "user":
+        return f"user-level ({max_records_per_user} records per user at most, {num_users} users)"
+    return "record-level (one training example)"
+
+
+def group_privacy(epsilon: float, delta: float, group_size: int) -> Dict[str, Any]:
+    """What record-level ``(ε, δ)`` means for a group of ``k`` records (a person with ``k`` rows), by
+    :data:`GROUP_PRIVACY_CONVERSION`: ``(kε, δ·Σ_{i<k} e^{iε})`` (δ capped at 1: then no guarantee)."""
+    k = int(group_size)
+    if math.isinf(epsilon):
+        group_epsilon, group_delta = math.inf, 1.0
+    else:
+        group_epsilon = k * epsilon
+        try:
+            group_delta = min(1.0, delta * sum(math.exp(i * epsilon) for i in range(k)))
+        except OverflowError:
+            group_delta = 1.0
+    return {"group_size": k, "epsilon": group_epsilon, "delta": group_delta, "conversion": GROUP_PRIVACY_CONVERSION}
 
 NOT_COVERED = (
     "metrics computed on the private training data and logged from training_step or a callback (loss, "
@@ -56,6 +84,11 @@ class PrivacyReport:
             nothing); ``None`` otherwise.
         not_covered: what ε does not cover (see :data:`NOT_COVERED`).
         versions: lightning_dp, torch and Lightning (``lightning`` or ``pytorch_lightning``) versions.
+        privacy_unit: ``"record"`` (ε protects one training example) or ``"user"`` (ε protects one user with all
+            of their records; ``sample_rate``, ``expected_batch_size`` and ``dataset_size`` are then over users).
+        max_records_per_user, num_users: ``k`` and ``N_users``, when the run had user ids.
+        group_privacy: record-level runs with user ids: what ε means for a person with ``k`` records
+            (:func:`group_privacy`: ``group_size``, ``epsilon``, ``delta``, ``conversion``); ``None`` otherwise.
     """
 
     epsilon: float
@@ -78,12 +111,18 @@ class PrivacyReport:
     centering: Optional[Dict[str, str]] = None
     not_covered: List[str] = field(default_factory=lambda: list(NOT_COVERED))
     versions: Dict[str, str] = field(default_factory=dict)
+    privacy_unit: str = "record"
+    max_records_per_user: Optional[int] = None
+    num_users: Optional[int] = None
+    group_privacy: Optional[Dict[str, Any]] = None
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain types only (ε = ``inf`` becomes the string ``"inf"`` so JSON stays standard)."""
         data = asdict(self)
         if data["epsilon"] is not None and math.isinf(data["epsilon"]):
             data["epsilon"] = "inf"
+        if data["group_privacy"] is not None and math.isinf(data["group_privacy"]["epsilon"]):
+            data["group_privacy"]["epsilon"] = "inf"
         return data
 
     @classmethod
@@ -93,6 +132,8 @@ class PrivacyReport:
         values = {k: v for k, v in data.items() if k in known}
         if values.get("epsilon") == "inf":
             values["epsilon"] = math.inf
+        if (values.get("group_privacy") or {}).get("epsilon") == "inf":
+            values["group_privacy"] = {**values["group_privacy"], "epsilon": math.inf}
         return cls(**values)
 
     def to_json(self, path: Optional[Union[str, Path]] = None) -> str:
@@ -105,7 +146,10 @@ class PrivacyReport:
 
     def hparams(self) -> Dict[str, Any]:
         """Flat ``dp/...`` hyperparameters for loggers (TensorBoard compares runs by these)."""
-        flat = {k: v for k, v in self.to_dict().items() if k not in ("versions", "not_covered", "secure_aggregation", "centering")}
+        flat = {k: v for k, v in self.to_dict().items() if k not in ("versions", "not_covered", "secure_aggregation", "centering", "group_privacy")}
+        for k in ("group_size", "epsilon", "delta"):
+            if self.group_privacy is not None:
+                flat[f"group_privacy_{k}"] = self.group_privacy[k]
         for k, v in (self.secure_aggregation or {}).items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 flat[f"secure_aggregation_{k}"] = v
@@ -117,6 +161,7 @@ class PrivacyReport:
         sampling = self.sampling + (f", q = {self.sample_rate:.4g}" if self.sample_rate is not None else "")
         rows = [
             ("Privacy guarantee", f"(ε = {eps}, δ = {self.delta:g})-DP, {self.accountant} accountant"),
+            ("Privacy unit", unit_description(self.privacy_unit, self.max_records_per_user, self.num_users)),
             ("Noise multiplier σ", "—" if self.noise_multiplier is None else f"{self.noise_multiplier:.4g}"),
             ("Clipping", f"{self.clipping_mode}, C = {self.max_grad_norm:g}"),
             ("Sampling", sampling),
@@ -129,6 +174,11 @@ class PrivacyReport:
         ]
         if self.target_epsilon is not None:
             rows.append(("Target ε (calibration)", f"{self.target_epsilon:g}"))
+        if self.group_privacy is not None:
+            group = self.group_privacy
+            group_eps = "∞" if math.isinf(group["epsilon"]) else f"{group['epsilon']:.4g}"
+            rows.append((f"Group privacy (a person with {group['group_size']} records)",
+                         f"(ε = {group_eps}, δ = {group['delta']:.3g}) by {group['conversion']}"))
         if self.secure_aggregation:
             agg = self.secure_aggregation
             rows.append(("Aggregation", f"{agg.get('mechanism')}: b = {agg.get('bits')} bits, scale = "
@@ -159,10 +209,15 @@ class PrivacyReport:
             "## Privacy\n\n"
             f"This model was trained with differentially private SGD (lightning-dp): it satisfies "
             f"(ε = {eps}, δ = {self.delta:g})-differential privacy with respect to the addition or removal "
-            "of one training example, as computed by the accountant below. The guarantee covers the "
+            f"of {self._protected()}, as computed by the accountant below. The guarantee covers the "
             "released weights; it assumes the training data were sampled and noised as recorded here.\n\n"
             "| | |\n|---|---|\n" + table + "\n"
         )
+
+    def _protected(self) -> str:
+        if self.privacy_unit == "user":
+            return f"one user with all of their records (at most {self.max_records_per_user} used per step)"
+        return "one training example"
 
     def __str__(self) -> str:
         return self.to_table()
@@ -181,8 +236,9 @@ def describe_run(
     from .__about__ import __version__
 
     delta = config.delta if delta is None else check_open_unit("delta", delta)
+    epsilon, users = privacy.accountant.get_epsilon(delta), getattr(privacy, "users", None)
     return PrivacyReport(
-        epsilon=privacy.accountant.get_epsilon(delta),
+        epsilon=epsilon,
         delta=delta,
         accountant=privacy.accountant.mechanism,
         noise_multiplier=privacy.noise_multiplier,
@@ -201,6 +257,11 @@ def describe_run(
         secure_aggregation=secure_aggregation,
         centering=centering,
         versions={"lightning_dp": __version__, "torch": str(torch.__version__), **versions},
+        privacy_unit=getattr(privacy, "privacy_unit", "record"),
+        max_records_per_user=None if users is None else users.max_records_per_user,
+        num_users=None if users is None else users.num_users,
+        group_privacy=(group_privacy(epsilon, delta, users.max_records_per_user)
+                       if users is not None and privacy.privacy_unit == "record" else None),
     )
 
 
@@ -224,4 +285,6 @@ def _sampling_description(config: Any) -> str:
         return "user sampler (not covered by the subsampling analysis)"
     if config.bands > 1:
         return f"cyclic poisson over {config.bands} groups (BandMF correlated noise; q below is bands·q)"
+    if getattr(config, "privacy_unit", "record") == "user":
+        return "poisson over users (each sampled user's records, up to k; q below is the user rate)"
     return "poisson"

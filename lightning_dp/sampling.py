@@ -5,8 +5,9 @@ scheme; shuffled fixed-size batches are a different mechanism the accountants do
 """
 from __future__ import annotations
 
+import collections
 import warnings
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterator, List, Optional
 
 import torch
 from torch.utils.data import (
@@ -14,6 +15,9 @@ from torch.utils.data import (
 )
 
 from ._checks import check_positive_int, check_rate
+
+if TYPE_CHECKING:
+    from .user_sampling import UserPlan
 
 
 def poisson_mask(generator: Any, n: int, rate: float) -> torch.Tensor:
@@ -48,6 +52,11 @@ class PoissonBatchSampler(Sampler[List[int]]):
         micro_batches: chunks per logical batch.
         rank: this process's rank.
         world_size: number of processes.
+        users: user-level sampling (:class:`~lightning_dp.user_sampling.UserPlan`): ``num_samples`` is then the
+            number of users, the draws are over users (rank ``r`` decides for users ``r, r+W, …``) and each
+            batch holds the records of its users (up to ``k`` each, drawn with ``generator``), each user's
+            together; micro-batches are split at user boundaries. Each yielded batch's user indices are
+            appended to :attr:`batch_units` (the Trainer strategies read them in order).
 
     Example::
 
@@ -67,6 +76,7 @@ class PoissonBatchSampler(Sampler[List[int]]):
         micro_batches: int = 1,
         rank: int = 0,
         world_size: int = 1,
+        users: Optional["UserPlan"] = None,
     ) -> None:
         check_positive_int("num_samples", num_samples)
         check_rate("sample_rate", sample_rate)
@@ -86,6 +96,8 @@ class PoissonBatchSampler(Sampler[List[int]]):
         self.rank = rank
         self.world_size = world_size
         self._candidates = torch.arange(rank, num_samples, world_size)
+        self.users = users
+        self.batch_units: Deque[torch.Tensor] = collections.deque()  # user-level: each yielded batch's users
 
     def __len__(self) -> int:
         return self.num_batches * self.micro_batches
@@ -94,14 +106,26 @@ class PoissonBatchSampler(Sampler[List[int]]):
         return self._candidates[poisson_mask(self.generator, len(self._candidates), self.sample_rate)]
 
     def __iter__(self) -> Iterator[List[int]]:
+        self.batch_units.clear()  # a new pass: batches drawn by an earlier one are no longer served
+        return self._batches()
+
+    def _batches(self) -> Iterator[List[int]]:
         num_batches, micro_batches = self.num_batches, self.micro_batches  # fixed for this pass
         for _ in range(num_batches):
             indices = self._draw()
             if micro_batches == 1:
-                yield indices.tolist()
+                yield self._records(indices)
             else:
                 for chunk in torch.tensor_split(indices, micro_batches):
-                    yield chunk.tolist()
+                    yield self._records(chunk)
+
+    def _records(self, drawn: torch.Tensor) -> List[int]:
+        """The indices a batch holds: those drawn, or (user-level) the records of the users drawn."""
+        if self.users is None:
+            return drawn.tolist()
+        records, units = self.users.records_of(drawn, self.generator)
+        self.batch_units.append(units)
+        return records
 
 
 def map_tensors(batch: Any, fn: Callable[[torch.Tensor], Any]) -> Any:

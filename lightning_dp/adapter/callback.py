@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Optional
 from typing_extensions import override
 
 from .._checks import check_open_unit, check_positive
+from ..report import unit_description
 from . import lightning_internals
 from .host import Host
 
@@ -111,7 +112,13 @@ def privacy_budget_callback(callback_base: type, host: Host) -> type:
 
         @override
         def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-            """Stop at once if even the first step would exceed the budget (e.g. zero noise)."""
+            """Say what ε protects (a record or a user, :func:`~lightning_dp.report.unit_description`); stop at once
+            if even the first step would exceed the budget (e.g. zero noise)."""
+            privacy = getattr(trainer.strategy, "privacy", None)
+            users = getattr(privacy, "users", None)
+            if users is not None:
+                self._host.info("PrivacyBudgetCallback: ε is " + unit_description(
+                    privacy.privacy_unit, users.max_records_per_user, users.num_users))
             self.last_epsilon = trainer.strategy.get_epsilon(self.delta)
             self._check_next_step(trainer)
 

@@ -14,6 +14,7 @@ from ..config import DPConfig
 from ..correlated import CyclicGroups
 from ..privacy_state import PrivacyState
 from ..sampling import PoissonBatchSampler, expected_batch_size_of, poisson_dataloader, poisson_dataset_size
+from ..user_sampling import UserPlan, units_match
 from . import lightning_internals
 from .bandmf import bandmf_sigma
 from .host import Host
@@ -45,6 +46,8 @@ class EpochPoissonBatchSampler(PoissonBatchSampler):
             examples at rate ``b·q``. ``None``: plain Poisson sampling.
         steps_taken: optimizer steps taken so far (read when an epoch's iteration starts: the first draw is
             for that step, whatever the loader prefetches).
+        users: user-level sampling (see :class:`~lightning_dp.PoissonBatchSampler`): ``num_samples`` and the
+            draws are then users, ``batch_size`` the expected users per micro-batch and process.
 
     A run resumed from a checkpoint saved inside an accumulation window (``r`` of ``k`` micro-batches
     done, e.g. by a validation-end or time-based save) gets ``k − r`` empty micro-batches first: the
@@ -65,8 +68,9 @@ class EpochPoissonBatchSampler(PoissonBatchSampler):
         groups: Optional[torch.Tensor] = None,
         bands: int = 1,
         steps_taken: Callable[[], int] = lambda: 0,
+        users: Optional[UserPlan] = None,
     ) -> None:
-        super().__init__(num_samples, 1.0, 1, generator, rank=rank, world_size=world_size)
+        super().__init__(num_samples, 1.0, 1, generator, rank=rank, world_size=world_size, users=users)
         self._cyclic = None if groups is None else CyclicGroups(self._candidates, groups, bands)
         self._steps_taken = steps_taken
         self._next_step = 0
@@ -102,6 +106,7 @@ class EpochPoissonBatchSampler(PoissonBatchSampler):
 
     def __iter__(self) -> Iterator[List[int]]:
         self._apply_plan()
+        self.batch_units.clear()
         return self._iterate(self.micro_batches)
 
     def _iterate(self, k: int) -> Iterator[List[int]]:
@@ -110,8 +115,8 @@ class EpochPoissonBatchSampler(PoissonBatchSampler):
         if inside:
             self.resumed_inside_window = k - inside
             for _ in range(k - inside):
-                yield []
-        yield from super().__iter__()
+                yield self._records(torch.zeros(0, dtype=torch.long))
+        yield from self._batches()
 
     def _draw(self) -> torch.Tensor:
         if self._cyclic is None:
@@ -156,10 +161,16 @@ class TrainingData:
         try:
             num_samples = poisson_dataset_size(dataloader.dataset)
             groups = privacy.bandmf_groups(num_samples)
+            users = privacy.users if privacy.privacy_unit == "user" else None
+            if privacy.users is not None:
+                privacy.users.check_dataset(num_samples)
         except ValueError as err:
             raise host.trainer_error(f"The DP strategy cannot serve the training loader: {err}") from err
         limit = trainer.limit_train_batches
         chunks = len(dataloader)
+        if users is not None:  # users are sampled: an epoch is N_users / (W·B) micro-batches in expectation
+            num_samples = users.num_users
+            chunks = max(1, -(-num_samples // (world_size * expected_batch_size_of(dataloader))))
         if isinstance(limit, int) and not isinstance(limit, bool):
             chunks = min(chunks, limit)  # whole windows only: Lightning's own cap then never cuts one
         sampler = EpochPoissonBatchSampler(
@@ -174,6 +185,7 @@ class TrainingData:
             groups=groups,
             bands=privacy.bands,
             steps_taken=lambda: privacy.accountant.total_steps,
+            users=users,
         )
         sampler.epoch_cap = len(sampler)  # what Lightning reads now and keeps as the epoch's length
         lengths = [(k, sampler.length_for(k)) for k in planned_accumulations(trainer, host)]
@@ -208,6 +220,22 @@ class TrainingData:
             rate = min(1.0, trainer.accumulate_grad_batches * world_size * batch_size / dataset_size)
         self.privacy.configure(sample_rate=self.privacy.accounted_rate(rate), dataset_size=dataset_size,
                                expected_batch_size=max(1, round(rate * dataset_size)))
+
+    def units_of(self, batch: Any) -> Optional[torch.Tensor]:
+        """User-level privacy: the users of ``batch``'s records (the sampler's batches are served in the order it
+        drew them); ``None`` for record-level runs. Raises when the batch is not the one drawn."""
+        sampler = self.sampler
+        if sampler is None or sampler.users is None:
+            return None
+        if not sampler.batch_units:
+            raise RuntimeError("User-level privacy: a training batch arrived that the user sampler did not draw.")
+        units = sampler.batch_units.popleft()
+        if not units_match(batch, units):
+            raise RuntimeError(
+                f"User-level privacy: the training batch holds a different number of records than the "
+                f"{units.numel()} the user sampler drew for it; the loader must keep the sampler's batches as they are."
+            )
+        return units
 
     def check_batch(self, trainer: Any) -> None:
         """Refuse a batch whose accumulation differs from the one its Poisson draw was made for, or from the one

@@ -5,7 +5,7 @@ private. No Lightning import.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Set, Type
+from typing import Any, Dict, Hashable, Optional, Sequence, Set, Type
 
 import torch
 import torch.distributed as dist
@@ -18,6 +18,7 @@ from ..optimizer import DPOptimizer
 from ..sampling import batch_size_of, is_empty_batch
 from . import lightning_internals
 from .host import Host
+from ..user_sampling import user_chunks
 from .steps import grad_scaler, physical_chunks
 from .strategies import BANDS_REFUSAL, refuse_options
 from .strategy_base import dp_strategy_base
@@ -107,6 +108,9 @@ def fsdp_strategy(host_base: type, host: Host) -> type:
                 exact as without it. Applied whether this strategy or ``configure_model`` shards the model.
                 Single layers with a per-sample rule (``nn.Linear``...) are refused: checkpoint the block that
                 holds them.
+            privacy_unit, user_ids, max_records_per_user: user-level privacy, as for
+                :class:`~lightning_dp.DPStrategy` (each rank decides for users ``r, r+W, …`` and takes all of
+                their records; physical chunks end at user boundaries, padding passes have unit id ``-1``).
             **kwargs: passed to Lightning's ``ModelParallelStrategy`` (``save_distributed_checkpoint``,
                 ``process_group_backend``, ``timeout``).
         """
@@ -133,12 +137,15 @@ def fsdp_strategy(host_base: type, host: Host) -> type:
             mp_policy: Optional[Any] = None,
             reshard_after_forward: Optional[bool] = None,
             activation_checkpointing_policy: Optional[Set[Type[nn.Module]]] = None,
+            privacy_unit: str = _D.privacy_unit,
+            user_ids: Optional[Sequence[Hashable]] = None,
+            max_records_per_user: Optional[int] = _D.max_records_per_user,
             **kwargs: Any,
         ) -> None:
             _refuse_fsdp_options(kwargs, auto_wrap_policy, activation_checkpointing_policy)
             config = DPConfig.from_arguments(locals())
             super().__init__(data_parallel_size="auto", tensor_parallel_size=1, **kwargs)
-            self._init_dp(config)
+            self._init_dp(config, user_ids=user_ids)
             self.auto_wrap_policy = frozenset(auto_wrap_policy) if auto_wrap_policy is not None else None
             self.mp_policy = mp_policy
             self.reshard_after_forward = reshard_after_forward
@@ -240,10 +247,22 @@ def fsdp_strategy(host_base: type, host: Host) -> type:
             batch = args[0] if args else kwargs.get("batch")
             size = 0 if is_empty_batch(batch) else batch_size_of(batch)
             limit = self.config.max_physical_batch_size
+            self._padding_of = batch
+            if self._batch_units is not None:  # user-level: chunks end at user boundaries
+                return self._run_user_chunks(batch, size, limit, args, kwargs)
             passes = 1 if limit is None else max(1, self._max_over_ranks(-(-size // limit)))
             chunks = physical_chunks(batch, limit, passes)
-            self._padding_of = batch
             return self._run_chunks(chunks, args, kwargs)
+
+        def _run_user_chunks(self, batch: Any, size: int, limit: Optional[int], args: Any, kwargs: Dict[str, Any]) -> Any:
+            """User-level: the batch's chunks at user boundaries, padded to the most any rank needs; a padding
+            pass's one example has the unit id ``-1`` (its loss is zeroed: it adds nothing)."""
+            pairs = user_chunks(batch, self._batch_units, limit) if size else []
+            passes = 1 if limit is None else max(1, self._max_over_ranks(len(pairs)))
+            padding = passes - len(pairs)
+            chunks = [c for c, _ in pairs] + [None] * padding
+            units = [u for _, u in pairs] + [torch.tensor([-1])] * padding
+            return self._run_chunks(chunks, args, kwargs, units)
 
         @override
         def _training_step_on(self, chunk: Any, args: Any, kwargs: Dict[str, Any]) -> Any:

@@ -106,6 +106,15 @@ def single_device_strategy(host_base: type, host: Host) -> type:
                 training inputs: released once before the first step, recorded by the accountant before σ is
                 calibrated, kept in checkpoints (a resumed run does not release it again).
             device: the device to train on (default: the Trainer's accelerator's first device).
+            privacy_unit: ``"record"`` (default) or ``"user"``: protect each user with all of their records
+                (see ``docs/user_level.rst``). Users are Poisson-sampled at rate ``q = k_acc·batch_size / N_users``
+                (the loader's ``batch_size`` is then the expected number of *users* per batch), a sampled user
+                contributes up to ``max_records_per_user`` records (drawn at random when they have more), the mean
+                of their records' gradients is clipped as one, and ε is per user. A user's records are never split
+                across micro-batches, physical batches or steps.
+            user_ids: one user id per training example (any hashable), in the dataset's order; needed with
+                ``privacy_unit="user"``. With ``"record"`` they set the group size of the report's group privacy.
+            max_records_per_user: ``k``, the records a sampled user contributes per step at most (``None``: all).
             **kwargs: passed to Lightning's ``SingleDeviceStrategy``.
 
         Example::
@@ -141,6 +150,9 @@ def single_device_strategy(host_base: type, host: Host) -> type:
             bands: int = _D.bands,
             centering: Optional[Mapping[Any, Any]] = None,
             device: Optional[_DEVICE] = None,
+            privacy_unit: str = _D.privacy_unit,
+            user_ids: Optional[Sequence[Hashable]] = None,
+            max_records_per_user: Optional[int] = _D.max_records_per_user,
             **kwargs: Any,
         ) -> None:
             refuse_options("DPStrategy", kwargs, {
@@ -151,7 +163,7 @@ def single_device_strategy(host_base: type, host: Host) -> type:
             config = DPConfig.from_arguments(locals())
             super().__init__(device=device if device is not None else "cpu", **kwargs)
             self._device_given = device is not None
-            self._init_dp(config, centering)
+            self._init_dp(config, centering, user_ids)
 
         @property
         def parallel_devices(self) -> List[torch.device]:
@@ -200,6 +212,8 @@ def ddp_strategy(host_base: type, host: Host) -> type:
           sums the results across ranks (``all_reduce``), so the update carries noise of total std ``σC``
           exactly once, divided by the global expected batch size ``q·N``.
         * Every rank's accountant records the global rate ``q``; ε is the same on every rank.
+        * User-level privacy (``privacy_unit="user"``): rank ``r`` decides for users ``r, r+W, …`` and takes all of
+          their records, so every user's records are on one rank and each user is clipped there as one unit.
 
         Arguments are those of :class:`~lightning_dp.DPStrategy` except ``device``; other keyword arguments
         go to Lightning's ``DDPStrategy`` (e.g. ``start_method``, ``process_group_backend``).
@@ -229,6 +243,9 @@ def ddp_strategy(host_base: type, host: Host) -> type:
             secure_aggregation_bits: Optional[int] = _D.secure_aggregation_bits,
             bands: int = _D.bands,
             centering: Optional[Mapping[Any, Any]] = None,
+            privacy_unit: str = _D.privacy_unit,
+            user_ids: Optional[Sequence[Hashable]] = None,
+            max_records_per_user: Optional[int] = _D.max_records_per_user,
             **kwargs: Any,
         ) -> None:
             config = DPConfig.from_arguments(locals())
@@ -246,7 +263,7 @@ def ddp_strategy(host_base: type, host: Host) -> type:
                     "all-reduced, once per optimizer step), and DDP takes one hook only."
                 )
             super().__init__(**kwargs)
-            self._init_dp(config, centering)
+            self._init_dp(config, centering, user_ids)
             self._aggregator: Optional[SecureAggregator] = None
             if config.secure_aggregation:  # the record of privacy spent is the DDG's (dim, shares: at set-up)
                 self.privacy.accountant = DistributedDiscreteGaussianAccountant(scale=DEFAULT_SCALE)

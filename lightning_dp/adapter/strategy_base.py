@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 from typing_extensions import override
 
-from ..centering import check_centering_bands
+from ..centering import check_centering_bands, check_centering_unit
 from ..config import DPConfig
 from ..exchange import GradientExchange, LocalExchange
 from ..grad_sample import GradSampleHooks, attach_grad_sample_hooks
@@ -27,6 +27,7 @@ from . import bandmf, reporting
 from .data import TrainingData
 from .features import check_trainer
 from .host import Host
+from ..user_sampling import user_chunks
 from .steps import grad_scaler, loss_of, per_sample_scale, physical_chunks, zero_loss
 
 
@@ -48,14 +49,17 @@ def dp_strategy_base(host_base: type, host: Host) -> type:
         strategy_name = ""
         registry_description = ""
 
-        def _init_dp(self, config: DPConfig, centering: Optional[Mapping[Any, Any]] = None) -> None:
+        def _init_dp(self, config: DPConfig, centering: Optional[Mapping[Any, Any]] = None, user_ids: Any = None) -> None:
             check_centering_bands(centering, config.bands)
+            check_centering_unit(centering, config.privacy_unit)
             if centering is not None and not isinstance(centering, Mapping):
                 raise ValueError(
                     f"`centering` must be a dict {{layer or its name: centre}}, got {type(centering).__name__}."
                 )
             self.config = config
-            self.privacy = PrivacyState.from_config(config, warn=host.warn)
+            self.privacy = PrivacyState.from_config(config, warn=host.warn, user_ids=user_ids)
+            self._batch_units: Optional[torch.Tensor] = None  # user-level: each record's user in the batch
+            self._units_now: Optional[torch.Tensor] = None  # ... and in the micro-batch now backpropagated
             self.data = TrainingData(config, self.privacy, host)
             self._centering_spec: Optional[Dict[Any, Any]] = dict(centering) if centering else None
             self._hooks: Optional[GradSampleHooks] = None
@@ -147,16 +151,24 @@ def dp_strategy_base(host_base: type, host: Host) -> type:
             batch = args[0] if args else kwargs.get("batch")
             if self.config.poisson_sampling and is_empty_batch(batch):
                 return zero_loss(self.lightning_module)
-            return self._run_chunks(physical_chunks(batch, self.config.max_physical_batch_size), args, kwargs)
+            limit = self.config.max_physical_batch_size
+            if self._batch_units is not None:  # user-level: split at user boundaries only
+                pairs = user_chunks(batch, self._batch_units, limit)
+                return self._run_chunks([c for c, _ in pairs], args, kwargs, [u for _, u in pairs])
+            return self._run_chunks(physical_chunks(batch, limit), args, kwargs)
 
-        def _run_chunks(self, chunks: List[Any], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        def _run_chunks(self, chunks: List[Any], args: Tuple[Any, ...], kwargs: Dict[str, Any],
+                        units: Optional[List[torch.Tensor]] = None) -> Any:
             """``training_step`` on each chunk; every chunk but the last is backpropagated here (divided by
-            ``accumulate_grad_batches`` as Lightning divides the returned loss), the last one's output returned."""
+            ``accumulate_grad_batches`` as Lightning divides the returned loss), the last one's output returned.
+            ``units``: user-level, each chunk's records' users (read by :meth:`backward`)."""
             accumulation = self.lightning_module.trainer.accumulate_grad_batches
-            for chunk in chunks[:-1]:
+            for i, chunk in enumerate(chunks[:-1]):
+                self._units_now = units[i] if units is not None else None
                 loss = loss_of(self._training_step_on(chunk, args, kwargs))
                 if loss is not None:
                     self.backward(loss / accumulation, self.dp_optimizer)
+            self._units_now = units[-1] if units is not None else None
             return self._training_step_on(chunks[-1], args, kwargs)
 
         def _training_step_on(self, chunk: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
@@ -172,7 +184,7 @@ def dp_strategy_base(host_base: type, host: Host) -> type:
             self._after_backward()
             trainer = self.lightning_module.trainer
             scale = per_sample_scale(trainer.accumulate_grad_batches, grad_scaler(self.precision_plugin))
-            self.dp_optimizer.accumulate_micro_batch(scale=scale)
+            self.dp_optimizer.accumulate_micro_batch(scale=scale, units=self._units_now)
             return output
 
         def _after_backward(self) -> None:
@@ -185,6 +197,7 @@ def dp_strategy_base(host_base: type, host: Host) -> type:
             trainer = self.lightning_module.trainer
             self.data.check_batch(trainer)
             self.data.sync(trainer, self.world_size)
+            self._batch_units = self._units_now = self.data.units_of(batch)
             self._steps_at_batch_start = self.privacy.steps_taken
             super().on_train_batch_start(batch, batch_idx)
 

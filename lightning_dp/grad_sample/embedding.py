@@ -19,7 +19,7 @@ from torch import nn
 from .clipping_modes import Record, unused_grad, weight_grad_free
 from .linear import LinearPart
 from .per_sample_ops import per_sample_rows
-from .per_sample_parts import Part, merge, register_merge_rule, wide
+from .per_sample_parts import Grouping, Part, merge, register_merge_rule, wide
 from .registry import Factored, register_factored, register_grad_sampler
 
 _BAG_MODES = {"sum": 0, "mean": 1, "max": 2}
@@ -78,6 +78,13 @@ class RowsPart(Part):
         return RowsPart(
             self.samples, self.rows, values, self.batch_size, self.shape, self.scale, self.tokens_per_sample
         )
+
+    def group(self, grouping: Grouping) -> "RowsPart":
+        """Over units: each entry belongs to its record's unit, its value scaled by the record's ``w_b``
+        (entries of one unit and row are then summed by the norm, as within one sample)."""
+        grouping = grouping.on(self.values.device)
+        values = wide(self.values) * grouping.weights.to(wide(self.values).dtype)[self.samples].unsqueeze(1)
+        return RowsPart(grouping.units[self.samples], self.rows, values, grouping.num_units, self.shape, self.scale)
 
     def _norm_sq(self, method: str) -> torch.Tensor:
         # Entries of the same (sample, row) are summed first: segments of the sorted keys. Sizes stay N

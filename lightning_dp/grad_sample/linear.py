@@ -15,7 +15,9 @@ from torch import nn
 from ..centering import centered_input
 from .clipping_modes import Record, unused_grad, weight_grad_free
 from .per_sample_ops import flatten_middle, place_rows, sum_outer, sum_over_middle
-from .per_sample_parts import Part, register_merge_rule, scaled_rows, use_ghost, wide, wide_dtype, zero_rows
+from .per_sample_parts import (
+    Grouping, Part, pad_units, register_merge_rule, scaled_rows, use_ghost, wide, wide_dtype, zero_rows,
+)
 from .registry import Factored, register_factored, register_grad_sampler
 
 
@@ -92,6 +94,12 @@ class LinearPart(Part):
         """Both factors zeroed for dropped samples (a NaN in either would survive a zero factor)."""
         return LinearPart(zero_rows(self.a, keep), zero_rows(self.g, keep), self.shape, self.rows, self.scale)
 
+    def group(self, grouping: Grouping) -> "LinearPart":
+        """Over units: each unit's records concatenated along the positions, ``G`` scaled by ``w_b``
+        (``Σ_{b∈u} w_b Σ_t g_{b,t} a_{b,t}ᵀ`` is one longer sequence's gradient); norms and sums stay exact."""
+        g = pad_units(scaled_rows(self.g, grouping.on(self.g.device).weights), grouping)
+        return LinearPart(pad_units(self.a, grouping), g, self.shape, self.rows, self.scale)
+
     def _norm_sq(self, method: str) -> torch.Tensor:
         a = wide(self.a)
         positions, in_features, out_features = a.shape[1], a.shape[2], self.g.shape[2]
@@ -155,6 +163,11 @@ class BiasPart(Part):
     def keep_samples(self, keep: torch.Tensor) -> "BiasPart":
         """The output gradient zeroed for dropped samples."""
         return BiasPart(zero_rows(self.g, keep), self.shape, self.rows, self.scale)
+
+    def group(self, grouping: Grouping) -> "BiasPart":
+        """Over units: each unit's records' output gradients, scaled by ``w_b``, as one longer sequence."""
+        g = pad_units(scaled_rows(self.g, grouping.on(self.g.device).weights), grouping)
+        return BiasPart(g, self.shape, self.rows, self.scale)
 
     def _norm_sq(self, method: str) -> torch.Tensor:
         if self.g_squares is not None:

@@ -31,6 +31,15 @@ clipped sum is exactly that of the kept samples. On the CPU it is called only fo
 such a sample, so the usual, all-finite step makes no extra pass over the factors; on other devices it is
 called for every micro-batch (one elementwise pass), so the host never waits to learn whether it is needed.
 
+**Privacy units.** With user-level privacy a *unit* is one user's records: its gradient is the weighted sum
+``Σ_{b∈u} w_b ∇_b`` (``w_b = 1/n_u``, the mean of the user's records in the step), clipped as one.
+:meth:`Part.group` turns a part over records into a part over units (a :class:`Grouping` says which record
+belongs to which unit). Each part type groups in its own file: a Linear part concatenates a user's records
+along its positions (``G`` scaled by ``w_b``; ghost norms and the clipped-sum GEMM stay exact), an embedding
+part renames its samples; any other part is wrapped in a :class:`GroupedPart`, whose norm materialises the
+units' gradients (or groups its ``(A, G)`` pair, :meth:`Part.as_linear`) and whose clipped sum hands each
+record the factor ``c_u·w_b`` of its unit.
+
 **Precision.** Norms and clipped sums are computed in float32 or wider whatever the factors' dtype: a
 part whose tensors are bf16/fp16 (a bf16 model, autocast's activations) is widened (:func:`wide`) while
 its norm or sum is made, one part at a time. Rounding in the parameter dtype could otherwise make a
@@ -40,7 +49,7 @@ contribution ``c_b·g_b`` has norm ``≤ C`` up to float32 rounding.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -81,6 +90,57 @@ def use_ghost(positions: int, in_features: int, out_features: int, method: str) 
     if method == "materialize":
         return False
     return positions * (in_features + out_features) <= in_features * out_features
+
+
+class Grouping(NamedTuple):
+    """Which unit (user) each record of a micro-batch belongs to, for :meth:`Part.group`."""
+
+    units: torch.Tensor
+    """``(B,)`` long: each record's unit, in ``[0, num_units)``."""
+    weights: torch.Tensor
+    """``(B,)`` float64: each record's weight ``1/n_u`` (``n_u`` records of its unit in the batch)."""
+    num_units: int
+    slots: torch.Tensor
+    """``(B,)`` long: each record's place among its unit's records (``0 … n_u − 1``)."""
+    max_records: int
+    """The largest ``n_u``."""
+
+    @classmethod
+    def of(cls, ids: torch.Tensor) -> "Grouping":
+        """The grouping of records whose unit ids (any integers) are ``ids`` (``(B,)``); units are numbered in
+        the order of their sorted ids. One host sync (the number of units and the largest unit)."""
+        ids = torch.as_tensor(ids).reshape(-1)
+        unique, units, counts = torch.unique(ids, return_inverse=True, return_counts=True)
+        order = torch.argsort(units, stable=True)
+        starts = torch.cumsum(counts, 0) - counts
+        slots = torch.empty_like(units)
+        slots[order] = torch.arange(units.numel(), device=units.device) - starts[units[order]]
+        weights = (1.0 / counts.to(torch.float64))[units]
+        return cls(units, weights, int(unique.numel()), slots, int(counts.max()) if counts.numel() else 0)
+
+    def on(self, device: torch.device) -> "Grouping":
+        """This grouping with its tensors on ``device``."""
+        if self.units.device == device:
+            return self
+        return Grouping(self.units.to(device), self.weights.to(device), self.num_units, self.slots.to(device),
+                        self.max_records)
+
+
+def pad_units(tensor: torch.Tensor, grouping: Grouping) -> torch.Tensor:
+    """``tensor: (B, T, F)`` over records as ``(U, M·T, F)`` over units: each unit's records one after the other
+    along the positions (``M`` the largest unit; the slots of smaller units are zeros, which add nothing to
+    a norm or a sum)."""
+    grouping = grouping.on(tensor.device)
+    out = tensor.new_zeros(grouping.num_units, grouping.max_records, *tensor.shape[1:])
+    out[grouping.units, grouping.slots] = tensor
+    return out.reshape(grouping.num_units, grouping.max_records * tensor.shape[1], *tensor.shape[2:])
+
+
+def group_rows(tensor: torch.Tensor, grouping: Grouping) -> torch.Tensor:
+    """``Σ_{b∈u} w_b · tensor[b]`` for each unit ``u``: ``(B, ...)`` → ``(U, ...)`` in :func:`wide_dtype`."""
+    grouping = grouping.on(tensor.device)
+    values = scaled_rows(tensor, grouping.weights)
+    return values.new_zeros(grouping.num_units, *tensor.shape[1:]).index_add_(0, grouping.units, values)
 
 
 class Part:
@@ -130,6 +190,12 @@ class Part:
     def _materialize(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def group(self, grouping: Grouping) -> "Part":
+        """This part over units (users) instead of records: unit ``u``'s gradient is ``Σ_{b∈u} w_b ∇_b``
+        (see :class:`Grouping`; the result's batch is the units). The base implementation wraps the part in a
+        :class:`GroupedPart`; part types with factors group them (a new factored layer may add its own)."""
+        return GroupedPart(self, grouping)
+
     def as_linear(self) -> Optional["Part"]:
         """This part as a ``(A, G)`` pair over positions, a
         :class:`~lightning_dp.grad_sample.linear.LinearPart`, if it has one: parts that do can be merged by
@@ -151,8 +217,49 @@ class MaterializedPart(Part):
         kept.scale = self.scale
         return kept
 
+    def group(self, grouping: Grouping) -> "MaterializedPart":
+        """The units' gradients ``Σ_{b∈u} w_b g_b`` (one ``index_add``)."""
+        grouped = MaterializedPart(group_rows(self.grad_sample, grouping))
+        grouped.scale = self.scale
+        return grouped
+
     def _materialize(self) -> torch.Tensor:
         return self.grad_sample
+
+
+class GroupedPart(Part):
+    """A part over records seen as one over units (:meth:`Part.group`): the norm of unit ``u`` is that of
+    ``Σ_{b∈u} w_b ∇_b``, from the inner part's ``(A, G)`` pair grouped by positions when it has one
+    (:meth:`Part.as_linear`, ghost or materialised), else from the materialised units' gradients; the clipped
+    sum ``Σ_u c_u Σ_{b∈u} w_b ∇_b`` is the inner part's clipped sum with record factors ``c_{u(b)}·w_b``."""
+
+    def __init__(self, inner: Part, grouping: Grouping) -> None:
+        self.inner, self.grouping = inner, grouping
+        self.shape = inner.shape
+        self.scale = inner.scale
+        self.batch_size = grouping.num_units
+
+    def keep_samples(self, keep: torch.Tensor) -> "GroupedPart":
+        """The records of units not kept zeroed in the inner part."""
+        return GroupedPart(self.inner.keep_samples(keep[self.grouping.on(keep.device).units]), self.grouping)
+
+    def _norm_sq(self, method: str) -> torch.Tensor:
+        linear = self.inner.as_linear()
+        if linear is not None:
+            return linear.group(self.grouping)._norm_sq(method)
+        return wide(self._materialize()).flatten(1).pow(2).sum(1)
+
+    def _clipped_sum(self, factors: torch.Tensor) -> torch.Tensor:
+        grouping = self.grouping.on(factors.device)
+        return self.inner._clipped_sum(factors[grouping.units] * grouping.weights.to(factors.dtype))
+
+    def _materialize(self) -> torch.Tensor:
+        return group_rows(self.inner._materialize(), self.grouping)
+
+
+def group_units(parts: List[List[Part]], grouping: Grouping) -> List[List[Part]]:
+    """Every parameter's parts (already merged, :func:`merge`) over units (:meth:`Part.group`)."""
+    return [[part.group(grouping) for part in ps] for ps in parts]
 
 
 MergeRule = Callable[[List[Part]], Optional[List[Part]]]
