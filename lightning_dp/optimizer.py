@@ -235,7 +235,8 @@ class DPOptimizer(WrappedOptimizer):
 
     @torch.no_grad()
     def accumulate_micro_batch(
-        self, scale: "float | torch.Tensor | None" = None, units: "torch.Tensor | None" = None
+        self, scale: "float | torch.Tensor | None" = None, units: "torch.Tensor | None" = None,
+        every_rank: bool = False,
     ) -> torch.Tensor:
         """Clip the per-sample gradients of the last backward pass and add their sum, divided by
         ``expected_batch_size``, to ``param.summed_grad`` (and, on a sharded model, reduce it into shards).
@@ -245,7 +246,9 @@ class DPOptimizer(WrappedOptimizer):
         one pass. Per-sample gradients are multiplied by ``scale`` first (default
         :attr:`per_sample_grad_scale`) to undo loss scaling done outside the model (Lightning's
         ``1 / accumulate_grad_batches``, a GradScaler's scale as a 0-dim device tensor: never read on the
-        host). Returns the per-sample norms (before clipping; NaN or inf for a dropped sample).
+        host). ``every_rank``: every rank calls this for the same backward pass (a host's backward), so on a
+        sharded model a rank whose pass had no samples still takes part in the reductions, with zeros.
+        Returns the per-sample norms (before clipping; NaN or inf for a dropped sample).
 
         With user-level privacy (the privacy state's ``privacy_unit="user"``) ``units`` is required: each
         record's user id (``(B,)`` integers). A user's gradient is the mean of its records' gradients and is
@@ -264,6 +267,8 @@ class DPOptimizer(WrappedOptimizer):
             check_all_seen(params, with_samples, self._known_grads)
             self._known_grads = grads_now(params)
         if not with_samples:
+            if sharded and every_rank:
+                self._add_to_sums(self.exchange.reduce_in_order(params, [])[1]())
             return torch.zeros(0, device=params[0].device if params else None)
         parts, batch_size = self._by_unit(parts, units, common_batch_size(parts))
         drop_per_sample_attrs(with_samples, _PER_SAMPLE)  # from here on the parts are only in `parts`: freed as used
@@ -279,11 +284,7 @@ class DPOptimizer(WrappedOptimizer):
         )
         if dropped is not None:  # CPU: only when a norm was not finite; other devices: always, no sync
             self._count_dropped(dropped.sum())
-        received = list(zip(with_samples, sums)) + (unsampled() if unsampled is not None else [])
-        for p, clipped in received:
-            clipped = clipped.to(wide_dtype(p.dtype))  # float32 or wider until the noise is in
-            previous = getattr(p, "summed_grad", None)
-            p.summed_grad = clipped if previous is None else previous.add_(clipped)
+        self._add_to_sums(list(zip(with_samples, sums)) + (unsampled() if unsampled is not None else []))
         self.samples_in_step += batch_size
         if self.adaptive_clipping is not None:  # centred count of unclipped samples (a NaN norm counts −½),
             # kept on the norms' device: read once per step, in _adapt_clipping_norm
@@ -299,6 +300,13 @@ class DPOptimizer(WrappedOptimizer):
         seen = self._units_in_step if self.samples_in_step else None
         parts, batch_size, self._units_in_step = parts_by_unit(parts, units, batch_size, seen)
         return parts, batch_size
+
+    @staticmethod
+    def _add_to_sums(received: List[Tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for p, clipped in received:
+            clipped = clipped.to(wide_dtype(p.dtype))  # float32 or wider until the noise is in
+            previous = getattr(p, "summed_grad", None)
+            p.summed_grad = clipped if previous is None else previous.add_(clipped)
 
     def clip_and_accumulate(self) -> torch.Tensor:
         """Alias of :meth:`accumulate_micro_batch` (kept for symmetry with Opacus's naming)."""

@@ -174,10 +174,11 @@ def test_registered_in_fabrics_registry():
 
 
 @pytest.mark.slow
-def test_two_process_ddp_equals_one_process_on_the_union_batch(tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_equal_one_process_on_the_union_batch(tmp_path, mode):
     env = dict(__import__("os").environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(random.randint(20000, 40000)),
                PYTHONWARNINGS="ignore")
-    result = subprocess.run([sys.executable, str(WORKER), "ddp", str(tmp_path)], env=env, capture_output=True,
+    result = subprocess.run([sys.executable, str(WORKER), mode, str(tmp_path)], env=env, capture_output=True,
                             text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
@@ -194,3 +195,18 @@ def test_two_process_ddp_equals_one_process_on_the_union_batch(tmp_path):
             torch.testing.assert_close(after[name].double(), value.double() - 0.5 * update[name], rtol=1e-4, atol=1e-6)
     for name in ranks[0]["final"]:
         torch.testing.assert_close(ranks[0]["final"][name], ranks[1]["final"][name])
+
+
+@pytest.mark.slow
+def test_two_process_fsdp_resumes_exactly_from_a_distributed_checkpoint(tmp_path):
+    env = dict(__import__("os").environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(random.randint(20000, 40000)),
+               PYTHONWARNINGS="ignore")
+    result = subprocess.run([sys.executable, str(WORKER), "fsdp_resume", str(tmp_path)], env=env,
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for r in (0, 1):
+        rank = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
+        assert len(rank["loaded_history"]) == 1 and rank["loaded_history"][0][2] == 1, "one step before the save"
+        assert rank["resumed_history"] == rank["history"]
+        for name, value in rank["straight"].items():
+            torch.testing.assert_close(rank["resumed"][name], value, rtol=0, atol=0, msg=name)

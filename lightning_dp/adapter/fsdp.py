@@ -23,8 +23,9 @@ from .steps import grad_scaler, physical_chunks
 from .strategies import BANDS_REFUSAL, refuse_options
 from .strategy_base import dp_strategy_base
 from .fsdp_sharding import (
-    STEP_METHODS, DTensorShards, UnshardedParameters, apply_activation_checkpointing, check_checkpointing_policy,
-    declaring_configure_model, dtensor_module, fsdp_module, padding_like, zero_loss_of,
+    DTensorShards, UnshardedParameters, apply_activation_checkpointing, check_checkpointing_policy,
+    check_sharded_parameters, declaring_configure_model, is_sharded, padding_like, shard_module,
+    stop_raw_gradient_sync, zero_loss_of,
 )
 
 _D = DPConfig
@@ -174,34 +175,21 @@ def fsdp_strategy(host_base: type, host: Host) -> type:
                 super().setup(trainer)
             if trainer.state.fn == "fit":
                 self._check_sharded_training()
-                for module in self.lightning_module.modules():
-                    if isinstance(module, fsdp_module().FSDPModule):
-                        module.set_requires_gradient_sync(False, recurse=False)
+                stop_raw_gradient_sync(self.lightning_module)
                 self._unsharded_parameters = UnshardedParameters(self.lightning_module)
 
         def _shard_model(self) -> None:
-            fsdp = fsdp_module()
             module = self.lightning_module
-            if any(isinstance(m, fsdp.FSDPModule) for m in module.modules()):
+            if is_sharded(module):
                 if self.auto_wrap_policy is not None and not self._sharded_here:
                     host.warn(
                         "DPFSDPStrategy: the LightningModule's configure_model already called fully_shard; "
                         "auto_wrap_policy is not used."
                     )
                 return
-            options: Dict[str, Any] = {"mesh": self.device_mesh["data_parallel"]}
-            if self.mp_policy is not None:
-                options["mp_policy"] = self.mp_policy
-            if self.reshard_after_forward is not None:
-                options["reshard_after_forward"] = self.reshard_after_forward
-            policy = tuple(self.auto_wrap_policy or ())
-            for submodule in reversed([m for m in module.modules() if m is not module and isinstance(m, policy)]):
-                fsdp.fully_shard(submodule, **options)
-            fsdp.fully_shard(module, **options)
+            shard_module(module, self.device_mesh["data_parallel"], self.auto_wrap_policy, self.mp_policy,
+                         self.reshard_after_forward)
             self._sharded_here = True
-            for name in STEP_METHODS:  # the root's own parameters are unsharded for the whole step
-                if callable(getattr(module, name, None)):
-                    fsdp.register_fsdp_forward_method(module, name)
 
         def _check_sharded_training(self) -> None:
             if grad_scaler(self.precision_plugin) is not None:
@@ -210,20 +198,8 @@ def fsdp_strategy(host_base: type, host: Host) -> type:
                     "shard alone whether to skip a step, and the ranks' weights would diverge. Use 'bf16-mixed' "
                     "or mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16)."
                 )
-            dtensor = dtensor_module()
             names = {id(p): n for n, p in self.lightning_module.named_parameters()}
-            for p in self.dp_optimizer.params:
-                name = names.get(id(p), "<a parameter outside the LightningModule>")
-                if not isinstance(p, dtensor.DTensor):
-                    raise host.trainer_error(
-                        f"DPFSDPStrategy: parameter {name} is not sharded (no fully_shard covers it). Call fully_shard "
-                        "on the LightningModule itself last in configure_model (or leave sharding to auto_wrap_policy)."
-                    )
-                if p.device_mesh.ndim != 1 or not all(isinstance(pl, dtensor.Shard) for pl in p.placements):
-                    raise host.trainer_error(
-                        f"DPFSDPStrategy: parameter {name} is placed {p.placements} on a {p.device_mesh.ndim}-D mesh; "
-                        "only FSDP2 sharding over one data-parallel mesh dimension (Shard) is supported under DP."
-                    )
+            check_sharded_parameters(self.dp_optimizer.params, names, host.trainer_error)
 
         @override
         def teardown(self) -> None:

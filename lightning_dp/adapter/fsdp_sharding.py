@@ -211,3 +211,50 @@ def apply_activation_checkpointing(module: nn.Module, policy: Tuple[Type[nn.Modu
     return chosen
 
 
+def shard_module(module: nn.Module, mesh: Any, auto_wrap_policy: Any, mp_policy: Any, reshard_after_forward: Any) -> None:
+    """``fully_shard`` every submodule whose class is in ``auto_wrap_policy`` (innermost first), then ``module``
+    itself, on ``mesh`` (one data-parallel dimension); its step methods (``training_step``...) become FSDP2
+    forward methods (the root's own parameters are unsharded for the whole step)."""
+    fsdp = fsdp_module()
+    options: Dict[str, Any] = {"mesh": mesh}
+    if mp_policy is not None:
+        options["mp_policy"] = mp_policy
+    if reshard_after_forward is not None:
+        options["reshard_after_forward"] = reshard_after_forward
+    policy = tuple(auto_wrap_policy or ())
+    for submodule in reversed([m for m in module.modules() if m is not module and isinstance(m, policy)]):
+        fsdp.fully_shard(submodule, **options)
+    fsdp.fully_shard(module, **options)
+    for name in STEP_METHODS:
+        if callable(getattr(module, name, None)):
+            fsdp.register_fsdp_forward_method(module, name)
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether ``fully_shard`` was called on ``module`` or a submodule of it."""
+    return any(isinstance(m, fsdp_module().FSDPModule) for m in module.modules())
+
+
+def stop_raw_gradient_sync(module: nn.Module) -> None:
+    """FSDP2 never reduce-scatters ``module``'s raw gradients: the DP optimizer reduces the clipped sums."""
+    for submodule in module.modules():
+        if isinstance(submodule, fsdp_module().FSDPModule):
+            submodule.set_requires_gradient_sync(False, recurse=False)
+
+
+def check_sharded_parameters(params: List[nn.Parameter], names: Dict[int, str], error: Any) -> None:
+    """Every parameter the DP optimizer updates is an FSDP2 shard over one data-parallel mesh dimension
+    (else ``error(message)`` is raised)."""
+    dtensor = dtensor_module()
+    for p in params:
+        name = names.get(id(p), "<a parameter outside the model>")
+        if not isinstance(p, dtensor.DTensor):
+            raise error(
+                f"DPFSDPStrategy: parameter {name} is not sharded (no fully_shard covers it). Call fully_shard "
+                "on the model itself last (or leave sharding to auto_wrap_policy)."
+            )
+        if p.device_mesh.ndim != 1 or not all(isinstance(pl, dtensor.Shard) for pl in p.placements):
+            raise error(
+                f"DPFSDPStrategy: parameter {name} is placed {p.placements} on a {p.device_mesh.ndim}-D mesh; "
+                "only FSDP2 sharding over one data-parallel mesh dimension (Shard) is supported under DP."
+            )

@@ -20,6 +20,8 @@ Uses:
   hands to ``DPStrategy`` when the user gave none.
 * :func:`set_data_parallel_size` — ``ModelParallelStrategy._data_parallel_size``: every process is a
   data-parallel rank under ``DPFSDPStrategy``.
+* :func:`set_backward_sync_control` — Fabric's ``Strategy._backward_sync_control``: the DP FSDP strategy for
+  Fabric keeps FSDP2's raw-gradient sync off through ``fabric.no_backward_sync`` too.
 * :func:`wrapped_sampler` — ``DistributedSamplerWrapper.dataset._sampler``: the user's sampler inside the
   wrapper Lightning puts around it under DDP (to name it in the "replaced by Poisson sampling" warning).
   Registered with :mod:`lightning_dp.sampling` on import, so the core imports no adapter.
@@ -135,6 +137,15 @@ def set_data_parallel_size(strategy: Any, size: int) -> None:
     2.6.6.
     """
     strategy._data_parallel_size = size
+
+
+def set_backward_sync_control(strategy: Any, control: Any) -> None:
+    """Make ``control`` what ``fabric.no_backward_sync`` asks a Fabric strategy for (its ``no_backward_sync(module,
+    enabled)`` context). Relies on ``Strategy._backward_sync_control``, which ``Fabric.no_backward_sync`` reads.
+    No public hook: it is set in the strategies' constructors only. Fabric's ``ModelParallelStrategy`` turns
+    FSDP2's raw-gradient reduce-scatter back on when its context exits, which DP must never do. Checked: 2.4.0,
+    2.6.6 (``lightning.fabric``)."""
+    strategy._backward_sync_control = control
 
 
 def callback_state_key(callback: Any, **kwargs: Any) -> str:

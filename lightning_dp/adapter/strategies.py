@@ -6,7 +6,7 @@ for its host strategy class and adds what that host needs (with ``@override`` on
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Hashable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from typing_extensions import override

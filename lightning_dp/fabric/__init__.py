@@ -2,7 +2,7 @@
 
 ``from lightning_dp.fabric import DPStrategy`` gives the strategies for ``lightning.fabric`` (``import lightning
 as L``), or for the standalone ``lightning_fabric`` package when only that is installed. Importing this module
-registers ``"dp_sgd"`` and ``"dp_ddp"`` in Fabric's strategy registry. The privacy state is the same
+registers ``"dp_sgd"``, ``"dp_ddp"`` and ``"dp_fsdp"`` in Fabric's strategy registry. The privacy state is the same
 :class:`~lightning_dp.PrivacyState` as the Trainer strategies' and :func:`~lightning_dp.make_private`'s.
 
 Example::
@@ -26,10 +26,11 @@ import importlib
 import importlib.util
 from typing import Dict, NamedTuple
 
+from .fsdp import fsdp_strategy
 from .strategies import ddp_strategy, single_device_strategy
 from .strategy_base import evaluation_loader
 
-__all__ = ["DPDDPStrategy", "DPStrategy", "FABRIC_NAMESPACE", "bind", "evaluation_loader"]
+__all__ = ["DPDDPStrategy", "DPFSDPStrategy", "DPStrategy", "FABRIC_NAMESPACE", "bind", "evaluation_loader"]
 
 FABRIC_NAMESPACES = ("lightning.fabric", "lightning_fabric")
 
@@ -43,13 +44,14 @@ class _Kind(NamedTuple):
 STRATEGIES = (
     _Kind("DPStrategy", "SingleDeviceStrategy", single_device_strategy),
     _Kind("DPDDPStrategy", "DDPStrategy", ddp_strategy),
+    _Kind("DPFSDPStrategy", "ModelParallelStrategy", fsdp_strategy),
 )
 """Every Fabric DP strategy, in one list: :func:`bind` builds and registers each, ``__all__`` names them."""
 
 
 def bind(namespace: str) -> Dict[str, type]:
     """Make every strategy of :data:`STRATEGIES` for the Fabric ``namespace`` (``"lightning.fabric"`` or
-    ``"lightning_fabric"``) and register each with its strategy registry (``"dp_sgd"``, ``"dp_ddp"``)."""
+    ``"lightning_fabric"``) and register each with its strategy registry (``"dp_sgd"``, ``"dp_ddp"``, ``"dp_fsdp"``)."""
     if namespace not in FABRIC_NAMESPACES:
         raise ValueError(f"`namespace` must be one of {FABRIC_NAMESPACES}, got {namespace!r}.")
     root = importlib.import_module(namespace)

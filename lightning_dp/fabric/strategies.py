@@ -15,7 +15,7 @@ from .strategy_base import fabric_dp_base
 
 _D = DPConfig
 _DEVICE = Union[torch.device, str, int]
-_NOT_HERE = {
+NOT_IN_FABRIC = {  # DP options of the Trainer strategies that the Fabric ones do not take, and why
     ("secure_aggregation", "min_honest_ranks", "secure_aggregation_bits"):
         "secure aggregation is implemented for the Trainer's DPDDPStrategy(secure_aggregation=True).",
     ("bands",): "BandMF is implemented for make_private and the Trainer strategies.",
@@ -71,7 +71,7 @@ def single_device_strategy(host_base: type, warn: Callable[[str], None], version
             device: Optional[_DEVICE] = None,
             **kwargs: Any,
         ) -> None:
-            refuse_options("DPStrategy (Fabric)", kwargs, _NOT_HERE)
+            refuse_options("DPStrategy (Fabric)", kwargs, NOT_IN_FABRIC)
             config = DPConfig.from_arguments(locals())
             super().__init__(device=device if device is not None else "cpu", **kwargs)
             self._device_given = device is not None
@@ -126,7 +126,7 @@ def ddp_strategy(host_base: type, warn: Callable[[str], None], versions: Dict[st
             clipping: str = _D.clipping,
             **kwargs: Any,
         ) -> None:
-            refuse_options("DPDDPStrategy (Fabric)", kwargs, _NOT_HERE)
+            refuse_options("DPDDPStrategy (Fabric)", kwargs, NOT_IN_FABRIC)
             config = DPConfig.from_arguments(locals())
             super().__init__(**kwargs)
             self._init_dp(config, epsilon_budget, accumulate_grad_batches, max_steps)

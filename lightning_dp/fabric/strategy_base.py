@@ -43,6 +43,17 @@ def evaluation_loader(loader: DataLoader) -> DataLoader:
     return loader
 
 
+def _is_dp_optimizer(obj: Any) -> bool:
+    return isinstance(getattr(obj, "optimizer", obj), DPOptimizer)
+
+
+def _inner_optimizers(state: Dict[str, Any]) -> Dict[str, Any]:
+    """``state`` with every DP optimizer (bare or in Fabric's wrapper) replaced by the optimizer it wraps: its
+    state is the same object, and torch's state-dict helpers may call ``step()`` on an optimizer without state
+    to create it, which on the DP optimizer would be an accounted step."""
+    return {k: getattr(v, "optimizer", v).original_optimizer if _is_dp_optimizer(v) else v for k, v in state.items()}
+
+
 # Long on purpose: the class body is this function's body (the class derives from the Fabric strategy class
 # handed in). Each method in it is short.
 def fabric_dp_base(host_base: type, warn: Callable[[str], None], versions: Dict[str, str]) -> type:
@@ -89,9 +100,10 @@ def fabric_dp_base(host_base: type, warn: Callable[[str], None], versions: Dict[
                 )
             validate(module, raise_error=True)
             self.privacy.seed_for_rank(self.global_rank, self.world_size)
+            wrapped = super().setup_module(module)  # DDP wraps it, FSDP2 shards it: the hooks come after
             self._hooks = attach_grad_sample_hooks(module, loss_reduction=self.config.loss_reduction)
             self._module = module
-            return super().setup_module(module)
+            return wrapped
 
         @override
         def setup_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -148,8 +160,13 @@ def fabric_dp_base(host_base: type, warn: Callable[[str], None], versions: Dict[
         def backward(self, tensor: torch.Tensor, module: Optional[torch.nn.Module], *args: Any, **kwargs: Any) -> None:
             """Backward as Fabric does, then clip this pass's per-sample gradients into the step's sum."""
             super().backward(tensor, module, *args, **kwargs)
-            self.dp_optimizer.accumulate_micro_batch(scale=per_sample_scale(1, grad_scaler(self.precision)))
+            self._after_backward()
+            self.dp_optimizer.accumulate_micro_batch(scale=per_sample_scale(1, grad_scaler(self.precision)),
+                                                     every_rank=True)
             self._micro_batches += 1
+
+        def _after_backward(self) -> None:
+            """What a host does between the backward pass and clipping (nothing here; FSDP collects)."""
 
         @override
         def optimizer_step(self, optimizer: Any, **kwargs: Any) -> Any:
@@ -195,15 +212,18 @@ def fabric_dp_base(host_base: type, warn: Callable[[str], None], versions: Dict[
         def save_checkpoint(self, path: Any, state: Dict[str, Any], storage_options: Optional[Any] = None,
                             filter: Optional[Dict[str, Callable[[str, Any], bool]]] = None) -> None:
             """Save as Fabric does, with the privacy state under ``"lightning_dp"`` (every rank calls this)."""
-            state = {**state, CHECKPOINT_KEY: self.privacy.state_dict(report=self.privacy_report().to_dict())}
+            state = {**_inner_optimizers(state), CHECKPOINT_KEY: self.privacy.state_dict(report=self.privacy_report().to_dict())}
             super().save_checkpoint(path, state, storage_options=storage_options, filter=filter)
 
         @override
         def load_checkpoint(self, path: Any, state: Any = None, strict: bool = True,
                             weights_only: Optional[bool] = None) -> Dict[str, Any]:
             """Load as Fabric does and restore the privacy state (history, generators, budget's spend)."""
-            remainder = super().load_checkpoint(path, state, strict=strict, weights_only=False if weights_only is None
+            inner = _inner_optimizers(state) if isinstance(state, dict) else state
+            remainder = super().load_checkpoint(path, inner, strict=strict, weights_only=False if weights_only is None
                                                 else weights_only)
+            if isinstance(state, dict) and inner is not state:  # plain values restored in place, as Fabric does
+                state.update({k: v for k, v in inner.items() if not _is_dp_optimizer(state.get(k))})
             saved = remainder.pop(CHECKPOINT_KEY, None) if isinstance(remainder, dict) else None
             if saved is None:
                 warn(f"Checkpoint {path} has no privacy state: privacy spent before it is unknown and not counted.")
