@@ -362,3 +362,38 @@ def test_ddp_samples_users_once_and_keeps_each_users_records_on_one_rank(tmp_pat
         for name, value in ranks[0]["initial"].items():
             moved = (value - r["final"][name]).double() / 0.5
             torch.testing.assert_close(moved, reference[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode, clipping", [("auto", "flat"), ("materialize", "per_layer"), ("ghost", "automatic")])
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_fabric_step_is_the_per_user_clipped_mean(mode, clipping, accumulate):
+    """Fabric's DPStrategy with privacy_unit="user": every user sampled (q = 1), k = 3, one step of
+    ``accumulate`` micro-batches (users never split) equals the float64 per-user reference."""
+    L = pytest.importorskip("lightning")
+    from lightning_dp.fabric import DPStrategy as FabricDPStrategy
+
+    norm = 1.0 if clipping == "automatic" else NORM
+    torch.manual_seed(0)
+    net = Net()
+    initial = copy.deepcopy(net)
+    fabric = L.Fabric(accelerator="cpu", devices=1, strategy=FabricDPStrategy(
+        noise_multiplier=0.0, max_grad_norm=norm, seed=5, privacy_unit="user", user_ids=USER_IDS,
+        max_records_per_user=3, clipping_mode=mode, clipping=clipping, accumulate_grad_batches=accumulate))
+    model, optimizer = fabric.setup(net, torch.optim.SGD(net.parameters(), lr=0.5))
+    loader = fabric.setup_dataloaders(indexed_loader(batch_size=6 // accumulate))
+    assert fabric.strategy.sample_rate == 1.0 and fabric.strategy.privacy.expected_batch_size == 6
+    seen = []
+    for i, (tokens, y, index) in enumerate(loader):
+        seen.append((tokens, y, index))
+        fabric.backward(F.cross_entropy(model(tokens), y))
+        if i + 1 == accumulate:
+            optimizer.step()
+            break
+    tokens, y, index = (torch.cat([s[j] for s in seen]) for j in range(3))
+    units = UserPlan(USER_IDS).record_user[index]
+    assert sorted(torch.bincount(units).tolist()) == [1, 1, 2, 3, 3, 3]
+    reference = user_reference(initial, tokens, y, units, norm, 6, clipping)
+    for name, p in net.named_parameters():
+        moved = (dict(initial.named_parameters())[name].detach() - p.detach()).double() / 0.5
+        torch.testing.assert_close(moved, reference[name], rtol=1e-4, atol=1e-6)
+    assert "user-level" in fabric.strategy.privacy_report().to_table()

@@ -6,7 +6,7 @@ reduce-scatter stays off, also through ``fabric.no_backward_sync``. No Fabric im
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Dict, Optional, Set, Type
+from typing import Any, Callable, Dict, Hashable, Optional, Sequence, Set, Type
 
 import torch
 from torch import nn
@@ -68,6 +68,9 @@ def fsdp_strategy(host_base: type, warn: Callable[[str], None], versions: Dict[s
             secure_mode: bool = _D.secure_mode,
             clipping_mode: str = _D.clipping_mode,
             clipping: str = _D.clipping,
+            privacy_unit: str = _D.privacy_unit,
+            user_ids: Optional[Sequence[Hashable]] = None,
+            max_records_per_user: Optional[int] = _D.max_records_per_user,
             auto_wrap_policy: Optional[Set[Type[nn.Module]]] = None,
             mp_policy: Optional[Any] = None,
             reshard_after_forward: Optional[bool] = None,
@@ -78,7 +81,7 @@ def fsdp_strategy(host_base: type, warn: Callable[[str], None], versions: Dict[s
             check_checkpointing_policy(activation_checkpointing_policy)
             config = DPConfig.from_arguments(locals())
             super().__init__(parallelize_fn=self._shard, data_parallel_size="auto", tensor_parallel_size=1, **kwargs)
-            self._init_dp(config, epsilon_budget, accumulate_grad_batches, max_steps)
+            self._init_dp(config, epsilon_budget, accumulate_grad_batches, max_steps, user_ids)
             self.auto_wrap_policy = frozenset(auto_wrap_policy) if auto_wrap_policy is not None else None
             self.mp_policy, self.reshard_after_forward = mp_policy, reshard_after_forward
             self.activation_checkpointing_policy = tuple(activation_checkpointing_policy or ())

@@ -2,7 +2,7 @@
 No Fabric import: the host classes are handed in by :func:`lightning_dp.fabric.bind`."""
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Union
 
 import torch
 from typing_extensions import override
@@ -46,6 +46,9 @@ def single_device_strategy(host_base: type, warn: Callable[[str], None], version
             accumulate_grad_batches: ``k``, the micro-batches (``fabric.backward`` calls) of one optimizer step:
                 each step is one Poisson draw at ``q = k·B/N`` served as ``k`` loader batches.
             max_steps: the planned optimizer steps (needed with ``target_epsilon``).
+            privacy_unit, user_ids, max_records_per_user: user-level privacy as for the Trainer's strategies (see
+                the docs page "User-level privacy"): the loader's ``batch_size`` is then the expected number of
+                users per batch, and ε is per user.
             device: the device (default: the accelerator's first device).
         """
 
@@ -68,6 +71,9 @@ def single_device_strategy(host_base: type, warn: Callable[[str], None], version
             secure_mode: bool = _D.secure_mode,
             clipping_mode: str = _D.clipping_mode,
             clipping: str = _D.clipping,
+            privacy_unit: str = _D.privacy_unit,
+            user_ids: Optional[Sequence[Hashable]] = None,
+            max_records_per_user: Optional[int] = _D.max_records_per_user,
             device: Optional[_DEVICE] = None,
             **kwargs: Any,
         ) -> None:
@@ -75,7 +81,7 @@ def single_device_strategy(host_base: type, warn: Callable[[str], None], version
             config = DPConfig.from_arguments(locals())
             super().__init__(device=device if device is not None else "cpu", **kwargs)
             self._device_given = device is not None
-            self._init_dp(config, epsilon_budget, accumulate_grad_batches, max_steps)
+            self._init_dp(config, epsilon_budget, accumulate_grad_batches, max_steps, user_ids)
 
         @property
         def parallel_devices(self) -> List[torch.device]:
@@ -124,12 +130,15 @@ def ddp_strategy(host_base: type, warn: Callable[[str], None], versions: Dict[st
             secure_mode: bool = _D.secure_mode,
             clipping_mode: str = _D.clipping_mode,
             clipping: str = _D.clipping,
+            privacy_unit: str = _D.privacy_unit,
+            user_ids: Optional[Sequence[Hashable]] = None,
+            max_records_per_user: Optional[int] = _D.max_records_per_user,
             **kwargs: Any,
         ) -> None:
             refuse_options("DPDDPStrategy (Fabric)", kwargs, NOT_IN_FABRIC)
             config = DPConfig.from_arguments(locals())
             super().__init__(**kwargs)
-            self._init_dp(config, epsilon_budget, accumulate_grad_batches, max_steps)
+            self._init_dp(config, epsilon_budget, accumulate_grad_batches, max_steps, user_ids)
 
         @override
         def setup_module(self, module: torch.nn.Module) -> torch.nn.Module:

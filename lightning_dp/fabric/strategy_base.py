@@ -66,7 +66,7 @@ def fabric_dp_base(host_base: type, warn: Callable[[str], None], versions: Dict[
         registry_description = ""
 
         def _init_dp(self, config: DPConfig, epsilon_budget: Optional[float], accumulate_grad_batches: int,
-                     max_steps: Optional[int]) -> None:
+                     max_steps: Optional[int], user_ids: Any = None) -> None:
             if isinstance(accumulate_grad_batches, bool) or not isinstance(accumulate_grad_batches, int) \
                     or accumulate_grad_batches < 1:
                 raise ValueError(f"`accumulate_grad_batches` must be an integer >= 1, got {accumulate_grad_batches!r}.")
@@ -76,7 +76,7 @@ def fabric_dp_base(host_base: type, warn: Callable[[str], None], versions: Dict[
                     "calibrate σ: a Fabric loop has no other length the strategy could plan for."
                 )
             self.config = config
-            self.privacy = PrivacyState.from_config(config, warn=warn)
+            self.privacy = PrivacyState.from_config(config, warn=warn, user_ids=user_ids)
             self.epsilon_budget = epsilon_budget
             if epsilon_budget is not None:
                 self.privacy.add_budget(epsilon_budget, config.delta)
@@ -135,15 +135,21 @@ def fabric_dp_base(host_base: type, warn: Callable[[str], None], versions: Dict[
                     "dataset the accountant does not know. Mark evaluation loaders with "
                     "lightning_dp.fabric.evaluation_loader(loader) before fabric.setup_dataloaders."
                 )
+            k, privacy, batch_size = self.accumulate_grad_batches, self.privacy, expected_batch_size_of(dataloader)
+            users = privacy.users if privacy.privacy_unit == "user" else None
             try:
                 num_samples = poisson_dataset_size(dataloader.dataset)
+                if privacy.users is not None:
+                    privacy.users.check_dataset(num_samples)
             except (ValueError, TypeError) as err:
                 raise ValueError(f"The DP strategy cannot Poisson-sample this training loader: {err}") from err
-            k, privacy = self.accumulate_grad_batches, self.privacy
+            chunks = len(dataloader)
+            if users is not None:  # users are sampled: the loader's batch_size is the expected users per batch
+                num_samples = users.num_users
+                chunks = max(1, -(-num_samples // (self.world_size * batch_size)))
             sampler = EpochPoissonBatchSampler(
-                num_samples, expected_batch_size_of(dataloader), len(dataloader), accumulation=lambda: k,
-                generator=privacy.sampling_generator, rank=self.global_rank, world_size=self.world_size,
-                steps_taken=lambda: privacy.steps_taken,
+                num_samples, batch_size, chunks, accumulation=lambda: k, generator=privacy.sampling_generator,
+                rank=self.global_rank, world_size=self.world_size, steps_taken=lambda: privacy.steps_taken, users=users,
             )
             self._sampler = sampler
             privacy.configure(sample_rate=sampler.sample_rate, dataset_size=num_samples,
@@ -162,8 +168,18 @@ def fabric_dp_base(host_base: type, warn: Callable[[str], None], versions: Dict[
             super().backward(tensor, module, *args, **kwargs)
             self._after_backward()
             self.dp_optimizer.accumulate_micro_batch(scale=per_sample_scale(1, grad_scaler(self.precision)),
-                                                     every_rank=True)
+                                                     units=self._next_units(), every_rank=True)
             self._micro_batches += 1
+
+        def _next_units(self) -> Optional[torch.Tensor]:
+            """User-level privacy: the users of the micro-batch just backpropagated (the sampler's batches, in the
+            order it drew them: one per ``fabric.backward``); ``None`` for record-level runs."""
+            sampler = self._sampler
+            if sampler is None or sampler.users is None:
+                return None
+            if not sampler.batch_units:
+                raise RuntimeError("User-level privacy: fabric.backward ran on a batch the user sampler did not draw.")
+            return sampler.batch_units.popleft()
 
         def _after_backward(self) -> None:
             """What a host does between the backward pass and clipping (nothing here; FSDP collects)."""
