@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import collections
 import warnings
-from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterator, List, Optional
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional
 
 import torch
 from torch.utils.data import (
@@ -15,9 +15,6 @@ from torch.utils.data import (
 )
 
 from ._checks import check_positive_int, check_rate
-
-if TYPE_CHECKING:
-    from .user_sampling import UserPlan
 
 
 def poisson_mask(generator: Any, n: int, rate: float) -> torch.Tensor:
@@ -76,7 +73,7 @@ class PoissonBatchSampler(Sampler[List[int]]):
         micro_batches: int = 1,
         rank: int = 0,
         world_size: int = 1,
-        users: Optional["UserPlan"] = None,
+        users: Optional[Any] = None,  # a lightning_dp.user_sampling.UserPlan (not imported: it builds on this module)
     ) -> None:
         check_positive_int("num_samples", num_samples)
         check_rate("sample_rate", sample_rate)
