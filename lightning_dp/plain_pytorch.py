@@ -18,6 +18,7 @@ from .validation import validate
 _D = DPConfig  # the defaults below are DPConfig's: written once
 
 
+# Long on purpose: half of it is the explicit signature (docs, IDEs and type checkers read it); the body is short.
 def make_private(
     module: nn.Module,
     optimizer: Optimizer,
