@@ -95,17 +95,16 @@ class AdaptiveClipping:
         """``Σ_b (1[‖g_b‖ ≤ C] − ½)`` of one micro-batch's norms (a NaN norm counts −½), on their device."""
         return (norms <= max_grad_norm).sum(dtype=torch.float64) - 0.5 * norms.numel()
 
-    def release(self, count: "float | torch.Tensor", *, device: Any, noise: Any, noise_multiplier: float,
-                noise_shares: int, expected_batch_size: float, combine: Callable[[List[torch.Tensor]], None],
-                max_grad_norm: float) -> float:
-        """The next norm after releasing a step's centred ``count`` with ``N(0, σ_b²)`` (shared over
-        ``noise_shares`` ranks like the gradient noise, summed by ``combine``); reading the noised count is
-        the step's one host sync."""
+    def noised_count(self, count: "float | torch.Tensor", *, device: Any, noise: Any, noise_multiplier: float,
+                     noise_shares: int, expected_batch_size: float,
+                     combine: Callable[[List[torch.Tensor]], None]) -> torch.Tensor:
+        """A step's centred ``count`` released with ``N(0, σ_b²)`` (shared over ``noise_shares`` ranks like the
+        gradient noise, summed by ``combine``), as a 1-element tensor on ``device`` (no host sync here)."""
         released = torch.as_tensor(count, dtype=torch.float64, device=device).reshape(1).clone()
         if noise_multiplier > 0:
             add_noise_(noise, [released], self.count_std(expected_batch_size) / math.sqrt(noise_shares))
         combine([released])
-        return self.next_norm(max_grad_norm, float(released), expected_batch_size)
+        return released
 
     def __repr__(self) -> str:
         return (

@@ -426,11 +426,12 @@ class DPOptimizer(WrappedOptimizer):
     @torch.no_grad()
     def _adapt_clipping_norm(self) -> None:
         """Release the step's centred count of unclipped samples and move ``max_grad_norm`` towards the target
-        quantile (:meth:`~lightning_dp.adaptive_clipping.AdaptiveClipping.release`)."""
+        quantile; reading the noised count (``float``) here is the step's one host sync."""
         count, self._unclipped_in_step = self._unclipped_in_step, 0.0
-        self.max_grad_norm = self.adaptive_clipping.release(
+        rule, batch = self.adaptive_clipping, float(self.expected_batch_size)
+        released = rule.noised_count(
             count, device=self.params[0].device if self.params else None, noise=self.noise,
-            noise_multiplier=self.noise_multiplier, noise_shares=self.noise_shares,
-            expected_batch_size=float(self.expected_batch_size), combine=self.exchange.combine,
-            max_grad_norm=self.max_grad_norm,
+            noise_multiplier=self.noise_multiplier, noise_shares=self.noise_shares, expected_batch_size=batch,
+            combine=self.exchange.combine,
         )
+        self.max_grad_norm = rule.next_norm(self.max_grad_norm, float(released), batch)
