@@ -267,7 +267,8 @@ class DPOptimizer(WrappedOptimizer):
                 parts.append(p_parts)
         sharded = isinstance(self.exchange, ReduceScatterExchange)
         if not sharded:  # a sharded model's gradients are the sharding's own (FSDP)
-            check_all_seen(params, with_samples, self._known_grads)
+            if with_samples:  # a pass without any per-sample part (an empty batch's zero loss) reads no data
+                check_all_seen(params, with_samples, self._known_grads)
             self._known_grads = grads_now(params)
         if not with_samples:
             if sharded and every_rank:
