@@ -12,8 +12,16 @@ MIN_VENV ?= .venv-min
 MIN_CONSTRAINTS := constraints/minimum.txt
 MIN_PY := $(MIN_VENV)/bin/python
 MIN_STAMP := $(MIN_VENV)/.lightning-dp-installed
+# `make example-litgpt`: a third venv for examples/fabric_litgpt_lora.py (LitGPT's model code in a Fabric loop)
+# and its test. litgpt 0.5.13 needs lightning>=2.6.1 (above .venv-min's 2.4.0) and its extras pin
+# transformers<4.57 (below the main venv's 5.x), so it gets a venv of its own: torch's pin first (and again with
+# each later install, so that nothing moves it), then litgpt and pytest, then this repository.
+LITGPT_VENV ?= .venv-litgpt
+LITGPT ?= litgpt==0.5.13
+LITGPT_PY := $(LITGPT_VENV)/bin/python
+LITGPT_STAMP := $(LITGPT_VENV)/.lightning-dp-installed
 
-.PHONY: demo test test-min docs install install-min clean
+.PHONY: demo test test-min example-litgpt docs install install-min install-litgpt clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +43,17 @@ $(MIN_STAMP): $(MIN_CONSTRAINTS) setup.cfg setup.py pyproject.toml lightning_dp/
 
 install-min: $(MIN_STAMP)
 
+$(LITGPT_PY):
+	$(PYTHON) -m venv $(LITGPT_VENV)
+
+$(LITGPT_STAMP): setup.cfg setup.py pyproject.toml lightning_dp/noise/_boxmuller.c | $(LITGPT_PY)
+	$(LITGPT_PY) -m pip install --quiet "$(TORCH)"
+	$(LITGPT_PY) -m pip install --quiet "$(LITGPT)" "$(TORCH)" pytest
+	$(LITGPT_PY) -m pip install --quiet -e ".[lightning]" "$(TORCH)"
+	touch $(LITGPT_STAMP)
+
+install-litgpt: $(LITGPT_STAMP)
+
 demo: $(STAMP)
 	$(PY) examples/train_digits.py
 
@@ -54,8 +73,14 @@ test-min: $(MIN_STAMP)
 	OMP_NUM_THREADS=1 $(MIN_PY) -m pytest tests -m smoke
 	OMP_NUM_THREADS=1 LIGHTNING_DP_TEST_NAMESPACE=pytorch_lightning $(MIN_PY) -m pytest tests -m "smoke and lightning"
 
+# Private LoRA fine-tuning of LitGPT's GPT (pythia-14m config, 2 layers, random init, offline) in a Fabric loop:
+# the example runs inside its test, which checks the budget, the held-out loss and the checkpoint's privacy
+# state (-rP prints the example's output: the privacy report).
+example-litgpt: $(LITGPT_STAMP)
+	$(LITGPT_PY) -m pytest tests/test_examples.py -k litgpt -rP
+
 docs: $(STAMP)
 	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
 
 clean:
-	rm -rf $(VENV) $(MIN_VENV) docs/_build lightning_logs .pytest_cache
+	rm -rf $(VENV) $(MIN_VENV) $(LITGPT_VENV) docs/_build lightning_logs .pytest_cache
