@@ -82,11 +82,12 @@ def _restore_distributed_environment():
 
 def pytest_collection_modifyitems(config, items) -> None:
     """Mark every test of a module that runs Lightning (it takes Lightning from ``tests.namespace``) with
-    ``lightning``: ``make test`` runs those again under the second Lightning namespace."""
+    ``lightning``: ``make test`` runs those again under the second Lightning namespace. A module that sets
+    ``NAMESPACE_INDEPENDENT = True`` (Fabric's tests: ``lightning.fabric`` whatever the namespace) runs once."""
     for item in items:
         module = getattr(item, "module", None)
         source = getattr(module, "__file__", None)
-        if source and _uses_lightning(source):
+        if source and _uses_lightning(source) and not getattr(module, "NAMESPACE_INDEPENDENT", False):
             item.add_marker(pytest.mark.lightning)
 
 

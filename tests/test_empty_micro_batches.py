@@ -47,26 +47,3 @@ def test_an_empty_micro_batch_after_a_full_one_is_a_noise_only_part_of_the_step(
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2, accumulate_grad_batches=2), strategy=strategy)
     trainer.fit(Module(), train_dataloaders=loader)
     assert strategy.privacy.steps_taken == 40  # 2 epochs of 20 draws (each 2 micro-batches), every one accounted
-
-
-def test_fabric_loop_with_an_empty_micro_batch_after_a_full_one():
-    L = pytest.importorskip("lightning")
-    from lightning_dp.fabric import DPStrategy as FabricDPStrategy
-
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(Scale(), torch.nn.Linear(6, 3))
-    fabric = L.Fabric(accelerator="cpu", devices=1, strategy=FabricDPStrategy(
-        noise_multiplier=1.0, max_grad_norm=1.0, seed=0, accumulate_grad_batches=2))
-    model, optimizer = fabric.setup(net, torch.optim.SGD(net.parameters(), lr=0.1))
-    loader = fabric.setup_dataloaders(DataLoader(TensorDataset(torch.randn(40, 6), torch.randint(3, (40,))),
-                                                 batch_size=1))
-    sizes = []
-    for i, (x, y) in enumerate(loader):
-        sizes.append(x.shape[0])
-        loss = F.cross_entropy(model(x), y) if x.shape[0] else sum(p.sum() for p in model.parameters()) * 0.0
-        fabric.backward(loss)
-        if i % 2 == 1:
-            optimizer.step()
-            optimizer.zero_grad()
-    assert any(sizes[i] and not sizes[i + 1] for i in range(0, len(sizes) - 1, 2)), "the case was drawn"
-    assert fabric.strategy.privacy.steps_taken == len(sizes) // 2

@@ -22,6 +22,7 @@ from tests.fsdp_worker import build_net  # noqa: E402
 from tests.lightning_helpers import make_loader  # noqa: E402
 
 WORKER = Path(__file__).with_name("fabric_worker.py")
+NAMESPACE_INDEPENDENT = True  # Fabric's tests use lightning.fabric whatever the Trainer namespace: run them once
 
 
 def _fabric(**options) -> L.Fabric:
@@ -210,3 +211,27 @@ def test_two_process_fsdp_resumes_exactly_from_a_distributed_checkpoint(tmp_path
         assert rank["resumed_history"] == rank["history"]
         for name, value in rank["straight"].items():
             torch.testing.assert_close(rank["resumed"][name], value, rtol=0, atol=0, msg=name)
+
+
+def test_fabric_loop_with_an_empty_micro_batch_after_a_full_one():
+    """An empty micro-batch after a full one (zero loss) with a torch.func-fallback layer: a noise-only part of
+    the step (tests/test_empty_micro_batches.py has the Trainer's case)."""
+    from tests.test_empty_micro_batches import Scale
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(Scale(), torch.nn.Linear(6, 3))
+    fabric = L.Fabric(accelerator="cpu", devices=1, strategy=DPStrategy(
+        noise_multiplier=1.0, max_grad_norm=1.0, seed=0, accumulate_grad_batches=2))
+    model, optimizer = fabric.setup(net, torch.optim.SGD(net.parameters(), lr=0.1))
+    data = torch.utils.data.TensorDataset(torch.randn(40, 6), torch.randint(3, (40,)))
+    loader = fabric.setup_dataloaders(torch.utils.data.DataLoader(data, batch_size=1))
+    sizes = []
+    for i, (x, y) in enumerate(loader):
+        sizes.append(x.shape[0])
+        loss = F.cross_entropy(model(x), y) if x.shape[0] else sum(p.sum() for p in model.parameters()) * 0.0
+        fabric.backward(loss)
+        if i % 2 == 1:
+            optimizer.step()
+            optimizer.zero_grad()
+    assert any(sizes[i] and not sizes[i + 1] for i in range(0, len(sizes) - 1, 2)), "the case was drawn"
+    assert fabric.strategy.privacy.steps_taken == len(sizes) // 2

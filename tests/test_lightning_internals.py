@@ -282,6 +282,7 @@ def test_under_ddp_only_the_noised_clipped_sums_are_all_reduced(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(NAME != "lightning.pytorch", reason="checks the check itself: once, under the first namespace")
 def test_the_collective_check_catches_raw_gradients_without_the_hook(tmp_path):
     """The fault the check exists for: without the no-communication hook (Lightning's ``configure_ddp``
     alone, as if its hook registration moved), DDP all-reduces each stepping micro-batch's raw gradients
