@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
+# `make test` runs the suite in this many worker processes (pytest-xdist; one intra-op thread each).
+TEST_WORKERS ?= 2
 STAMP := $(VENV)/.lightning-dp-installed
 # `make test-min`: a second venv with the oldest supported versions (constraints/minimum.txt, torch's pin
 # installed first as above) and the short `smoke` test set in it, under both Lightning namespaces.
@@ -63,8 +65,8 @@ demo: $(STAMP)
 # The venv has the test extra, so the independent references (dp-accounting) are required: a check against
 # a missing reference fails instead of skipping (tests/dp_accounting_reference.py).
 test: $(STAMP)
-	OMP_NUM_THREADS=1 LIGHTNING_DP_REQUIRE_REFERENCES=1 $(PY) -m pytest tests
-	OMP_NUM_THREADS=1 LIGHTNING_DP_REQUIRE_REFERENCES=1 LIGHTNING_DP_TEST_NAMESPACE=pytorch_lightning $(PY) -m pytest tests -m lightning
+	OMP_NUM_THREADS=1 LIGHTNING_DP_REQUIRE_REFERENCES=1 $(PY) -m pytest -n $(TEST_WORKERS) tests
+	OMP_NUM_THREADS=1 LIGHTNING_DP_REQUIRE_REFERENCES=1 LIGHTNING_DP_TEST_NAMESPACE=pytorch_lightning $(PY) -m pytest -n $(TEST_WORKERS) tests -m lightning
 
 # The smoke set (marker `smoke`: the RFC 8439 and SP 800-38A vectors, a secure-mode fit, a 2-process DDP
 # step, Hugging Face LoRA and DoRA steps) against the oldest supported versions; the Lightning ones again
