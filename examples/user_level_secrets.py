@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling example, imported for its pieces
 from finetune_lm_lora import (  # noqa: E402
+    _json_ready,
     SECRET_DIGITS, Canary, CausalLM, Encoder, directory, exposure, perplexity, private_record, public_corpus,
     small_gpt2, to_dataset, with_lora, word_tokenizer)
 
@@ -233,16 +234,6 @@ def plot(summary: Dict[str, object], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
-
-
-def _json_ready(value):
-    if isinstance(value, float) and math.isinf(value):
-        return "inf"
-    if isinstance(value, dict):
-        return {k: _json_ready(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_ready(v) for v in value]
-    return value
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:

@@ -148,6 +148,15 @@ def test_refusals_name_what_to_do():
     with pytest.raises(RuntimeError, match="2 fabric.backward call"):
         optimizer.step()
 
+    unsampled = _fabric(noise_multiplier=1.0, seed=0)
+    net = build_net()
+    model2, optimizer2 = unsampled.setup(net, torch.optim.SGD(net.parameters(), lr=0.1))
+    x, y = next(iter(make_loader()))
+    unsampled.backward(F.cross_entropy(model2(x), y))
+    with pytest.raises(RuntimeError, match="before the training loader was set up"):
+        optimizer2.step()  # its rate is unknown: it would go unaccounted
+    assert unsampled.strategy.accountant.total_steps == 0
+
     class Stream(torch.utils.data.IterableDataset):
         def __iter__(self):
             yield torch.zeros(6), 0

@@ -195,7 +195,13 @@ def fabric_dp_base(host_base: type, warn: Callable[[str], None], versions: Dict[
                     f"(δ={self.config.delta}); it was not taken and the weights are unchanged. Stop the loop when "
                     "`fabric.strategy.should_stop` is True."
                 )
-            if self._sampler is not None and self._micro_batches != k:
+            if self._sampler is None:
+                raise RuntimeError(
+                    "DP: an optimizer step before the training loader was set up: without it the step's sampling rate "
+                    "is unknown and the step could not be accounted. Pass the training loader through "
+                    "`fabric.setup_dataloaders(loader)` (Poisson sampling) before the first step."
+                )
+            if self._micro_batches != k:
                 raise RuntimeError(
                     f"DP: {self._micro_batches} fabric.backward call(s) since the last optimizer step, but each step is "
                     f"one Poisson draw served as accumulate_grad_batches={k} micro-batch(es). Call fabric.backward once "
