@@ -16,6 +16,7 @@ from .accounting import DEFAULT_ACCOUNTANT, make_accountant
 from .adaptive_clipping import AdaptiveClipping
 from .clipping import CLIPPINGS
 from .grad_sample import CLIPPING_MODES
+from .recipes import resolve_recipe
 from .user_sampling import PRIVACY_UNITS
 
 LOSS_REDUCTIONS = ("mean", "sum")
@@ -54,6 +55,9 @@ class DPConfig:
             ``b = 30``, 2 ranks: see docs/cross_silo.rst); a step beyond stops with an error, never wraps.
         privacy_unit: ``"record"`` (default: one training example is protected) or ``"user"`` (all of one user's
             records, :mod:`lightning_dp.user_sampling`; needs ``user_ids`` and Poisson sampling, not BandMF).
+        recipe: ``None``, ``"default"``, a :class:`~lightning_dp.recipes.Recipe` or a dict of its fields: the strategy
+            trains with the recipe's optimizer, learning-rate schedule and averaging, and the recipe sets
+            ``clipping`` and ``max_grad_norm`` (given as well, they are refused). Normalised to a ``Recipe``.
         max_records_per_user: ``k ≥ 1``, the records a sampled user contributes per step at most (``None``: the
             largest user's count). With ``privacy_unit="record"`` and user ids, the group size of the report's
             group privacy.
@@ -87,8 +91,10 @@ class DPConfig:
     secure_aggregation_bits: Optional[int] = None
     privacy_unit: str = "record"
     max_records_per_user: Optional[int] = None
+    recipe: Optional[Any] = None
 
     def __post_init__(self) -> None:
+        self._apply_recipe()
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
             raise ValueError(
                 "Give exactly one of `noise_multiplier` and `target_epsilon` (got "
@@ -106,6 +112,25 @@ class DPConfig:
             raise ValueError(f"`accountant` must name a registered accountant: {err}") from None
         for name, value in checked.items():
             object.__setattr__(self, name, value)
+
+    def _apply_recipe(self) -> None:
+        """Resolve ``recipe`` to a :class:`~lightning_dp.recipes.Recipe` and take the clipping from it."""
+        recipe = resolve_recipe(self.recipe)
+        if recipe is None:
+            return
+        given = [f"{name}={getattr(self, name)!r}" for name in ("clipping", "max_grad_norm", "adaptive_clipping")
+                 if getattr(self, name) != getattr(DPConfig, name)]
+        if given:
+            raise ValueError(
+                f"`recipe` sets the clipping, so {', '.join(given)} cannot be given with it. Put them in the recipe "
+                "(recipe={'clipping': 'flat', 'max_grad_norm': 1.0}) or train without `recipe`."
+            )
+        if self.bands != 1:
+            raise ValueError(f"`recipe` is a DP-SGD recipe (its learning rate is scaled by DP-SGD's σ); got "
+                             f"bands={self.bands!r}. Use bands=1 with a recipe, or no recipe with BandMF.")
+        object.__setattr__(self, "recipe", recipe)
+        object.__setattr__(self, "clipping", recipe.clipping)
+        object.__setattr__(self, "max_grad_norm", recipe.max_grad_norm)
 
     def _checked_values(self) -> Dict[str, Any]:
         """Each argument checked on its own, in its normalised form (what the frozen fields are set to)."""

@@ -39,6 +39,9 @@ def _refuse_fsdp_options(kwargs: Dict[str, Any], auto_wrap_policy: Any, activati
             "each parameter shard, one collective per layer), not one masked integer vector per step; secure "
             "aggregation is implemented for DPDDPStrategy(secure_aggregation=True).",
         ("bands",): BANDS_REFUSAL,
+        ("recipe",): "the recipe's optimizer would be built over FSDP2's sharded parameters after set-up, which is "
+                     "not implemented yet. Use the recipe's parts directly (lightning_dp.recipes.Recipe: its "
+                     "learning_rate_for(σ), clipping, schedule) in configure_optimizers, or DPStrategy/DPDDPStrategy.",
     })
     if kwargs.pop("centering", None):
         raise ValueError(

@@ -12,6 +12,7 @@ import torch
 from typing_extensions import override
 
 from ..config import DPConfig
+from ..recipes import Recipe
 from ..exchange import AllReduceExchange, GradientExchange, SecureAggregationExchange, all_reduce_sum_coalesced
 from ..secure_aggregation import DEFAULT_BITS, DEFAULT_SCALE, DistributedDiscreteGaussianAccountant, SecureAggregator
 from . import lightning_internals
@@ -115,6 +116,15 @@ def single_device_strategy(host_base: type, host: Host) -> type:
             user_ids: one user id per training example (any hashable), in the dataset's order; needed with
                 ``privacy_unit="user"``. With ``"record"`` they set the group size of the report's group privacy.
             max_records_per_user: ``k``, the records a sampled user contributes per step at most (``None``: all).
+            recipe: ``None`` (default: the LightningModule's optimizer as it is), ``"default"`` (the recipe of
+                :data:`~lightning_dp.recipes.DEFAULT_RECIPE`), a :class:`~lightning_dp.recipes.Recipe` or a dict of its
+                fields: train with a recipe that needs no tuning. The strategy replaces the module's optimizer by
+                the recipe's SGD over the same parameters with the noise-scaled learning rate ``learning_rate/σ``
+                decayed over the planned steps, uses the recipe's clipping (do not pass ``clipping`` or
+                ``max_grad_norm`` with it), validates during ``fit`` with the weights' moving average and writes the
+                average into the module at the end of ``fit`` (the released model). Centring is the recipe's where
+                the user passes ``centering`` (:meth:`~lightning_dp.recipes.Recipe.centring` builds it). See
+                ``docs/hyperparameters.rst``.
             **kwargs: passed to Lightning's ``SingleDeviceStrategy``.
 
         Example::
@@ -153,6 +163,7 @@ def single_device_strategy(host_base: type, host: Host) -> type:
             privacy_unit: str = _D.privacy_unit,
             user_ids: Optional[Sequence[Hashable]] = None,
             max_records_per_user: Optional[int] = _D.max_records_per_user,
+            recipe: Union[None, str, Recipe, Dict[str, Any]] = _D.recipe,
             **kwargs: Any,
         ) -> None:
             refuse_options("DPStrategy", kwargs, {
@@ -246,6 +257,7 @@ def ddp_strategy(host_base: type, host: Host) -> type:
             privacy_unit: str = _D.privacy_unit,
             user_ids: Optional[Sequence[Hashable]] = None,
             max_records_per_user: Optional[int] = _D.max_records_per_user,
+            recipe: Union[None, str, Recipe, Dict[str, Any]] = _D.recipe,
             **kwargs: Any,
         ) -> None:
             config = DPConfig.from_arguments(locals())

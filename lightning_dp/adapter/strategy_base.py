@@ -25,8 +25,9 @@ from ..sampling import is_empty_batch
 from ..validation import validate
 from . import bandmf, reporting
 from .data import TrainingData
-from .features import check_trainer
+from .features import check_trainer, plan_steps
 from .host import Host
+from .recipe_training import RecipeTraining
 from ..user_sampling import user_chunks
 from .steps import grad_scaler, loss_of, per_sample_scale, physical_chunks, zero_loss
 
@@ -65,6 +66,7 @@ def dp_strategy_base(host_base: type, host: Host) -> type:
             self._hooks: Optional[GradSampleHooks] = None
             self._steps_at_batch_start: Optional[int] = None  # manual optimization: one step per batch
             self._fits_started = 0
+            self.recipe_training = RecipeTraining(config.recipe, host) if config.recipe is not None else None
 
         # --- set-up and tear-down -------------------------------------------------------------------------
         @override
@@ -107,6 +109,8 @@ def dp_strategy_base(host_base: type, host: Host) -> type:
             optimizer = self.optimizers[0]
             if isinstance(optimizer, DPOptimizer):
                 optimizer = optimizer.original_optimizer
+            if self.recipe_training is not None:
+                optimizer = self.recipe_training.optimizer(optimizer, self.lr_scheduler_configs)
             config = self.config
             self.optimizers = [DPOptimizer(
                 optimizer, privacy=self.privacy, exchange=self.make_exchange(), clipping_mode=config.clipping_mode,
@@ -215,7 +219,13 @@ def dp_strategy_base(host_base: type, host: Host) -> type:
                         "model. Take one step per batch (use accumulate_grad_batches for larger batches)."
                     )
             before, refused_before = privacy.steps_taken, privacy.refused_steps
+            recipe = self.recipe_training
+            if recipe is not None:
+                recipe.set_learning_rate(self.dp_optimizer, privacy.noise_multiplier,
+                                         self.lightning_module.trainer.global_step)
             output = super().optimizer_step(optimizer, closure, model, **kwargs)
+            if recipe is not None:
+                recipe.after_step()
             if privacy.refused_steps > refused_before:
                 self.lightning_module.trainer.should_stop = True
             elif privacy.steps_taken == before:  # GradScaler found inf/NaN and skipped optimizer.step()
@@ -237,11 +247,33 @@ def dp_strategy_base(host_base: type, host: Host) -> type:
         def on_train_start(self) -> None:
             """Log the DP settings as hyperparameters, so runs compare side by side in TensorBoard."""
             super().on_train_start()
-            reporting.log_hyperparameters(self.lightning_module.trainer, self.privacy_report())
+            trainer = self.lightning_module.trainer
+            if self.recipe_training is not None:
+                self.recipe_training.check_limits(trainer.max_epochs, trainer.max_steps)
+                plan = plan_steps(trainer, host, self.data.planned_epochs(trainer, self.world_size))
+                self.recipe_training.start(self.lightning_module, trainer.global_step, sum(n for _, n in plan))
+            reporting.log_hyperparameters(trainer, self.privacy_report())
+
+        @override
+        def on_validation_start(self) -> None:
+            """With a recipe, validation during ``fit`` sees the weights' average (the model it would release)."""
+            super().on_validation_start()
+            if self.recipe_training is not None and self.lightning_module.trainer.state.fn == "fit":
+                self.recipe_training.swap_in(self.lightning_module)
+
+        @override
+        def on_validation_end(self) -> None:
+            """Put the trained weights back after validation (training goes on from them)."""
+            super().on_validation_end()
+            if self.recipe_training is not None:
+                self.recipe_training.swap_out()
 
         @override
         def on_train_end(self) -> None:
-            """Write ``privacy_report.json`` beside the logs, log the report, print it (rank zero)."""
+            """With a recipe, release the average as the model; write ``privacy_report.json`` beside the logs, log
+            the report, print it (rank zero)."""
+            if self.recipe_training is not None:
+                self.recipe_training.release(self.lightning_module)
             super().on_train_end()
             reporting.write_report(self.lightning_module.trainer, self.privacy_report(), host)
 
@@ -262,6 +294,8 @@ def dp_strategy_base(host_base: type, host: Host) -> type:
             """Save the checkpoint with the privacy state under the key ``"lightning_dp"`` (every rank calls this;
             in seeded multi-process runs every rank's generator states go in)."""
             checkpoint[CHECKPOINT_KEY] = self.privacy_state_dict()
+            if self.recipe_training is not None:
+                self.recipe_training.fill_checkpoint(checkpoint)
             super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
         @override
@@ -275,6 +309,8 @@ def dp_strategy_base(host_base: type, host: Host) -> type:
                     f"Checkpoint {checkpoint_path} has no privacy state: it was not written by a DP strategy, so "
                     "privacy spent before it is unknown and not counted."
                 )
+            if self.recipe_training is not None:
+                self.recipe_training.load_checkpoint(checkpoint)
             return checkpoint
 
         @classmethod

@@ -20,6 +20,8 @@ NOT_IN_FABRIC = {  # DP options of the Trainer strategies that the Fabric ones d
         "secure aggregation is implemented for the Trainer's DPDDPStrategy(secure_aggregation=True).",
     ("bands",): "BandMF is implemented for make_private and the Trainer strategies.",
     ("adaptive_clipping",): "adaptive clipping is implemented for make_private and the Trainer strategies.",
+    ("recipe",): "in a Fabric loop the optimizer and its schedule are yours: build them with the recipe "
+                 "(lightning_dp.recipes.Recipe.optimizer(params, σ) and .scheduler(optimizer, steps)).",
 }
 
 
