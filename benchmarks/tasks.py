@@ -102,12 +102,12 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 def train_recipe(task: Task, seed: int, epsilon: float, recipe: Recipe = DEFAULT_RECIPE, *,
                  noise_multiplier: Optional[float] = None,
                  split: Optional[Split] = None) -> Tuple[nn.Module, Any]:
-    """Train the task's model of ``seed`` with ``recipe`` at ``epsilon`` (or at ``noise_multiplier``, for a
-    search's trial; then without centring unless it is accounted by the caller). Returns the released model (the
+    """Train the task's model of ``seed`` with ``recipe`` at ``epsilon`` (or at ``noise_multiplier``, a search's
+    trial: the caller accounts the centre's release, :func:`centring_releases`). Returns the released model (the
     EMA's average copied in) and the DP optimizer (its accountant and report)."""
     xs, ys, _, _ = split if split is not None else task.split(seed)
     model = task.model(seed)
-    centring_layer = recipe.centring_layer(model) if noise_multiplier is None else None
+    centring_layer = recipe.centring_layer(model)
     sigma = noise_multiplier if noise_multiplier is not None else sigma_for(
         task, epsilon, recipe.centering_noise_multiplier if centring_layer is not None else None)
     inner = recipe.optimizer(model.parameters(), sigma)
@@ -133,6 +133,14 @@ def train_recipe(task: Task, seed: int, epsilon: float, recipe: Recipe = DEFAULT
         ema.copy_to(model)
     model.eval()
     return model, private
+
+
+def centring_releases(task: Task, recipe: Recipe = DEFAULT_RECIPE) -> list:
+    """The releases besides DP-SGD's steps a run of ``recipe`` makes on ``task``: ``[(σ_c, 1.0, 1)]`` for the centre
+    where the recipe centres the model's first layer, else none."""
+    if recipe.centring_layer(task.model(0)) is None:
+        return []
+    return [(recipe.centering_noise_multiplier, 1.0, 1)]
 
 
 def recipe_accuracy(task: Task, seed: int, epsilon: float, recipe: Recipe = DEFAULT_RECIPE) -> Tuple[float, float]:

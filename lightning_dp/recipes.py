@@ -13,7 +13,8 @@ layer's input. Its parts:
   that there is no clipping norm to tune;
 * **optimizer**: SGD with the **noise-scaled learning rate** ``learning_rate/σ``: the less noise, the longer
   the steps (σ = 0, non-private: ``learning_rate``);
-* **schedule**: the learning rate decays over the planned steps (``"linear"`` to 0 by default);
+* **schedule**: the learning rate is held for the first 70% of the planned steps, then decays linearly to 0
+  (``decay_fraction=0.3``);
 * **averaging**: the released model is an exponential moving average of the iterates (free: post-processing);
 * **centring**, where it applies: a first ``nn.Linear`` layer fed the raw features is trained around a private
   mean of them (:mod:`lightning_dp.centering`), clipped at ``√d`` (features in ``[0, 1]``) and released with
@@ -53,6 +54,8 @@ class Recipe:
         max_grad_norm: the clipping norm ``C`` (with automatic clipping, the norm every per-sample gradient is
             scaled to; the learning rate scales with it).
         schedule: ``"linear"`` (decay to 0 over the planned steps), ``"cosine"`` or ``"constant"``.
+        decay_fraction: the last fraction of the planned steps the decay takes (before it, the learning rate is
+            constant): 1 decays from the first step, 0.5 holds it for the first half.
         ema_decay: decay of the exponential moving average released as the model (0: the last iterate).
         centering_noise_multiplier: σ of the private mean a first ``nn.Linear`` layer on the raw features is
             centred on (``None``: no centring).
@@ -66,11 +69,12 @@ class Recipe:
         'cosine'
     """
 
-    learning_rate: float = 6.0
+    learning_rate: float = 3.0
     momentum: float = 0.0
     clipping: str = "automatic"
     max_grad_norm: float = 1.0
     schedule: str = "linear"
+    decay_fraction: float = 0.3
     ema_decay: float = 0.9
     centering_noise_multiplier: Optional[float] = 12.0
 
@@ -81,6 +85,8 @@ class Recipe:
         check_choice("clipping", self.clipping, CLIPPINGS)
         check_positive("max_grad_norm", self.max_grad_norm)
         check_choice("schedule", self.schedule, SCHEDULES)
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise ValueError(f"`decay_fraction` must be in (0, 1], got {self.decay_fraction!r}.")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"`ema_decay` must be in [0, 1), got {self.ema_decay!r}.")
         if self.centering_noise_multiplier is not None:
@@ -108,7 +114,8 @@ class Recipe:
         """The schedule's factor on the learning rate at ``step`` of ``steps`` (0-based)."""
         if self.schedule == "constant":
             return 1.0
-        progress = min(step / max(steps, 1), 1.0)
+        start = (1.0 - self.decay_fraction) * steps
+        progress = min(max(step - start, 0.0) / max(steps - start, 1e-12), 1.0)
         if self.schedule == "linear":
             return 1.0 - progress
         return 0.5 * (1.0 + math.cos(math.pi * progress))

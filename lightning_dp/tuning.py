@@ -100,6 +100,7 @@ class SearchReport:
     trial_epsilon: float
     target_epsilon: Optional[float]
     secure_mode: bool
+    extra_releases: List[Tuple[float, float, int]] = field(default_factory=list)
     accounting: str = ("RDP of one trial (training + validation releases), Papernot & Steinke 2022 "
                        "(Thm 6 for Poisson, Thm 2 for the truncated negative binomial), converted at delta")
     not_covered: List[str] = field(default_factory=lambda: list(NOT_COVERED))
@@ -120,6 +121,9 @@ class SearchReport:
                           f"{self.validation_releases} validation release(s) at σ = "
                           f"{self.validation_noise_multiplier:.4g}; ε = {self.trial_epsilon:.4g} alone"),
         ]
+        if self.extra_releases:
+            rows.append(("Other releases per trial", "; ".join(f"{n} at σ = {s:.4g}, q = {q:g}"
+                                                               for s, q, n in self.extra_releases)))
         if self.target_epsilon is not None:
             rows.append(("Target ε (calibration)", f"{self.target_epsilon:g}"))
         rows.append(("Accounting", self.accounting))
@@ -155,6 +159,9 @@ class PrivateHyperparameterSearch:
         noise_multiplier: σ of every trial; or pass ``target_epsilon`` for the whole search instead.
         validation_releases: private metric releases per trial (default 1).
         validation_noise_multiplier: their σ (default: the trials' σ).
+        extra_releases: ``(noise_multiplier, sample_rate, count)`` releases every trial makes besides its DP-SGD
+            steps and validation scores, at a σ of their own: e.g. ``[(12.0, 1.0, 1)]`` for a
+            :class:`~lightning_dp.centering.PrivateMean` centre (the recipe's centring). Accounted in every trial.
         mode: ``"max"`` (default) or ``"min"``: which score is best.
         state_path: a JSON file keeping the search's state (secret); resume by running again with it.
         secure_mode: draw ``K``, candidates and seeds from the OS (default) or, with ``False``, from ``seed``.
@@ -191,6 +198,7 @@ class PrivateHyperparameterSearch:
         target_epsilon: Optional[float] = None,
         validation_releases: int = 1,
         validation_noise_multiplier: Optional[float] = None,
+        extra_releases: Sequence[Tuple[float, float, int]] = (),
         mode: str = "max",
         state_path: Optional[Union[str, Path]] = None,
         secure_mode: bool = True,
@@ -208,6 +216,7 @@ class PrivateHyperparameterSearch:
         self.steps = check_int("steps", steps, 1)
         self.delta = check_open_unit("delta", delta)
         self.validation_releases = check_int("validation_releases", validation_releases, 0)
+        self.extra_releases = [tuple(entry) for entry in extra_releases]
         self.mode = check_choice("mode", mode, ("max", "min"))
         self.state_path = None if state_path is None else Path(state_path)
         if not secure_mode and seed is None:
@@ -227,12 +236,13 @@ class PrivateHyperparameterSearch:
         if sigma is not None:
             return check_positive("noise_multiplier", sigma)
         return search_noise_multiplier(check_positive("target_epsilon", target), self.delta, self.distribution,
-                                       self.sample_rate, self.steps, self.validation_releases, sigma_val)
+                                       self.sample_rate, self.steps, self.validation_releases, sigma_val,
+                                       extra_releases=self.extra_releases)
 
     def trial_history(self) -> List[Tuple[float, float, int]]:
         """One trial's accountant history: the DP-SGD steps and the validation releases."""
         return trial_history(self.noise_multiplier, self.sample_rate, self.steps, self.validation_releases,
-                             self.validation_noise_multiplier)
+                             self.validation_noise_multiplier, self.extra_releases)
 
     def _report(self) -> SearchReport:
         history = self.trial_history()
@@ -244,6 +254,7 @@ class PrivateHyperparameterSearch:
             validation_releases=self.validation_releases, sample_rate=self.sample_rate, steps=self.steps,
             epsilon=search_epsilon(history, self.distribution, self.delta), delta=self.delta,
             trial_epsilon=one.get_epsilon(self.delta), target_epsilon=self.target_epsilon,
+            extra_releases=[tuple(entry) for entry in self.extra_releases],
             secure_mode=self.secure_mode,
         )
 
@@ -260,7 +271,7 @@ class PrivateHyperparameterSearch:
         """What a stored state must match to be resumed by this search."""
         report = self.report.to_dict()
         keys = ("distribution", "candidates", "noise_multiplier", "validation_noise_multiplier",
-                "validation_releases", "sample_rate", "steps", "delta")
+                "validation_releases", "sample_rate", "steps", "delta", "extra_releases")
         return {**{k: report[k] for k in keys}, "mode": self.mode}
 
     def _start(self) -> Dict[str, Any]:

@@ -29,13 +29,17 @@ def test_recipe_fields_are_checked_with_their_names():
 
 
 def test_learning_rate_is_noise_scaled_and_follows_the_schedule():
-    recipe = Recipe(learning_rate=6.0)
+    recipe = Recipe(learning_rate=6.0, decay_fraction=1.0)
     assert recipe.learning_rate_for(3.0) == 2.0
     assert recipe.learning_rate_for(0.0) == 6.0  # non-private: no scaling
     assert [recipe.lr_factor(t, 4) for t in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
     cosine = recipe.replace(schedule="cosine")
     assert cosine.lr_factor(0, 10) == 1.0 and cosine.lr_factor(5, 10) == pytest.approx(0.5)
     assert recipe.replace(schedule="constant").lr_factor(7, 10) == 1.0
+    held = recipe.replace(decay_fraction=0.5)  # held for the first half, then the decay
+    assert [held.lr_factor(t, 8) for t in range(9)] == [1.0, 1.0, 1.0, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0]
+    with pytest.raises(ValueError, match="decay_fraction"):
+        Recipe(decay_fraction=0.0)
     model = torch.nn.Linear(3, 2)
     optimizer = recipe.optimizer(model.parameters(), 2.0)
     scheduler = recipe.scheduler(optimizer, 4)
@@ -104,7 +108,11 @@ def test_strategy_trains_with_the_recipes_learning_rate_clipping_and_releases_th
     pl.Trainer(strategy=strategy, callbacks=[recorder], **trainer_kwargs(tmp_path, max_epochs=2)).fit(
         model, train_dataloaders=make_loader(n=64, batch_size=8))
     steps = 2 * 64 // 8
-    assert recorder.lrs == pytest.approx([6.0 / 2.0 * (1 - t / steps) for t in range(steps)], rel=1e-12)
+    held = round((1 - DEFAULT_RECIPE.decay_fraction) * steps, 6)
+    expected_lrs = [DEFAULT_RECIPE.learning_rate / 2.0 * min(1.0, 1 - (t - held) / (steps - held))
+                    for t in range(steps)]
+    assert recorder.lrs == pytest.approx(expected_lrs, rel=1e-12)
+    assert recorder.lrs[0] == recorder.lrs[int(held)] > recorder.lrs[-1]
     assert set(recorder.optimizers) == {"SGD"} and strategy.dp_optimizer.clipping == "automatic"
     assert strategy.privacy_report().clipping_mode.startswith("automatic")
     released = list(model.parameters())

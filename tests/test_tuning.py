@@ -150,6 +150,29 @@ def test_calibration_meets_the_target_for_the_whole_search(distribution, target)
     assert search_epsilon(trial_history(sigma_train, 0.01, 500, 1, 20.0), distribution, 1e-5) <= target
 
 
+@pytest.mark.parametrize("distribution", [PoissonTrials(3.0), TruncatedNegativeBinomialTrials.from_mean(3.0, 1.0)],
+                         ids=["poisson", "geometric"])
+def test_extra_releases_of_every_trial_are_accounted_like_dp_accountings_composition(distribution):
+    """A centre released by every trial (the recipe's centring): its own σ, at rate 1, in each trial's curve."""
+    history = trial_history(1.5, 0.1, 300, extra_releases=[(12.0, 1.0, 1)])
+    assert history == [(1.5, 0.1, 300), (1.5, 1.0, 1), (12.0, 1.0, 1)]
+    ours = search_epsilon(history, distribution, 1e-5)
+    theirs = _reference_epsilon(history, distribution, 1e-5)
+    assert theirs * (1 - 1e-9) <= ours <= theirs * 1.01, (ours, theirs)
+    assert ours > search_epsilon(trial_history(1.5, 0.1, 300), distribution, 1e-5)  # the centre costs something
+    sigma = search_noise_multiplier(3.0, 1e-5, distribution, 0.1, 300, extra_releases=[(12.0, 1.0, 1)])
+    assert search_epsilon(trial_history(sigma, 0.1, 300, extra_releases=[(12.0, 1.0, 1)]), distribution,
+                          1e-5) <= 3.0
+    assert sigma > search_noise_multiplier(3.0, 1e-5, distribution, 0.1, 300)
+    with pytest.raises(ValueError, match="extra_releases"):
+        trial_history(1.0, 0.1, 10, extra_releases=[(1.0, 0.5)])
+    search = PrivateHyperparameterSearch(
+        lambda c, s, seed: (0.5, _report(s)), [{"lr": 1}], distribution=distribution, sample_rate=0.01, steps=100,
+        delta=1e-5, target_epsilon=3.0, extra_releases=[(12.0, 1.0, 1)], secure_mode=False, seed=0)
+    assert search.report.extra_releases == [(12.0, 1.0, 1)]
+    assert search.report.epsilon <= 3.0 and "Other releases per trial" in search.report.to_table()
+
+
 # --------------------------------------------------------------------------------------------------
 # The driver
 # --------------------------------------------------------------------------------------------------

@@ -207,10 +207,13 @@ def trial_history(
     steps: int,
     validation_releases: int = 1,
     validation_noise_multiplier: Optional[float] = None,
+    extra_releases: Sequence[HistoryEntry] = (),
 ) -> List[HistoryEntry]:
-    """The accountant history of one trial: ``steps`` DP-SGD steps at ``(noise_multiplier, sample_rate)``
-    and ``validation_releases`` Gaussian releases of a private metric at sampling rate 1, each with noise
-    multiplier ``validation_noise_multiplier`` (default: ``noise_multiplier``)."""
+    """The accountant history of one trial: ``steps`` DP-SGD steps at ``(noise_multiplier, sample_rate)``,
+    ``validation_releases`` Gaussian releases of a private metric at sampling rate 1, each with noise
+    multiplier ``validation_noise_multiplier`` (default: ``noise_multiplier``), and ``extra_releases``:
+    ``(noise_multiplier, sample_rate, count)`` entries every trial spends as well, at a σ of their own (e.g. a
+    :class:`~lightning_dp.centering.PrivateMean` centre, ``(12.0, 1.0, 1)``)."""
     sigma = _check_positive(noise_multiplier, "noise_multiplier")
     q = _check_sample_rate(sample_rate, allow_zero=False)
     history = [(sigma, q, _check_int(steps, "steps", 1))]
@@ -218,6 +221,11 @@ def trial_history(
     if releases:
         sigma_val = sigma if validation_noise_multiplier is None else validation_noise_multiplier
         history.append((float(_check_positive(sigma_val, "validation_noise_multiplier")), 1.0, releases))
+    for entry in extra_releases:
+        if not isinstance(entry, (tuple, list)) or len(entry) != 3:
+            raise ValueError(f"`extra_releases` entries must be (noise_multiplier, sample_rate, count), got {entry!r}.")
+        history.append((float(_check_positive(entry[0], "extra_releases noise_multiplier")),
+                        _check_sample_rate(entry[1], allow_zero=False), _check_int(entry[2], "extra_releases count", 1)))
     return history
 
 
@@ -265,9 +273,11 @@ def search_noise_multiplier(
     validation_noise_multiplier: Optional[float] = None,
     orders: Optional[Sequence[float]] = None,
     epsilon_tolerance: float = 0.01,
+    extra_releases: Sequence[HistoryEntry] = (),
 ) -> float:
     """The noise multiplier σ of every trial (training and, unless ``validation_noise_multiplier`` is
-    given, the validation releases) such that the whole search spends at most ``target_epsilon``.
+    given, the validation releases; ``extra_releases`` keep their own) such that the whole search spends at most
+    ``target_epsilon``.
 
     The search of :func:`~lightning_dp.accounting.get_noise_multiplier`: the result satisfies
     ``target - min(epsilon_tolerance, 1e-3 target) <= search_epsilon(σ) <= target``, never above it.
@@ -278,10 +288,11 @@ def search_noise_multiplier(
     target = _check_positive(target_epsilon, "target_epsilon")
     delta = _check_delta(delta)
     tol = _check_positive(epsilon_tolerance, "epsilon_tolerance")
-    trial_history(1.0, sample_rate, steps, validation_releases, validation_noise_multiplier)  # checks
+    trial_history(1.0, sample_rate, steps, validation_releases, validation_noise_multiplier, extra_releases)  # checks
 
     def eps(sigma: float) -> float:
-        history = trial_history(sigma, sample_rate, steps, validation_releases, validation_noise_multiplier)
+        history = trial_history(sigma, sample_rate, steps, validation_releases, validation_noise_multiplier,
+                                extra_releases)
         return search_epsilon(history, distribution, delta, orders)
 
     return _smallest_feasible_sigma(eps, target, delta, tol, target_epsilon)
