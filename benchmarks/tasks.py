@@ -2,7 +2,8 @@
 
 ``TASKS``: ``"digits"`` (``benchmarks/utility.py``: an MLP on scikit-learn's digits), ``"text"``
 (``benchmarks/utility_text.py``: a one-block transformer on generated sequences) and ``"images"``
-(``benchmarks/utility_images.py``: a small CNN on generated images). Each task fixes the data, the model, the
+(``benchmarks/utility_images.py``: a small CNN on generated images); their data and models are in
+``text_task.py`` and ``images_task.py``. Each task fixes the data, the model, the
 sampling rate, the number of steps and δ; only the training recipe changes between rows.
 
 * :func:`train_recipe`: lightning-dp's :func:`~lightning_dp.make_private` with a
@@ -22,9 +23,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+import images_task
+import text_task
 import utility
-import utility_images
-import utility_text
 from lightning_dp import PoissonBatchSampler, make_private
 from lightning_dp.recipes import DEFAULT_RECIPE, Recipe
 
@@ -77,10 +78,10 @@ def _fixed(make: Callable[[], Tuple[torch.Tensor, torch.Tensor]], train: int) ->
 
 TASKS: Dict[str, Task] = {
     "digits": Task("digits", _digits_split, _digits_model, utility.TRAIN, utility.BATCH, utility.EPOCHS),
-    "text": Task("text", lambda seed: _fixed(utility_text.make_data, utility_text.TRAIN), utility_text.build_model,
-                 utility_text.TRAIN, utility_text.BATCH, utility_text.EPOCHS),
-    "images": Task("images", lambda seed: _fixed(utility_images.make_data, utility_images.TRAIN),
-                   utility_images.build_model, utility_images.TRAIN, utility_images.BATCH, utility_images.EPOCHS),
+    "text": Task("text", lambda seed: _fixed(text_task.make_data, text_task.TRAIN), text_task.build_model,
+                 text_task.TRAIN, text_task.BATCH, text_task.EPOCHS),
+    "images": Task("images", lambda seed: _fixed(images_task.make_data, images_task.TRAIN),
+                   images_task.build_model, images_task.TRAIN, images_task.BATCH, images_task.EPOCHS),
 }
 
 
