@@ -109,7 +109,7 @@ def test_strategy_trains_with_the_recipes_learning_rate_clipping_and_releases_th
         model, train_dataloaders=make_loader(n=64, batch_size=8))
     steps = 2 * 64 // 8
     held = round((1 - DEFAULT_RECIPE.decay_fraction) * steps, 6)
-    expected_lrs = [DEFAULT_RECIPE.learning_rate / 2.0 * min(1.0, 1 - (t - held) / (steps - held))
+    expected_lrs = [DEFAULT_RECIPE.learning_rate_for(2.0) * min(1.0, 1 - (t - held) / (steps - held))
                     for t in range(steps)]
     assert recorder.lrs == pytest.approx(expected_lrs, rel=1e-12)
     assert recorder.lrs[0] == recorder.lrs[int(held)] > recorder.lrs[-1]
@@ -130,7 +130,9 @@ def test_recipe_uses_the_calibrated_sigma_with_target_epsilon(tmp_path):
     strategy = DPStrategy(target_epsilon=3.0, seed=0, recipe={"schedule": "constant", "learning_rate": 2.0})
     pl.Trainer(strategy=strategy, callbacks=[recorder], **trainer_kwargs(tmp_path, max_steps=5)).fit(
         TinyClassifier(), train_dataloaders=make_loader(n=64, batch_size=8))
-    assert recorder.lrs == pytest.approx([2.0 / strategy.noise_multiplier] * 5, rel=1e-12)
+    recipe = DEFAULT_RECIPE.replace(schedule="constant", learning_rate=2.0)
+    assert recorder.lrs == pytest.approx([recipe.learning_rate_for(strategy.noise_multiplier)] * 5, rel=1e-12)
+    assert recipe.learning_rate_for(strategy.noise_multiplier) != recipe.learning_rate_for(1.0)
     assert strategy.get_epsilon() <= 3.0
 
 
