@@ -44,11 +44,14 @@ def main(mode: str, out_dir: str) -> None:
     centering = None
     if mode == "centering":
         centering = {"net.0": PrivateMean(loader.dataset.tensors[0], max_norm=3.0, noise_multiplier=2.0)}
+    clipping = dict(max_grad_norm=1.7 if adaptive else 0.05)
+    if mode == "recipe":  # noise-free: the recipe's SGD at its learning rate (σ = 0), its EMA released
+        clipping = dict(recipe=dict(clipping="flat", max_grad_norm=0.05, learning_rate=0.25))  # module: lr 0.5
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
-        strategy=DPDDPStrategy(noise_multiplier=sigma, max_grad_norm=1.7 if adaptive else 0.05, seed=11,
-                               adaptive_clipping=adaptive, centering=centering, bands=bands),
+        strategy=DPDDPStrategy(noise_multiplier=sigma, seed=11, adaptive_clipping=adaptive, centering=centering,
+                               bands=bands, **clipping),
         max_steps=1,
         logger=False,
         default_root_dir=out_dir,

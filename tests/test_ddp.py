@@ -40,6 +40,21 @@ def test_two_processes_without_noise_equal_one_process_with_the_global_batch(tmp
 
 
 @pytest.mark.slow
+def test_recipe_under_ddp_equals_one_process_on_the_union_batch_and_releases_the_average(tmp_path):
+    """DPDDPStrategy(recipe=...): the recipe's SGD replaces the module's optimizer on both ranks, one noise-free
+    step on the union batch, then the EMA (first update: 0.1·initial + 0.9·stepped) is the released model."""
+    ranks = _run("recipe", tmp_path)
+    x = torch.cat([r["batches"][0][0] for r in ranks])
+    y = torch.cat([r["batches"][0][1] for r in ranks])
+    update = reference_update(ranks[0]["initial"], x, y, 0.05, 16, model=TinyClassifier())
+    for name, value in ranks[0]["initial"].items():
+        stepped = value.double() - 0.25 * update[name]  # the recipe's lr, not the module's 0.5
+        expected = 0.1 * value.double() + 0.9 * stepped
+        for r in ranks:
+            torch.testing.assert_close(r["final"][name].double(), expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
 def test_total_noise_std_is_sigma_c_once(tmp_path):
     ranks = _run("noise", tmp_path)
     noise = torch.cat([(ranks[0]["initial"][k] - ranks[0]["final"][k]).flatten() for k in ranks[0]["initial"]])
