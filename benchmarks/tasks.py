@@ -15,6 +15,7 @@ sampling rate, the number of steps and δ; only the training recipe changes betw
 from __future__ import annotations
 
 import functools
+import json
 import math
 import statistics
 from dataclasses import dataclass
@@ -194,3 +195,18 @@ def run_recipe_cells(task: Task, epsilons: List[float], seeds: List[int],
         out[str(float(eps))] = summarise([a for a, _ in runs], [e for _, e in runs], seeds=seeds,
                                          recipe=utility.describe(recipe.to_dict()))
     return out
+
+
+def report_recipe_cells(task: Task, epsilons: str, seeds: str, override: Optional[str],
+                        json_path: Optional[str]) -> Dict[str, Any]:
+    """The command-line run of ``benchmarks/utility_text.py`` and ``utility_images.py``: :func:`run_recipe_cells`
+    from the comma-separated ``epsilons`` and ``seeds`` and the JSON ``override``, printed, written to
+    ``json_path``."""
+    results = run_recipe_cells(task, parse_list(epsilons, float), parse_list(seeds, int),
+                               json.loads(override) if override else {})
+    for eps, r in results.items():
+        print(f"ε={eps:>4} (certified {r['epsilon']:.3f}): {r['mean']:.4f} ± {r['std']:.4f}   [{r['recipe']}]")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(results, f, indent=2)
+    return results

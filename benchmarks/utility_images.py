@@ -23,7 +23,6 @@ cross-entropy.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import warnings
@@ -38,7 +37,7 @@ from images_task import (  # noqa: E402,F401  (the task's data and model)
 
 
 def main() -> None:
-    from tasks import TASKS, parse_list, run_recipe_cells  # noqa: E402
+    from tasks import TASKS, report_recipe_cells  # noqa: E402
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epsilons", default="1,3,8")
@@ -48,13 +47,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
-    results = run_recipe_cells(TASKS["images"], parse_list(args.epsilons, float), parse_list(args.seeds, int),
-                               json.loads(args.recipe) if args.recipe else {})
-    for eps, r in results.items():
-        print(f"ε={eps:>4} (certified {r['epsilon']:.3f}): {r['mean']:.4f} ± {r['std']:.4f}   [{r['recipe']}]")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    report_recipe_cells(TASKS["images"], args.epsilons, args.seeds, args.recipe, args.json)
 
 
 if __name__ == "__main__":

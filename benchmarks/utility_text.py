@@ -34,7 +34,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
 import time
 import warnings
@@ -48,6 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from utility import RECIPE as DIGITS_RECIPE, released_accuracy, train_with_recipe  # noqa: E402
 from utility import calibrated_sigma as _sigma_for  # noqa: E402
 
+from tasks import TASKS, report_recipe_cells, summarise  # noqa: E402
 from text_task import (  # noqa: E402,F401  (the task's data and model, re-exported)
     BATCH, D, DATA_SEED, DELTA, EPOCHS, HEADS, TEST, TRAIN, Block, Classifier, T, V, build_model, make_data,
 )
@@ -114,11 +114,6 @@ def train_opacus(data: tuple, seed: int, epsilon: float, lr: float, max_grad_nor
             optimizer.step()
     model.eval()
     return accuracy(model, xt, yt), engine.get_epsilon(DELTA)
-
-
-def summarise(accs: List[float], spent: List[float], **extra: Any) -> Dict[str, Any]:
-    return dict(mean=statistics.mean(accs), std=statistics.stdev(accs) if len(accs) > 1 else 0.0, accs=accs,
-                epsilon=max(spent), **extra)
 
 
 def cell(data, kind: str, epsilon: Optional[float], seeds: List[int], **kw: Any) -> Dict[str, Any]:
@@ -211,15 +206,7 @@ def main() -> None:
 
 def default_recipe(args: argparse.Namespace) -> None:
     """The default recipe on ``--seeds`` at ``--epsilons``, written with ``benchmarks/utility.py``'s keys."""
-    from tasks import TASKS, parse_list, run_recipe_cells
-
-    results = run_recipe_cells(TASKS["text"], parse_list(args.epsilons, float), parse_list(args.seeds, int),
-                               json.loads(args.recipe) if args.recipe else {})
-    for eps, r in results.items():
-        print(f"ε={eps:>4} (certified {r['epsilon']:.3f}): {r['mean']:.4f} ± {r['std']:.4f}   [{r['recipe']}]")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    report_recipe_cells(TASKS["text"], args.epsilons, args.seeds, args.recipe, args.json)
 
 
 if __name__ == "__main__":
